@@ -1,0 +1,39 @@
+# fastcert: `make help` lists the targets. Every target creates .venv on first use.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+ARGS ?=
+# pytest workers: the suite is CPU-bound; each worker uses one torch thread
+JOBS ?= 2
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q --no-deps auto_LiRPA==0.3
+	$(PIP) install -q -e '.[dev,sweeps]'
+	@touch $@
+
+.PHONY: help install test test-all run bench clean
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed ## create .venv and install torch, auto_LiRPA 0.3 and fastcert[dev,sweeps]
+
+test: $(VENV)/.installed ## fast test suite (excludes @pytest.mark.slow), what CI runs
+	$(PY) -m pytest -q -m "not slow" -n $(JOBS) $(PYTEST_ARGS)
+
+test-all: $(VENV)/.installed ## every test, the slow ones included
+	$(PY) -m pytest -q -n $(JOBS) $(PYTEST_ARGS)
+
+run: $(VENV)/.installed ## train + certify: make run ARGS="model=cnn7 data=cifar10"
+	$(PY) -m fastcert.run $(ARGS)
+
+bench: $(VENV)/.installed ## time one training step per method (CNN-7, CIFAR shapes)
+	$(PY) -m experiments.bench $(ARGS)
+
+clean: ## remove outputs of runs (never the venv or data)
+	rm -rf outputs multirun wandb .pytest_cache

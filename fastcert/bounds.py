@@ -1,0 +1,209 @@
+"""Everything fastcert asks of auto_LiRPA, in one place.
+
+A :class:`BoundedNet` is *one network state* seen three ways: the plain ``nn.Module``, its
+``BoundedModule`` over the classification margins, and (when a method asks for it) the
+loss-fusion ``BoundedModule`` of Xu et al. 2020 (``CrossEntropyWrapper``). auto_LiRPA shares
+the parameters with the wrapped module but keeps *copies* of BatchNorm running statistics;
+:func:`_tie_buffers` makes all three views use the same buffer tensors, so a metric measured
+through any view sees the same BN statistics (see NOTES.md, "Pitfalls seen").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastcert import compat
+
+compat.apply()
+
+from auto_LiRPA import BoundedModule, BoundedTensor, CrossEntropyWrapper  # noqa: E402
+from auto_LiRPA.operators import BoundExp, BoundGatherElements, BoundRelu  # noqa: E402
+from auto_LiRPA.operators.leaf import BoundBuffers  # noqa: E402
+from auto_LiRPA.perturbations import PerturbationLpNorm  # noqa: E402
+
+#: Bound methods by the names used in configs and results, mapped to auto_LiRPA's names.
+VERIFIERS = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "crown": "CROWN"}
+
+
+def margin_spec(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Specification matrix C (B, K-1, K) with rows e_y - e_j for every j != y.
+
+    ``C @ logits`` gives the margins [f(x)]_y - [f(x)]_j of Eq. 2 of Shi et al. 2021; the
+    example is verified when every lower bound of them is > 0.
+    """
+    eye = torch.eye(num_classes, device=y.device, dtype=torch.float32)
+    C = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (B, K, K): row j is e_y - e_j
+    keep = ~torch.eye(num_classes, dtype=torch.bool, device=y.device)[y]  # drop j == y
+    return C[keep].view(y.shape[0], num_classes - 1, num_classes)
+
+
+def robust_ce_from_margins(margin_lb: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Robust cross entropy of Gowal et al. 2018 (Eq. 9 of Shi et al. 2021).
+
+    With m̲_j the lower bounds of the margins y - j, the logits z̃ with z̃_y = 0 and
+    z̃_j = -m̲_j upper-bound every logit difference, so CE(z̃, y) >= max_δ CE(f(x+δ), y).
+    """
+    zeros = margin_lb.new_zeros(margin_lb.shape[0], 1)
+    logits = torch.cat([zeros, -margin_lb], dim=1)
+    target = torch.zeros(margin_lb.shape[0], dtype=torch.long, device=margin_lb.device)
+    return F.cross_entropy(logits, target, reduction=reduction)
+
+
+@dataclass
+class ReluBounds:
+    """Interval bounds [lower, upper] of one ReLU's input (a pre-activation h_i)."""
+
+    name: str
+    lower: torch.Tensor
+    upper: torch.Tensor
+
+
+def _tie_buffers(bounded: BoundedModule, model: nn.Module, prefix: str = "") -> None:
+    buffers = dict(model.named_buffers())
+    for node in bounded.modules():
+        if isinstance(node, BoundBuffers):
+            name = node.ori_name[len(prefix):] if node.ori_name.startswith(prefix) else node.ori_name
+            if name in buffers:
+                node._buffers["buffer"] = buffers[name]
+
+
+class BoundedNet(nn.Module):
+    """A classifier and its auto_LiRPA views, sharing parameters and BatchNorm buffers.
+
+    Build it *after* moving the model to its device: ``BoundedNet(model.to(dev), example)``.
+    """
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, num_classes: int,
+                 bound_opts: dict | None = None):
+        super().__init__()
+        if example.shape[0] < 2:  # BatchNorm1d refuses a batch of 1 while tracing
+            example = example.expand(2, *example.shape[1:])
+        self.model = model
+        self.num_classes = num_classes
+        self._example = example.detach().clone()
+        self._bound_opts = {"relu": "adaptive", **(bound_opts or {})}
+        was_training = model.training
+        model.eval()
+        self.bounded = BoundedModule(model, self._example, bound_opts=self._bound_opts,
+                                     device=example.device)
+        _tie_buffers(self.bounded, model)
+        self._fused: BoundedModule | None = None
+        self.train(was_training)
+
+    # ---- views -------------------------------------------------------------------------
+    @property
+    def fused(self) -> BoundedModule:
+        """Loss-fusion BoundedModule over CE(f(x), y) (Xu et al. 2020), built on first use."""
+        if self._fused is None:
+            labels = torch.zeros(self._example.shape[0], dtype=torch.long,
+                                 device=self._example.device)
+            was_training = self.model.training
+            self.model.eval()
+            wrapper = CrossEntropyWrapper(self.model).eval()
+            self._fused = BoundedModule(
+                wrapper, (self._example, labels),
+                bound_opts={**self._bound_opts, "loss_fusion": True}, device=self._example.device)
+            _tie_buffers(self._fused, self.model, prefix="model.")
+            self._fused.train(was_training)
+            self.model.train(was_training)
+        return self._fused
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.bounded.train(mode)
+        if self._fused is not None:
+            self._fused.train(mode)
+        return self
+
+    # ---- inputs ------------------------------------------------------------------------
+    @staticmethod
+    def perturbed(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> BoundedTensor:
+        """x inside the L∞ box [lower, upper] (already clipped to the data range)."""
+        eps = float((upper - lower).max().item()) / 2 + 1e-12
+        return BoundedTensor(x, PerturbationLpNorm(norm=float("inf"), eps=eps,
+                                                   x_L=lower, x_U=upper))
+
+    # ---- margins -----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Clean logits through the BoundedModule (the same graph the bounds use)."""
+        return self.bounded(x)
+
+    def margin_bounds(self, x: torch.Tensor, y: torch.Tensor, lower: torch.Tensor,
+                      upper: torch.Tensor, method: str = "ibp", beta: float = 1.0,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean logits (B, K) and lower bounds (B, K-1) of the margins y - j over the box.
+
+        ``method`` is a key of :data:`VERIFIERS`. One clean forward pass runs first (in
+        training mode it sets the BatchNorm statistics from clean data, as Shi et al. 2021
+        Sec. 3.3.2 specify); the bounds reuse it. For ``crown_ibp`` with ``beta < 1`` the
+        bound is β·CROWN-IBP + (1-β)·IBP (Eq. 9 of Zhang et al. 2020): a convex combination
+        of two lower bounds is a lower bound.
+        """
+        C = margin_spec(y, self.num_classes)
+        xb = self.perturbed(x, lower, upper)
+        logits = self.bounded(xb)
+        if method == "crown_ibp" and beta < 1:
+            lb, _ = self.bounded.compute_bounds(x=None, C=C, method="IBP", bound_upper=False)
+            if beta > 0:
+                clb, _ = self.bounded.compute_bounds(x=None, C=C, method="CROWN-IBP",
+                                                     bound_upper=False)
+                lb = beta * clb + (1 - beta) * lb
+        else:
+            lb, _ = self.bounded.compute_bounds(x=None, C=C, method=VERIFIERS[method],
+                                                bound_upper=False)
+        return logits, lb
+
+    # ---- loss fusion -------------------------------------------------------------------
+    def fused_ce(self, x: torch.Tensor, y: torch.Tensor, lower: torch.Tensor | None = None,
+                 upper: torch.Tensor | None = None, beta: float = 0.0):
+        """Natural CE and an upper bound of the worst-case CE via loss fusion.
+
+        The wrapped graph computes s = Σ_j exp(f_j - f_y), so CE = log s; an upper bound on s
+        over the box (β·CROWN-IBP + (1-β)·IBP, each an upper bound) gives log s̄ >= max CE.
+        Returns (natural CE per example, robust CE per example or None, clean logits).
+        """
+        fused = self.fused
+        xin = x if lower is None else self.perturbed(x, lower, upper)
+        s = fused(xin, y)
+        # In loss-fusion mode auto_LiRPA's Exp subtracts a per-example shift (max_input) for
+        # numerical stability: the graph returns Σ_j exp(f_j - f_y - shift).
+        natural = (torch.log(s) + self._exp_node.max_input).squeeze(-1)
+        logits = self._fused_logits()
+        if lower is None:
+            return natural, None, logits
+        _, ub = fused.compute_bounds(x=None, method="IBP", bound_lower=False)
+        if beta > 0:
+            _, cub = fused.compute_bounds(x=None, method="CROWN-IBP", bound_lower=False)
+            ub = beta * cub + (1 - beta) * ub
+        robust = (torch.log(ub) + self._exp_node.max_input).squeeze(-1)
+        return natural, robust, logits
+
+    @property
+    def _exp_node(self) -> BoundExp:
+        return next(n for n in self.fused.modules() if isinstance(n, BoundExp))
+
+    def _fused_logits(self) -> torch.Tensor:
+        # The graph is f(x) -> GatherElements(f, y) -> Sub -> Exp -> ReduceSum; the gather's
+        # first input holds the clean logits of the forward pass just run.
+        gather = next(n for n in self.fused.modules() if isinstance(n, BoundGatherElements))
+        return gather.inputs[0].forward_value.detach()
+
+    # ---- diagnostics -------------------------------------------------------------------
+    def relu_bounds(self, fused: bool = False) -> list[ReluBounds]:
+        """Bounds of every ReLU's input from the last bound computation, in forward order.
+
+        These are the intervals the robust loss already computed (IBP, or the IBP
+        intermediate bounds of CROWN-IBP): the warmup regularisers reuse them, no second pass.
+        """
+        module = self.fused if fused else self.bounded
+        out = []
+        for node in module.modules():
+            if isinstance(node, BoundRelu):
+                pre = node.inputs[0]
+                if getattr(pre, "lower", None) is None or getattr(pre, "upper", None) is None:
+                    raise RuntimeError("relu_bounds() needs a bound computation first")
+                out.append(ReluBounds(pre.name, pre.lower, pre.upper))
+        return out

@@ -1,0 +1,404 @@
+"""Datasets for certified training: a small registry and one entry point, :func:`create_data`.
+
+Every loader yields *normalised* images ``x_n = (x - mean) / std`` where ``x`` is in pixel units
+``[0, 1]``; the :class:`DataBundle` carries ``mean``/``std`` so that perturbation radii can stay in
+pixel units (:meth:`DataBundle.eps_box` scales ε per channel by ``1/std`` and clamps the box to the
+image range).
+
+Registered datasets (``DATASETS``):
+
+``digits``
+    scikit-learn's copy of the UCI handwritten digits (1797 images, 1x8x8, 10 classes), shipped inside
+    the scikit-learn wheel, so it works offline. Pixel values 0..16 are divided by 16. The split is a
+    stratified 80/20 split (``sklearn.model_selection.train_test_split(test_size=0.2,
+    stratify=y, random_state=seed)``): 1437 train / 360 test images, the same split for the same
+    ``seed``. No normalisation (mean 0, std 1); ``augment`` is ignored.
+``mnist``
+    ``torchvision.datasets.MNIST`` (``<root>/MNIST/raw/*-idx?-ubyte``), 1x28x28, mean 0 / std 1.
+    No augmentation.
+``cifar10``
+    ``torchvision.datasets.CIFAR10`` (``<root>/cifar-10-batches-py``), 3x32x32, normalised with the
+    CIFAR-10 channel statistics; training augmentation (``augment=True``): random crop 32 with
+    4 pixels of edge padding + horizontal flip.
+``tinyimagenet``
+    ``torchvision.datasets.ImageFolder`` over ``<root>/tiny-imagenet-200/train`` and
+    ``<root>/tiny-imagenet-200/val`` (the validation set reorganised into one folder per class by
+    ``python -m fastcert.prep_tinyimagenet``), 3x64x64, 200 classes; training augmentation: random
+    crop 64 with 4 pixels of edge padding + horizontal flip.
+
+Missing files raise :class:`DatasetNotFoundError` (a ``FileNotFoundError``) whose message names
+the expected path and how to obtain the data.
+
+To add a dataset, decorate a builder ``f(root, download, seed, augment) -> DatasetSplits`` with
+``@register_dataset("name")``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+from urllib.error import URLError
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+__all__ = [
+    "DATASETS",
+    "DataBundle",
+    "DatasetNotFoundError",
+    "DatasetSplits",
+    "create_data",
+    "register_dataset",
+]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The files of a dataset are missing (or fail their checksum) under the configured root."""
+
+
+@dataclass
+class DatasetSplits:
+    """What a registered builder returns: the two datasets and their metadata."""
+
+    train: Dataset
+    test: Dataset
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    mean: Sequence[float]
+    std: Sequence[float]
+
+
+Builder = Callable[..., DatasetSplits]
+DATASETS: dict[str, Builder] = {}
+"""name -> builder ``f(root: str, download: bool, seed: int, augment: bool) -> DatasetSplits``."""
+
+
+def register_dataset(name: str) -> Callable[[Builder], Builder]:
+    """Decorator registering a dataset builder under ``name`` (lower case) in :data:`DATASETS`."""
+
+    def deco(fn: Builder) -> Builder:
+        DATASETS[name.lower()] = fn
+        return fn
+
+    return deco
+
+
+@dataclass
+class DataBundle:
+    """Loaders plus everything needed to reason about the input domain."""
+
+    train: DataLoader
+    test: DataLoader
+    input_shape: tuple[int, int, int]  # C, H, W
+    num_classes: int
+    mean: torch.Tensor  # (C,), normalisation applied by the loaders
+    std: torch.Tensor  # (C,)
+    name: str
+
+    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std shaped (C, 1, 1) on ``x``'s device and dtype (broadcast over C, H, W)."""
+        dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+        mean = self.mean.to(device=x.device, dtype=dtype).view(-1, 1, 1)
+        std = self.std.to(device=x.device, dtype=dtype).view(-1, 1, 1)
+        return mean, std
+
+    def x_min(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised value of pixel 0 per channel, shaped (C, 1, 1)."""
+        mean, std = self._stats(like if like is not None else self.mean)
+        return (0.0 - mean) / std
+
+    def x_max(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised value of pixel 1 per channel, shaped (C, 1, 1)."""
+        mean, std = self._stats(like if like is not None else self.mean)
+        return (1.0 - mean) / std
+
+    def eps_box(self, x: torch.Tensor, eps: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L∞ ball of pixel radius ``eps`` around the normalised batch ``x``, in normalised units.
+
+        ``lower = max(x - eps/std, (0-mean)/std)`` and ``upper = min(x + eps/std, (1-mean)/std)``
+        per channel, i.e. ε is scaled per channel by the std so that it stays in pixel units, and
+        the box never leaves the valid image range. ``x`` is (..., C, H, W); ``eps`` is a float or
+        a tensor of one radius per example (shape (B,)) or anything broadcastable to ``x``.
+        """
+        mean, std = self._stats(x)
+        eps_t = torch.as_tensor(eps, dtype=mean.dtype, device=x.device)
+        if bool((eps_t < 0).any()):
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if eps_t.dim() == 1 and x.dim() == 4 and eps_t.shape[0] == x.shape[0]:
+            eps_t = eps_t.view(-1, 1, 1, 1)
+        lo_lim, hi_lim = (0.0 - mean) / std, (1.0 - mean) / std
+        delta = eps_t / std
+        lower = torch.maximum(x - delta, lo_lim)
+        upper = torch.minimum(x + delta, hi_lim)
+        return lower, upper
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Undo the loaders' normalisation: normalised -> pixel units [0, 1]."""
+        mean, std = self._stats(x)
+        return x * std + mean
+
+    def from_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the loaders' normalisation: pixel units [0, 1] -> normalised."""
+        mean, std = self._stats(x)
+        return (x - mean) / std
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _transforms(mean: Sequence[float], std: Sequence[float], train_aug: list):
+    from torchvision import transforms as T
+
+    tail = [T.ToTensor()]
+    if any(m != 0.0 for m in mean) or any(s != 1.0 for s in std):
+        tail.append(T.Normalize(mean, std))
+    return T.Compose(list(train_aug) + tail), T.Compose(tail)
+
+
+def _not_found(name: str, path: str, how: str, detail: str = "") -> DatasetNotFoundError:
+    msg = f"{name} not found: expected its files under '{path}'."
+    if detail:
+        msg += f" {detail}"
+    msg += f" To get them: {how}"
+    return DatasetNotFoundError(msg)
+
+
+def _torchvision_howto(path: str) -> str:
+    return (
+        "run once with data.download=true on a machine with network access, "
+        f"or copy torchvision's files for this dataset to '{path}' (and point data.root at their parent)."
+    )
+
+
+def _load_torchvision(cls, name: str, root: str, path: str, expected: Sequence[str], download: bool, **kw):
+    """Construct a torchvision dataset, turning its 'Dataset not found' errors into ours."""
+    try:
+        return cls(root, download=download, **kw)
+    except RuntimeError as e:
+        text = str(e)
+        if "not found" not in text.lower() and not download:
+            raise
+        missing = [f for f in expected if not os.path.isfile(os.path.join(path, f))]
+        if download and "not found" not in text.lower():
+            short = " ".join(text.split())[:400] or type(e).__name__
+            detail = f"Downloading failed ({short})."
+        elif missing:
+            detail = f"Missing: {', '.join(missing)}."
+        else:
+            detail = (
+                "The files are present but failed torchvision's MD5 check "
+                "(corrupted, or not the official files)."
+            )
+        raise _not_found(name, path, _torchvision_howto(path), detail) from e
+    except URLError as e:  # download=True without network (some torchvision paths raise it directly)
+        raise _not_found(name, path, _torchvision_howto(path), f"Downloading failed ({e}).") from e
+
+
+# --------------------------------------------------------------------------------------------
+# datasets
+
+
+@register_dataset("digits")
+def _digits(root: str, download: bool, seed: int, augment: bool) -> DatasetSplits:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).div_(16.0).unsqueeze(1)  # (1797, 1, 8, 8)
+    y = torch.tensor(d.target, dtype=torch.long)
+    idx_train, idx_test = train_test_split(
+        list(range(len(y))), test_size=0.2, stratify=d.target, random_state=seed, shuffle=True
+    )
+    idx_train, idx_test = torch.tensor(idx_train), torch.tensor(idx_test)
+    return DatasetSplits(
+        train=TensorDataset(x[idx_train], y[idx_train]),
+        test=TensorDataset(x[idx_test], y[idx_test]),
+        input_shape=(1, 8, 8),
+        num_classes=10,
+        mean=(0.0,),
+        std=(1.0,),
+    )
+
+
+_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+@register_dataset("mnist")
+def _mnist(root: str, download: bool, seed: int, augment: bool) -> DatasetSplits:
+    from torchvision.datasets import MNIST
+
+    mean, std = (0.0,), (1.0,)
+    tf, _ = _transforms(mean, std, [])
+    path = os.path.join(root, "MNIST", "raw")
+    kw = dict(name="MNIST", root=root, path=path, expected=_MNIST_FILES, download=download, transform=tf)
+    train = _load_torchvision(MNIST, train=True, **kw)
+    test = _load_torchvision(MNIST, train=False, **{**kw, "download": False})
+    return DatasetSplits(train, test, (1, 28, 28), 10, mean, std)
+
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+
+
+@register_dataset("cifar10")
+def _cifar10(root: str, download: bool, seed: int, augment: bool) -> DatasetSplits:
+    from torchvision import transforms as T
+    from torchvision.datasets import CIFAR10
+
+    aug = [T.RandomCrop(32, padding=4, padding_mode="edge"), T.RandomHorizontalFlip()] if augment else []
+    tf_train, tf_test = _transforms(CIFAR10_MEAN, CIFAR10_STD, aug)
+    path = os.path.join(root, CIFAR10.base_folder)
+    expected = [f for f, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
+    kw = dict(name="CIFAR-10", root=root, path=path, expected=expected)
+    train = _load_torchvision(CIFAR10, train=True, download=download, transform=tf_train, **kw)
+    test = _load_torchvision(CIFAR10, train=False, download=False, transform=tf_test, **kw)
+    return DatasetSplits(train, test, (3, 32, 32), 10, CIFAR10_MEAN, CIFAR10_STD)
+
+
+TINYIMAGENET_MEAN = (0.4802, 0.4481, 0.3975)
+TINYIMAGENET_STD = (0.2302, 0.2265, 0.2262)
+TINYIMAGENET_DIR = "tiny-imagenet-200"
+
+
+def _tinyimagenet_howto(root: str) -> str:
+    return (
+        f"run 'python -m fastcert.prep_tinyimagenet --root {root}' on a machine with network access, "
+        f"or download tiny-imagenet-200.zip elsewhere and run "
+        f"'python -m fastcert.prep_tinyimagenet --root {root} --zip PATH/TO/tiny-imagenet-200.zip'."
+    )
+
+
+@register_dataset("tinyimagenet")
+def _tinyimagenet(root: str, download: bool, seed: int, augment: bool) -> DatasetSplits:
+    from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
+
+    base = os.path.join(root, TINYIMAGENET_DIR)
+    train_dir, val_dir = os.path.join(base, "train"), os.path.join(base, "val")
+    if download and not (os.path.isdir(train_dir) and os.path.isdir(val_dir)):
+        from fastcert import prep_tinyimagenet
+
+        try:
+            prep_tinyimagenet.prepare(root)
+        except (OSError, RuntimeError) as e:
+            raise _not_found("TinyImageNet", base, _tinyimagenet_howto(root), f"Downloading failed ({e}).") from e
+    for d in (train_dir, val_dir):
+        if not os.path.isdir(d):
+            raise _not_found("TinyImageNet", base, _tinyimagenet_howto(root), f"Missing folder '{d}'.")
+    val_images = os.path.join(val_dir, "images")
+    if os.path.isdir(val_images) and any(f.lower().endswith(".jpeg") for f in os.listdir(val_images)):
+        raise _not_found(
+            "TinyImageNet (validation set in class folders)",
+            val_dir,
+            _tinyimagenet_howto(root),
+            f"'{val_images}' still holds the flat validation images: the validation set has not been "
+            "reorganised into one folder per class.",
+        )
+
+    aug = [T.RandomCrop(64, padding=4, padding_mode="edge"), T.RandomHorizontalFlip()] if augment else []
+    tf_train, tf_test = _transforms(TINYIMAGENET_MEAN, TINYIMAGENET_STD, aug)
+    try:
+        train = ImageFolder(train_dir, transform=tf_train)
+        test = ImageFolder(val_dir, transform=tf_test)
+    except FileNotFoundError as e:  # ImageFolder: no class folders / a class folder without images
+        raise _not_found("TinyImageNet", base, _tinyimagenet_howto(root), str(e)) from e
+    if train.classes != test.classes:
+        only_train = sorted(set(train.classes) - set(test.classes))
+        only_val = sorted(set(test.classes) - set(train.classes))
+        raise ValueError(
+            f"TinyImageNet train and val class folders differ under '{base}' "
+            f"(only in train: {only_train[:10]}{'...' if len(only_train) > 10 else ''}; "
+            f"only in val: {only_val[:10]}{'...' if len(only_val) > 10 else ''}); "
+            "the label indices would not match. Re-run fastcert.prep_tinyimagenet."
+        )
+    if len(train.classes) != 200:
+        warnings.warn(
+            f"TinyImageNet under '{base}' has {len(train.classes)} classes, not 200; "
+            "num_classes follows the folders found.",
+            stacklevel=3,
+        )
+    return DatasetSplits(train, test, (3, 64, 64), len(train.classes), TINYIMAGENET_MEAN, TINYIMAGENET_STD)
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+
+
+def _limit(ds: Dataset, n: int | None, seed: int, what: str) -> Dataset:
+    """A fixed subset of ``n`` examples, drawn with ``seed`` (kept in dataset order)."""
+    if n is None:
+        return ds
+    n = int(n)
+    if n <= 0:
+        raise ValueError(f"{what} must be a positive integer or null, got {n}")
+    total = len(ds)  # type: ignore[arg-type]
+    if n >= total:
+        return ds
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(total, generator=g)[:n].sort().values.tolist()
+    return Subset(ds, idx)
+
+
+def create_data(
+    name: str,
+    root: str = "./data",
+    batch_size: int = 128,
+    test_batch_size: int | None = None,
+    num_workers: int = 0,
+    download: bool = False,
+    seed: int = 0,
+    augment: bool = True,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+) -> DataBundle:
+    """Build train/test loaders for a registered dataset.
+
+    ``limit_train``/``limit_test`` keep a fixed random subset of that many examples (drawn with
+    ``seed``, kept in dataset order) for smoke runs. The training loader shuffles with its own
+    generator seeded from ``seed``, so the order of examples is reproducible and independent of the
+    global RNG. Augmentation draws from torch's RNG: with ``num_workers > 0`` the workers' RNGs are
+    seeded from that same generator (reproducible as is); with ``num_workers=0`` they come from the
+    global RNG, so seed it (``torch.manual_seed``) for reproducible augmentation. The test loader
+    does not shuffle.
+    """
+    key = str(name).lower()
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    test_batch_size = batch_size if test_batch_size is None else test_batch_size
+    root = os.path.expanduser(str(root))
+
+    splits = DATASETS[key](root=root, download=bool(download), seed=int(seed), augment=bool(augment))
+    train_ds = _limit(splits.train, limit_train, seed, "limit_train")
+    test_ds = _limit(splits.test, limit_test, seed + 1, "limit_test")
+
+    common = dict(
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
+    train = DataLoader(
+        train_ds,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(int(seed)),
+        **common,
+    )
+    test = DataLoader(test_ds, batch_size=test_batch_size, shuffle=False, **common)
+    return DataBundle(
+        train=train,
+        test=test,
+        input_shape=tuple(splits.input_shape),  # type: ignore[arg-type]
+        num_classes=int(splits.num_classes),
+        mean=torch.tensor(splits.mean, dtype=torch.float32),
+        std=torch.tensor(splits.std, dtype=torch.float32),
+        name=key,
+    )

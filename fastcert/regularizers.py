@@ -1,0 +1,78 @@
+"""Warmup regularisers of Shi et al. 2021 (Sec. 3.3.3) and the ReLU-state statistics.
+
+Both read the interval bounds of every ReLU's input that the robust loss already computed
+(:meth:`fastcert.bounds.BoundedNet.relu_bounds`): no second bound pass. All expectations Ê(·)
+are means over the batch and the layer's neurons.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastcert.bounds import ReluBounds
+
+
+def tightness_loss(input_width: torch.Tensor, relus: list[ReluBounds], tau: float) -> torch.Tensor:
+    """L_tightness = 1/(τ m) Σ_i ReLU(τ - Ê(Δ_0)/Ê(Δ_i))   (Eq. 7 of Shi et al. 2021).
+
+    ``input_width`` is Δ_0 = x_U - x_L of the (clipped) input box; Δ_i = h̄_i - h̲_i for the
+    m ReLU layers. Penalises layers whose mean bound width exceeds Ê(Δ_0)/τ. Zero when the
+    input box is empty (ε = 0: every Δ is 0 and the ratio is undefined).
+    """
+    if not relus:
+        return input_width.new_zeros(())
+    delta0 = input_width.mean()
+    if delta0 <= 0:
+        return input_width.new_zeros(())
+    terms = [torch.relu(tau - delta0 / (r.upper - r.lower).mean().clamp_min(1e-12)) for r in relus]
+    return torch.stack(terms).sum() / (tau * len(relus))
+
+
+def _balance_ratios(lower: torch.Tensor, upper: torch.Tensor):
+    """α_i and β_i of Sec. 3.3.3: contribution of active vs inactive neurons to Ê(c) and Var(c).
+
+    c = (h̲ + h̄)/2; active neurons have h̲ > 0, inactive ones h̄ < 0. Returns None when the
+    layer lacks an active or an inactive neuron (the regulariser is then not applied).
+    """
+    c = (lower + upper) / 2
+    active = lower > 0
+    inactive = upper < 0
+    if not active.any() or not inactive.any():
+        return None
+    alpha = (c * active).sum() / (-(c * inactive).sum()).clamp_min(1e-12)
+    dev = (c - c.mean()) ** 2
+    beta = (dev * active).sum() / (dev * inactive).sum().clamp_min(1e-12)
+    return alpha, beta
+
+
+def relu_loss(relus: list[ReluBounds], tau: float) -> torch.Tensor:
+    """L_relu = 1/(τ m) Σ_i [ReLU(τ - min(α_i, 1/α_i)) + ReLU(τ - min(β_i, 1/β_i))]  (Eq. 8).
+
+    Layers without both an active and an inactive neuron contribute 0 (as the paper states).
+    """
+    if not relus:
+        return torch.zeros(())
+    terms = []
+    for r in relus:
+        ratios = _balance_ratios(r.lower, r.upper)
+        if ratios is None:
+            terms.append(r.lower.new_zeros(()))
+            continue
+        for q in ratios:
+            terms.append(torch.relu(tau - torch.minimum(q, 1 / q.clamp_min(1e-12))))
+    return torch.stack(terms).sum() / (tau * len(relus))
+
+
+def relu_states(relus: list[ReluBounds]) -> dict[str, list[float]]:
+    """Fractions of active (h̲ ≥ 0), inactive (h̄ ≤ 0) and unstable neurons per ReLU layer.
+
+    The quantities of Fig. 2 of Shi et al. 2021 (Sec. 3.2.2 definitions).
+    """
+    out: dict[str, list[float]] = {"active": [], "inactive": [], "unstable": []}
+    for r in relus:
+        n = r.lower.numel()
+        active = (r.lower >= 0).sum().item() / n
+        inactive = (r.upper <= 0).sum().item() / n
+        out["active"].append(active)
+        out["inactive"].append(inactive)
+        out["unstable"].append(max(0.0, 1.0 - active - inactive))
+    return out
