@@ -70,9 +70,9 @@ def relu_states(relus: list[ReluBounds]) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"active": [], "inactive": [], "unstable": []}
     for r in relus:
         n = r.lower.numel()
-        active = (r.lower >= 0).sum().item() / n
-        inactive = (r.upper <= 0).sum().item() / n
-        out["active"].append(active)
-        out["inactive"].append(inactive)
-        out["unstable"].append(max(0.0, 1.0 - active - inactive))
+        inactive = r.upper <= 0
+        active = (r.lower >= 0) & ~inactive  # an interval [0, 0] counts as inactive only
+        out["active"].append(active.sum().item() / n)
+        out["inactive"].append(inactive.sum().item() / n)
+        out["unstable"].append((~active & ~inactive).sum().item() / n)
     return out

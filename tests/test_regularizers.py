@@ -1,0 +1,66 @@
+"""The warmup regularisers against values computed by hand (Eqs. 7-8 of Shi et al. 2021)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fastcert.bounds import BoundedNet, ReluBounds
+from fastcert.regularizers import relu_loss, relu_states, tightness_loss
+
+
+def _rb(lo, hi):
+    return ReluBounds("h", torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32))
+
+
+def test_tightness_by_hand():
+    # Δ0 mean 0.2; layer widths: [0.2, 0.2] (mean 0.2) and [1.0, 3.0] (mean 2.0); τ = 0.5
+    width0 = torch.full((2, 3), 0.2)
+    layers = [_rb([[0.0, 1.0]], [[0.2, 1.2]]), _rb([[-1.0, -1.0]], [[0.0, 2.0]])]
+    # terms: ReLU(0.5 - 0.2/0.2) = 0, ReLU(0.5 - 0.2/2.0) = 0.4 ; sum / (τ m) = 0.4 / 1.0
+    assert tightness_loss(width0, layers, 0.5).item() == pytest.approx(0.4)
+    assert tightness_loss(torch.zeros(2, 3), layers, 0.5).item() == 0.0   # ε = 0
+
+
+def test_relu_balance_by_hand():
+    # centres c = [2, 1, -1, -3, 0]; active (lower > 0): c=2, 1 ; inactive (upper < 0): -1, -3
+    lo = [[1.5, 0.5, -1.5, -3.5, -1.0]]
+    hi = [[2.5, 1.5, -0.5, -2.5, 1.0]]
+    c = torch.tensor([2.0, 1.0, -1.0, -3.0, 0.0])
+    alpha = (2 + 1) / (1 + 3)                                   # 0.75
+    dev = (c - c.mean()) ** 2                                    # mean c = -0.2
+    beta = (dev[0] + dev[1]) / (dev[2] + dev[3])
+    tau = 0.9
+    expected = (max(0.0, tau - min(alpha, 1 / alpha)) + max(0.0, tau - min(beta.item(), 1 / beta.item()))) / (tau * 1)
+    assert relu_loss([_rb(lo, hi)], tau).item() == pytest.approx(expected, rel=1e-5)
+    # a layer with no inactive neuron contributes nothing, but counts in m
+    only_active = _rb([[1.0, 2.0]], [[2.0, 3.0]])
+    assert relu_loss([_rb(lo, hi), only_active], tau).item() == pytest.approx(expected / 2, rel=1e-5)
+
+
+def test_relu_states_fractions():
+    states = relu_states([_rb([[1.0, -2.0, -1.0, 0.0]], [[2.0, -1.0, 1.0, 0.5]])])
+    assert states == {"active": [0.5], "inactive": [0.25], "unstable": [0.25]}
+
+
+def test_regularisers_on_a_tiny_net_with_known_bounds():
+    """Through auto_LiRPA: one hidden layer with weights chosen so the IBP bounds are known."""
+    lin1 = nn.Linear(2, 3)
+    lin2 = nn.Linear(3, 2)
+    with torch.no_grad():
+        lin1.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, -1.0]]))
+        lin1.bias.copy_(torch.tensor([0.0, 0.0, 0.0]))
+    net = BoundedNet(nn.Sequential(lin1, nn.ReLU(), lin2), torch.zeros(2, 2), 2).eval()
+    x = torch.tensor([[1.0, 1.0]])
+    lower, upper = x - 0.1, x + 0.1
+    net.margin_bounds(x, torch.tensor([0]), lower, upper, "ibp")
+    (h,) = net.relu_bounds()
+    # h = [x1, 2 x2, -x1-x2]: bounds [0.9,1.1], [1.8,2.2], [-2.2,-1.8]; widths 0.2, 0.4, 0.4
+    torch.testing.assert_close(h.lower, torch.tensor([[0.9, 1.8, -2.2]]))
+    torch.testing.assert_close(h.upper, torch.tensor([[1.1, 2.2, -1.8]]))
+    # L_tight: Δ0 = 0.2, Ê(Δ1) = 1/3 -> ReLU(0.9 - 0.6) / 0.9
+    assert tightness_loss(upper - lower, [h], 0.9).item() == pytest.approx(0.3 / 0.9, rel=1e-5)
+    # L_relu: c = [1, 2, -2]; alpha = 3/2 ; dev from mean 1/3: [4/9, 25/9, 49/9] -> beta = 29/49
+    a, b = 1.5, 29 / 49
+    expected = (max(0, 0.9 - min(a, 1 / a)) + max(0, 0.9 - min(b, 1 / b))) / 0.9
+    assert relu_loss([h], 0.9).item() == pytest.approx(expected, rel=1e-5)
