@@ -84,7 +84,12 @@ class BoundedNet(nn.Module):
         self.model = model
         self.num_classes = num_classes
         self._example = example.detach().clone()
-        self._bound_opts = {"relu": "adaptive", **(bound_opts or {})}
+        defaults = {"relu": "adaptive"}
+        if any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules()):
+            # auto_LiRPA 0.3's default "patches" mode gets grouped convolutions wrong in full
+            # CROWN (shape mismatch); the matrix mode is correct (ResNeXt, Xie et al. 2017).
+            defaults["conv_mode"] = "matrix"
+        self._bound_opts = {**defaults, **(bound_opts or {})}
         was_training = model.training
         model.eval()
         self.bounded = BoundedModule(model, self._example, bound_opts=self._bound_opts,

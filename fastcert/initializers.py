@@ -1,0 +1,291 @@
+"""Weight initialisations and their IBP *difference gain* (Shi et al. 2021, Sec. 3.2.1 / 3.3.1).
+
+For an affine layer with fan-in ``n`` (``k*k*c_in/groups`` for a convolution, i.e.
+``weight[0].numel()``), IBP propagates interval widths as ``Delta_i = |W_i| delta_{i-1}``
+(Eq. 4 of Shi et al. 2021) and, at initialisation, ``E(Delta_i)/E(Delta_{i-1}) = (n/2) E|W_i|``
+(Definition 1, Eq. 5-6): the *difference gain*. The IBP initialisation N(0, sigma^2) with
+``sigma = sqrt(2*pi)/n`` (Sec. 3.3.1) makes it exactly 1.
+
+The baselines follow the **fan-in-only** variances that reproduce the printed numbers of the
+thesis' Table 3.1 (= Table 5 of Shi et al. 2021; see shared/NOTES.md, "Reading Table 3.1"), not
+PyTorch's ``xavier_*`` (which average fan-in and fan-out):
+
+===================  ==========================  ==============================
+name                 distribution                difference gain (closed form)
+===================  ==========================  ==============================
+``xavier_uniform``   U(-1/sqrt(n), 1/sqrt(n))     sqrt(n)/4
+                     (= PyTorch's default layer init for Linear/Conv)
+``xavier_normal``    N(0, 1/n)                    sqrt(n/(2*pi))
+``kaiming_uniform``  U(-sqrt(6/n), sqrt(6/n))     sqrt(6n)/4
+``kaiming_normal``   N(0, 2/n)                    sqrt(n/pi)
+``orthogonal``       ``torch.nn.init.orthogonal_`` on the weight viewed as (fan_out, fan_in),
+                     gain 1: see :func:`closed_form_gain`
+``ibp``              N(0, 2*pi/n^2)               1
+``default``          PyTorch's own init, left untouched by :func:`initialize`
+===================  ==========================  ==============================
+
+Every non-default initialiser also sets biases to 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "INITIALIZERS",
+    "register_initializer",
+    "initialize",
+    "init_weight_",
+    "difference_gain",
+    "closed_form_gain",
+    "DEFAULT_MAX_FAN_OUT",
+]
+
+Initializer = Callable[[torch.Tensor, "torch.Generator | None"], None]
+
+INITIALIZERS: dict[str, Initializer] = {}
+"""Name -> function ``fill(weight, generator)`` that fills ``weight`` in place (under no_grad).
+The fan-in of ``weight`` is ``weight[0].numel()``."""
+
+
+def register_initializer(name: str) -> Callable[[Initializer], Initializer]:
+    """Decorator registering a weight initialiser in :data:`INITIALIZERS`."""
+
+    def decorator(fn: Initializer) -> Initializer:
+        if name in INITIALIZERS:
+            raise ValueError(f"initializer {name!r} is already registered")
+        INITIALIZERS[name] = fn
+        return fn
+
+    return decorator
+
+
+def _fan_in(weight: torch.Tensor) -> int:
+    # weight[0] is one output unit: (c_in/groups, k, k) for a conv, (in_features,) for Linear.
+    return weight[0].numel()
+
+
+@register_initializer("ibp")
+def _ibp(weight: torch.Tensor, generator: torch.Generator | None) -> None:
+    """IBP initialisation, Sec. 3.3.1 of Shi et al. 2021: N(0, sigma^2), sigma = sqrt(2 pi)/n,
+    so that (n/2) E|W| = (n/2) sqrt(2/pi) sigma = 1."""
+    weight.normal_(0.0, math.sqrt(2 * math.pi) / _fan_in(weight), generator=generator)
+
+
+@register_initializer("xavier_uniform")
+def _xavier_uniform(weight: torch.Tensor, generator: torch.Generator | None) -> None:
+    """U(-1/sqrt(n), 1/sqrt(n)): the "Xavier (uniform)" row of thesis Table 3.1 (= PyTorch's
+    default Linear/Conv init), difference gain sqrt(n)/4."""
+    bound = 1.0 / math.sqrt(_fan_in(weight))
+    weight.uniform_(-bound, bound, generator=generator)
+
+
+@register_initializer("xavier_normal")
+def _xavier_normal(weight: torch.Tensor, generator: torch.Generator | None) -> None:
+    """N(0, 1/n): "Xavier (Gaussian)" of thesis Table 3.1, difference gain sqrt(n/(2 pi))."""
+    weight.normal_(0.0, 1.0 / math.sqrt(_fan_in(weight)), generator=generator)
+
+
+@register_initializer("kaiming_uniform")
+def _kaiming_uniform(weight: torch.Tensor, generator: torch.Generator | None) -> None:
+    """U(-sqrt(6/n), sqrt(6/n)): "Kaiming (uniform)" of thesis Table 3.1 (He et al. 2015,
+    ReLU gain, fan-in mode), difference gain sqrt(6n)/4."""
+    bound = math.sqrt(6.0 / _fan_in(weight))
+    weight.uniform_(-bound, bound, generator=generator)
+
+
+@register_initializer("kaiming_normal")
+def _kaiming_normal(weight: torch.Tensor, generator: torch.Generator | None) -> None:
+    """N(0, 2/n): "Kaiming (Gaussian)" of thesis Table 3.1, difference gain sqrt(n/pi)."""
+    weight.normal_(0.0, math.sqrt(2.0 / _fan_in(weight)), generator=generator)
+
+
+@register_initializer("orthogonal")
+def _orthogonal(weight: torch.Tensor, generator: torch.Generator | None) -> None:
+    """``torch.nn.init.orthogonal_`` (Saxe et al. 2013), gain 1, on the weight viewed as a
+    (fan_out, fan_in) matrix: orthonormal rows if fan_out <= fan_in, else orthonormal columns."""
+    flat = weight.view(weight.shape[0], -1)
+    nn.init.orthogonal_(flat, gain=1.0, generator=generator)
+
+
+@register_initializer("default")
+def _default(weight: torch.Tensor, generator: torch.Generator | None) -> None:
+    """PyTorch's default Linear/Conv weight init, ``kaiming_uniform_(a=sqrt(5))`` =
+    U(-1/sqrt(n), 1/sqrt(n)). :func:`initialize` never calls this (``default`` leaves the
+    model untouched); it is here so :func:`difference_gain` can sample PyTorch's default."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+
+
+def _lookup(name: str) -> Initializer:
+    if name not in INITIALIZERS:
+        raise ValueError(
+            f"unknown initializer {name!r}; known: {', '.join(sorted(INITIALIZERS))}"
+        )
+    return INITIALIZERS[name]
+
+
+def _generator(seed: int | None) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed(int(seed))
+
+
+@torch.no_grad()
+def init_weight_(weight: torch.Tensor, name: str, seed: int | None = None) -> torch.Tensor:
+    """Fill one weight tensor in place with initialiser ``name``; returns it."""
+    _fill(weight, _lookup(name), _generator(seed))
+    return weight
+
+
+def _fill(weight: torch.Tensor, fill: Initializer, generator: torch.Generator | None) -> None:
+    if generator is not None and weight.device.type != "cpu":
+        # A seeded torch.Generator() lives on the CPU: sample there and copy over.
+        tmp = torch.empty(weight.shape, dtype=weight.dtype)
+        fill(tmp, generator)
+        weight.copy_(tmp)
+    else:
+        fill(weight, generator)
+
+
+@torch.no_grad()
+def initialize(model: nn.Module, name: str, seed: int | None = None) -> nn.Module:
+    """Initialise every ``Conv2d`` / ``Linear`` weight of ``model`` with ``name`` and zero their
+    biases (except for ``default``, which leaves PyTorch's init untouched). ``seed`` makes the
+    result reproducible without touching the global RNG. Returns ``model``."""
+    fill = _lookup(name)
+    if name == "default":
+        return model
+    generator = _generator(seed)
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            _fill(module.weight, fill, generator)
+            if module.bias is not None:
+                module.bias.zero_()
+    return model
+
+
+# ------------------------------------------------------------------------------ difference gain
+
+DEFAULT_MAX_FAN_OUT = 64
+"""Default ``fan_out`` of :func:`difference_gain` is ``min(fan_in, DEFAULT_MAX_FAN_OUT)``.
+
+Why ``fan_out <= fan_in``: for ``orthogonal`` the rows are orthonormal (each row uniform on
+the unit sphere of R^n) only when fan_out <= fan_in; with more rows than columns PyTorch makes
+the *columns* orthonormal, entries shrink to ~1/sqrt(fan_out) and the gain drops (at n=27 with
+64 rows: ~1.35 instead of the printed 2.09). Square or wide matrices reproduce Table 3.1.
+
+Why 64 and not 512 (CNN-7's FC width): for every listed init the expected gain does not depend
+on fan_out as long as fan_out <= fan_in (i.i.d. entries; for orthogonal each row's marginal is
+uniform on the sphere whatever the number of rows), only the variance does. At n = 32768 a
+512-row draw costs, on 2 CPU cores (measured), ~1 s for ``torch.nn.init.orthogonal_`` (0.7 s with
+Cholesky-QR) and ~0.17 s for an i.i.d. init, i.e. ~3 min for that table column at 100 trials.
+64 rows keep the whole 100-trial table at ~30 s, with a per-trial relative noise of
+~1/sqrt(64*n). Pass ``fan_out=512`` (``--fan-out 512``) for the exact CNN-7 FC shape.
+"""
+
+_INTERVAL_PAIRS = 4
+
+
+def closed_form_gain(init: str, fan_in: int, fan_out: int | None = None) -> float:
+    """Closed-form difference gain (n/2)·E|W| (Eq. 6 of Shi et al. 2021) for fan-in ``n``.
+
+    The orthogonal entry, omitted in the thesis ("non-trivial"), is ours: each row of a Haar
+    orthonormal frame (fan_out <= fan_in) is uniform on S^{n-1}, whose coordinates have
+    E|x_1| = Gamma(n/2) / (sqrt(pi) Gamma((n+1)/2)); with fan_out > fan_in the columns are
+    uniform on S^{fan_out-1} instead. ``default`` equals ``xavier_uniform``.
+    """
+    n = int(fan_in)
+    _lookup(init)
+    if init in ("xavier_uniform", "default"):
+        return math.sqrt(n) / 4
+    if init == "xavier_normal":
+        return math.sqrt(n / (2 * math.pi))
+    if init == "kaiming_uniform":
+        return math.sqrt(6 * n) / 4
+    if init == "kaiming_normal":
+        return math.sqrt(n / math.pi)
+    if init == "ibp":
+        return 1.0
+    if init == "orthogonal":
+        m = n if fan_out is None or fan_out <= n else int(fan_out)
+        e_abs = math.exp(math.lgamma(m / 2) - math.lgamma((m + 1) / 2)) / math.sqrt(math.pi)
+        return n / 2 * e_abs
+    raise ValueError(f"no closed form known for initializer {init!r}")
+
+
+@torch.no_grad()
+def difference_gain(
+    init: str,
+    fan_in: int,
+    fan_out: int | None = None,
+    trials: int = 100,
+    seed: int | None = 0,
+) -> float:
+    """Empirical difference gain E(Delta_i)/E(Delta_{i-1}) (Definition 1, Eq. 4-6 of Shi et al.
+    2021; thesis Table 3.1) of initialiser ``init`` for a layer with fan-in ``fan_in``.
+
+    Each trial draws a fresh (fan_out x fan_in) weight W with ``init`` and pre-activation
+    interval bounds of the previous layer: random centres c ~ N(0, 1), taken in antithetic
+    pairs (c, -c) so that their distribution is exactly symmetric about 0 (the assumption of
+    Appendix D.1 of Shi et al. 2021), and random positive widths Delta_{i-1} ~ U(0.1, 2) shared
+    by each pair. Then delta = ReLU(h_up) - ReLU(h_low) and Delta_i = |W| delta (Eq. 4); the
+    trial's gain is mean(Delta_i) / mean(Delta_{i-1}). Returns the mean over ``trials``
+    (``seed=None``: not reproducible);
+    expected value (n/2) E|W| (Eq. 6), see :func:`closed_form_gain`.
+
+    ``fan_out`` defaults to ``min(fan_in, DEFAULT_MAX_FAN_OUT)``; see
+    :data:`DEFAULT_MAX_FAN_OUT` for why.
+    """
+    fill = _lookup(init)
+    n = int(fan_in)
+    if n < 1:
+        raise ValueError(f"fan_in must be positive, got {fan_in!r}")
+    r = min(n, DEFAULT_MAX_FAN_OUT) if fan_out is None else int(fan_out)
+    if r < 1:
+        raise ValueError(f"fan_out must be positive, got {fan_out!r}")
+    if trials < 1:
+        raise ValueError(f"trials must be positive, got {trials!r}")
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()  # non-deterministic
+    else:
+        generator.manual_seed(int(seed))
+    weight = torch.empty(r, n)
+    if init == "orthogonal" and max(r, n) >= 4 * min(r, n):
+        fill = _orthogonal_cholesky_qr  # same draws, same result, ~6x faster at 64x32768
+    total = 0.0
+    for _ in range(trials):
+        fill(weight, generator)
+        centre = torch.randn(n, _INTERVAL_PAIRS, generator=generator, dtype=torch.float64)
+        width = torch.empty(n, _INTERVAL_PAIRS, dtype=torch.float64).uniform_(
+            0.1, 2.0, generator=generator
+        )
+        centre = torch.cat([centre, -centre], dim=1)
+        width = torch.cat([width, width], dim=1)
+        lower, upper = centre - width / 2, centre + width / 2  # h_{i-1} bounds
+        delta = torch.relu(upper) - torch.relu(lower)  # post-ReLU width, delta_{i-1}
+        delta_i = weight.abs() @ delta.float()  # Eq. 4: Delta_i = |W| delta
+        total += (delta_i.double().mean() / (upper - lower).mean()).item()
+    return total / trials
+
+
+def _orthogonal_cholesky_qr(weight: torch.Tensor, generator: torch.Generator | None) -> None:
+    """Same as ``torch.nn.init.orthogonal_(weight, gain=1, generator=generator)`` for a 2-D,
+    far-from-square ``weight``: the same Gaussian draw A, the same Q of A's (tall) QR with
+    sign(diag R) > 0, but computed by Cholesky-QR in float64 (R^T = chol(A A^T) for wide A),
+    which is much faster than LAPACK's Householder QR for a 64 x 32768 matrix on CPU. Only used
+    when the aspect ratio is >= 4, where A is well-conditioned (Cholesky-QR squares the
+    condition number). Equality with torch's result is checked in tests/test_init.py."""
+    rows, cols = weight.shape
+    a = torch.empty(rows, cols, dtype=weight.dtype).normal_(0, 1, generator=generator)
+    a = a.double()
+    if rows > cols:
+        a = a.t()  # make it wide: (short, long)
+    chol = torch.linalg.cholesky(a @ a.t())
+    q = torch.linalg.solve_triangular(chol, a, upper=False)  # orthonormal rows
+    if rows > cols:
+        q = q.t()
+    weight.copy_(q)

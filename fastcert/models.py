@@ -1,0 +1,480 @@
+"""Registry of classifier architectures for certified training (timm-style).
+
+Every model is built only from ``Conv2d``, ``Linear``, ``BatchNorm1d/2d``, ``ReLU`` (never
+in-place), ``Flatten`` and residual additions, so that auto_LiRPA 0.3's ``BoundedModule`` can
+trace it and compute sound IBP / CROWN bounds. No pooling is used: down-sampling is done with
+strided convolutions, as in the "no pooling" models of Xu et al. (2020) and Shi et al. (2021).
+
+BatchNorm placement is controlled by ``bn`` (Sec. 3.3.2 and Table 4 of Shi et al. 2021):
+
+* ``"full"``  BN after every convolution *and* every hidden fully-connected layer ("full BN",
+  the setting of all main results of Shi et al. 2021);
+* ``"conv"``  BN after convolutions only (the "BN-Conv ✓, BN-FC ×" row of Table 4, i.e. the
+  models of prior work that missed BN on the hidden FC layer);
+* ``"none"``  no BN at all.
+
+The output (classification) layer is never followed by BN. With ``bn="full"`` there is exactly
+one BN per hidden affine layer (1x1 shortcut convolutions included).
+
+Use :func:`create_model` to build a model by name; :data:`MODELS` maps names to builders. A
+builder has the signature ``builder(input_shape, num_classes, bn, *, **model_kwargs)``; its
+keyword-only parameters (with their defaults) are the model's configurable options, which are
+also the keys of ``conf/model/<name>.yaml`` besides ``name`` and ``bn``.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MODELS",
+    "BN_MODES",
+    "register_model",
+    "create_model",
+    "model_defaults",
+    "affine_layers",
+    "BasicResidualBlock",
+    "ResNeXtBlock",
+]
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+"""Model name -> builder ``(input_shape, num_classes, bn, **kwargs) -> nn.Module``."""
+
+BN_MODES = ("full", "conv", "none")
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering a model builder in :data:`MODELS` under ``name``."""
+
+    def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        MODELS[name] = builder
+        return builder
+
+    return decorator
+
+
+def _builder_kwargs(builder: Callable[..., nn.Module]) -> dict[str, Any]:
+    """The keyword-only parameters of a builder and their defaults."""
+    return {
+        p.name: p.default
+        for p in inspect.signature(builder).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def _lookup(name: str) -> Callable[..., nn.Module]:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+    return MODELS[name]
+
+
+def model_defaults(name: str) -> dict[str, Any]:
+    """Default values of the model-specific kwargs of model ``name`` (tuples for sequences)."""
+    return _builder_kwargs(_lookup(name))
+
+
+def create_model(
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    bn: str = "full",
+    **kwargs: Any,
+) -> nn.Module:
+    """Build the registered model ``name`` for inputs of shape ``(C, H, W)``.
+
+    Raises ``ValueError`` for an unknown name (listing the known ones), an unknown ``bn`` mode,
+    a bad ``input_shape`` / ``num_classes``; ``TypeError`` for kwargs the model does not take
+    (listing the ones it does). The returned module carries ``input_shape``, ``num_classes``,
+    ``bn`` and ``arch`` attributes.
+    """
+    builder = _lookup(name)
+    if bn not in BN_MODES:
+        raise ValueError(f"unknown bn mode {bn!r}; expected one of {BN_MODES}")
+    shape = _check_shape(input_shape)
+    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    accepted = _builder_kwargs(builder)
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"model {name!r} got unknown kwarg(s) {unknown}; it accepts: "
+            f"{', '.join(sorted(accepted)) or '(none)'}"
+        )
+    model = builder(shape, int(num_classes), bn, **kwargs)
+    model.input_shape = shape
+    model.num_classes = int(num_classes)
+    model.bn = bn
+    model.arch = name
+    return model
+
+
+def affine_layers(model: nn.Module) -> list[nn.Module]:
+    """The ``Conv2d`` / ``Linear`` layers of ``model`` in forward order.
+
+    All models of this module register their layers in the order their ``forward`` runs them
+    (inside a residual block: the main branch, then the shortcut), so module order is forward
+    order. Used by the warmup regularizers (Sec. 3.3.3 of Shi et al. 2021) and the ReLU-state
+    diagnostics.
+    """
+    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def _check_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"input_shape must be three positive ints (C, H, W), got {input_shape!r}")
+    return shape  # type: ignore[return-value]
+
+
+def _bn_flags(bn: str) -> tuple[bool, bool]:
+    """(BN after convolutions?, BN after hidden linear layers?) for a ``bn`` mode."""
+    if bn not in BN_MODES:
+        raise ValueError(f"unknown bn mode {bn!r}; expected one of {BN_MODES}")
+    return bn in ("full", "conv"), bn == "full"
+
+
+def _scaled(channels: int, width: float) -> int:
+    if not width > 0:
+        raise ValueError(f"width multiplier must be > 0, got {width!r}")
+    return max(1, int(round(channels * width)))
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    out = (size + 2 * padding - kernel) // stride + 1
+    if out < 1:
+        raise ValueError(
+            f"input of spatial size {size} is too small for a {kernel}x{kernel} convolution "
+            f"with stride {stride} and padding {padding}"
+        )
+    return out
+
+
+def _conv_bn_relu(c_in: int, c_out: int, k: int, s: int, p: int, bn: bool) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, k, stride=s, padding=p)]
+    if bn:
+        layers.append(nn.BatchNorm2d(c_out))
+    layers.append(nn.ReLU())
+    return layers
+
+
+def _linear_bn_relu(f_in: int, f_out: int, bn: bool) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Linear(f_in, f_out)]
+    if bn:
+        layers.append(nn.BatchNorm1d(f_out))
+    layers.append(nn.ReLU())
+    return layers
+
+
+def _feedforward(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    bn: str,
+    convs: Iterable[tuple[int, int, int, int]],
+    fcs: Iterable[int],
+) -> nn.Sequential:
+    """Conv(+BN)+ReLU blocks, Flatten, hidden Linear(+BN)+ReLU blocks, output Linear.
+
+    ``convs`` holds ``(out_channels, kernel, stride, padding)``; ``fcs`` the hidden FC widths.
+    The FC fan-in is computed from ``input_shape``.
+    """
+    bn_conv, bn_fc = _bn_flags(bn)
+    c, h, w = input_shape
+    layers: list[nn.Module] = []
+    for c_out, k, s, p in convs:
+        layers += _conv_bn_relu(c, c_out, k, s, p, bn_conv)
+        c, h, w = c_out, _conv_out(h, k, s, p), _conv_out(w, k, s, p)
+    layers.append(nn.Flatten())
+    features = c * h * w
+    for f in fcs:
+        layers += _linear_bn_relu(features, f, bn_fc)
+        features = f
+    layers.append(nn.Linear(features, num_classes))
+    return nn.Sequential(*layers)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+# ------------------------------------------------------------------------- feedforward models
+
+
+@register_model("mlp")
+def mlp(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    bn: str = "full",
+    *,
+    widths: Sequence[int] = (256, 256),
+) -> nn.Module:
+    """Fully-connected ReLU network: Flatten, hidden Linear(+BN)+ReLU layers of ``widths``,
+    output Linear. With ``bn="full"`` each hidden layer is followed by BN (Sec. 3.3.2 of Shi et
+    al. 2021); ``"conv"`` has no convolution, hence no BN."""
+    widths = tuple(_positive_int("widths entry", w) for w in widths)
+    return _feedforward(input_shape, num_classes, bn, convs=(), fcs=widths)
+
+
+@register_model("cnn7")
+def cnn7(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    bn: str = "full",
+    *,
+    width: float = 1.0,
+) -> nn.Module:
+    """CNN-7 of Shi et al. 2021 (Sec. 4.1, "following Xu et al. (2020)"): five 3x3 convolutions
+    with 64, 64, 128, 128, 128 channels (padding 1; the third has stride 2, the others stride
+    1), Flatten, FC 512, FC ``num_classes``. The FC fan-in is 128*16*16 = 32768 on CIFAR 32x32
+    (the n_i = 32768 of Table 5 / thesis Table 3.1). ``width`` scales every channel count and
+    the FC width (width=0.125 gives 8, 8, 16, 16, 16 channels and FC 64)."""
+    c1, c2, fc = _scaled(64, width), _scaled(128, width), _scaled(512, width)
+    convs = [(c1, 3, 1, 1), (c1, 3, 1, 1), (c2, 3, 2, 1), (c2, 3, 1, 1), (c2, 3, 1, 1)]
+    return _feedforward(input_shape, num_classes, bn, convs, [fc])
+
+
+@register_model("dm_small")
+def dm_small(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    bn: str = "full",
+    *,
+    width: float = 1.0,
+) -> nn.Module:
+    """DM-small of Gowal et al. 2018 (Table 1 there; "DM-small" in Zhang et al. 2020, Sec. 4):
+    conv 16 4x4 stride 2, conv 32 4x4 stride 1, FC 100, FC ``num_classes``. The papers give
+    kernels and strides only; we use padding 1 for both convolutions. ``width`` scales channels
+    and the FC width."""
+    convs = [(_scaled(16, width), 4, 2, 1), (_scaled(32, width), 4, 1, 1)]
+    return _feedforward(input_shape, num_classes, bn, convs, [_scaled(100, width)])
+
+
+@register_model("dm_medium")
+def dm_medium(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    bn: str = "full",
+    *,
+    width: float = 1.0,
+) -> nn.Module:
+    """DM-medium of Gowal et al. 2018 / Zhang et al. 2020: conv 32 3x3 s1, conv 32 4x4 s2,
+    conv 64 3x3 s1, conv 64 4x4 s2, FC 512, FC 512, FC ``num_classes`` (padding 1 everywhere,
+    our choice). ``width`` scales channels and FC widths."""
+    c1, c2, fc = _scaled(32, width), _scaled(64, width), _scaled(512, width)
+    convs = [(c1, 3, 1, 1), (c1, 4, 2, 1), (c2, 3, 1, 1), (c2, 4, 2, 1)]
+    return _feedforward(input_shape, num_classes, bn, convs, [fc, fc])
+
+
+@register_model("dm_large")
+def dm_large(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    bn: str = "full",
+    *,
+    width: float = 1.0,
+) -> nn.Module:
+    """DM-large of Gowal et al. 2018 / Zhang et al. 2020: conv 64 3x3 s1, conv 64 3x3 s1,
+    conv 128 3x3 s2, conv 128 3x3 s1, conv 128 3x3 s1 (padding 1), FC 512, FC ``num_classes``.
+    (Same layer shapes as CNN-7; kept under its own name for the CROWN-IBP baselines.)
+    ``width`` scales channels and the FC width."""
+    c1, c2, fc = _scaled(64, width), _scaled(128, width), _scaled(512, width)
+    convs = [(c1, 3, 1, 1), (c1, 3, 1, 1), (c2, 3, 2, 1), (c2, 3, 1, 1), (c2, 3, 1, 1)]
+    return _feedforward(input_shape, num_classes, bn, convs, [fc])
+
+
+@register_model("cnn_small")
+def cnn_small(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    bn: str = "full",
+    *,
+    width: float = 1.0,
+) -> nn.Module:
+    """Small fast CNN for 8x8 digits and tests (fastcert's own, no paper source): conv 16 3x3
+    s1 p1, conv 32 4x4 s2 p1, FC 64, FC ``num_classes``. ``width`` scales channels and FC."""
+    convs = [(_scaled(16, width), 3, 1, 1), (_scaled(32, width), 4, 2, 1)]
+    return _feedforward(input_shape, num_classes, bn, convs, [_scaled(64, width)])
+
+
+# ---------------------------------------------------------------------------- residual models
+
+
+class BasicResidualBlock(nn.Module):
+    """Post-activation residual block of two 3x3 convolutions (Wide-ResNet, Zagoruyko &
+    Komodakis 2016, as used with full BN by Shi et al. 2021, Sec. 4.1):
+
+    ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`` where ``shortcut`` is a strided 1x1
+    convolution (+BN) when the shape changes, else the identity. ReLUs are not in-place (auto_LiRPA
+    traces the residual addition). Layers are registered in forward order.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int, bn: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+        self.bn1 = nn.BatchNorm2d(c_out) if bn else nn.Identity()
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1)
+        self.bn2 = nn.BatchNorm2d(c_out) if bn else nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut: nn.Module = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride),
+                nn.BatchNorm2d(c_out) if bn else nn.Identity(),
+            )
+        else:
+            self.shortcut = nn.Identity()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(out + self.shortcut(x))
+
+
+class ResNeXtBlock(nn.Module):
+    """ResNeXt bottleneck block (Xie et al. 2017), as in the ResNeXt of Xu et al. 2020 / Shi et
+    al. 2021: 1x1 conv to ``cardinality * bottleneck_width`` channels, grouped 3x3 conv
+    (``cardinality`` groups, carries the stride), 1x1 conv to ``expansion`` times that, each
+    followed by BN; plus a 1x1 (+BN) shortcut when the shape changes; ReLU after the addition.
+    """
+
+    def __init__(
+        self,
+        c_in: int,
+        cardinality: int,
+        bottleneck_width: int,
+        stride: int,
+        bn: bool,
+        expansion: int = 2,
+    ) -> None:
+        super().__init__()
+        group_width = cardinality * bottleneck_width
+        self.out_channels = c_out = expansion * group_width
+        self.conv1 = nn.Conv2d(c_in, group_width, 1)
+        self.bn1 = nn.BatchNorm2d(group_width) if bn else nn.Identity()
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(
+            group_width, group_width, 3, stride=stride, padding=1, groups=cardinality
+        )
+        self.bn2 = nn.BatchNorm2d(group_width) if bn else nn.Identity()
+        self.relu2 = nn.ReLU()
+        self.conv3 = nn.Conv2d(group_width, c_out, 1)
+        self.bn3 = nn.BatchNorm2d(c_out) if bn else nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut: nn.Module = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride),
+                nn.BatchNorm2d(c_out) if bn else nn.Identity(),
+            )
+        else:
+            self.shortcut = nn.Identity()
+        self.relu3 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu3(out + self.shortcut(x))
+
+
+def _stage_strides(num_blocks: Sequence[int]) -> list[int]:
+    """Stride of each stage: 1 for the first, 2 for the others (no pooling)."""
+    return [1] + [2] * (len(num_blocks) - 1)
+
+
+def _residual_head(
+    layers: list[nn.Module], features: int, fc_width: int, num_classes: int, bn_fc: bool
+) -> nn.Sequential:
+    layers.append(nn.Flatten())
+    layers += _linear_bn_relu(features, fc_width, bn_fc)
+    layers.append(nn.Linear(fc_width, num_classes))
+    return nn.Sequential(*layers)
+
+
+@register_model("wide_resnet")
+def wide_resnet(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    bn: str = "full",
+    *,
+    num_blocks: Sequence[int] = (1, 1, 1),
+    widen_factor: int = 8,
+    base_width: int = 16,
+    fc_width: int = 512,
+) -> nn.Module:
+    """The smaller Wide-ResNet of Shi et al. 2021 (Sec. 4.1 and footnote of Table 2: "5 times
+    smaller than the one used in Xu et al. (2020)"; Zagoruyko & Komodakis 2016), without
+    pooling: a 3x3 stem convolution to ``base_width`` channels, then one stage per entry of
+    ``num_blocks`` with ``base_width * widen_factor * 2**s`` channels (stride 1 for the first
+    stage, a stride-2 first convolution for the others) made of :class:`BasicResidualBlock`,
+    then Flatten, FC ``fc_width`` (+BN) and FC ``num_classes``. Defaults (blocks 1,1,1, widen
+    factor 8, base 16) give channels 16/128/256/512 and FC fan-in 512*8*8 = 32768 on CIFAR.
+    Tiny test version: e.g. ``widen_factor=1, base_width=4, fc_width=16``.
+    """
+    bn_conv, bn_fc = _bn_flags(bn)
+    num_blocks = [_positive_int("num_blocks entry", b) for b in num_blocks]
+    if not num_blocks:
+        raise ValueError("num_blocks must name at least one stage")
+    widen_factor = _positive_int("widen_factor", widen_factor)
+    base_width = _positive_int("base_width", base_width)
+    fc_width = _positive_int("fc_width", fc_width)
+    c, h, w = input_shape
+    layers: list[nn.Module] = _conv_bn_relu(c, base_width, 3, 1, 1, bn_conv)
+    c = base_width
+    for s, (blocks, stride) in enumerate(zip(num_blocks, _stage_strides(num_blocks))):
+        c_out = base_width * widen_factor * 2**s
+        for b in range(blocks):
+            st = stride if b == 0 else 1
+            layers.append(BasicResidualBlock(c, c_out, st, bn_conv))
+            c, h, w = c_out, _conv_out(h, 3, st, 1), _conv_out(w, 3, st, 1)
+    return _residual_head(layers, c * h * w, fc_width, num_classes, bn_fc)
+
+
+@register_model("resnext")
+def resnext(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    bn: str = "full",
+    *,
+    num_blocks: Sequence[int] = (1, 1, 1),
+    cardinality: int = 2,
+    bottleneck_width: int = 32,
+    stem_width: int = 64,
+    fc_width: int = 512,
+) -> nn.Module:
+    """ResNeXt of Xu et al. 2020 / Shi et al. 2021 (Sec. 4.1; Xie et al. 2017), without pooling:
+    3x3 stem convolution to ``stem_width`` channels, one stage of :class:`ResNeXtBlock` per
+    entry of ``num_blocks`` (stride 1 for the first stage, 2 for the others; the bottleneck
+    width doubles after each stage; expansion 2), then Flatten, FC ``fc_width`` (+BN) and FC
+    ``num_classes``. Defaults (1,1,1 blocks, cardinality 2, bottleneck width 32) give 128/256/512
+    channels and FC fan-in 32768 on CIFAR. Tiny: ``cardinality=2, bottleneck_width=2,
+    stem_width=4, fc_width=16``.
+    """
+    bn_conv, bn_fc = _bn_flags(bn)
+    num_blocks = [_positive_int("num_blocks entry", b) for b in num_blocks]
+    if not num_blocks:
+        raise ValueError("num_blocks must name at least one stage")
+    cardinality = _positive_int("cardinality", cardinality)
+    width = _positive_int("bottleneck_width", bottleneck_width)
+    stem_width = _positive_int("stem_width", stem_width)
+    fc_width = _positive_int("fc_width", fc_width)
+    c, h, w = input_shape
+    layers: list[nn.Module] = _conv_bn_relu(c, stem_width, 3, 1, 1, bn_conv)
+    c = stem_width
+    for blocks, stride in zip(num_blocks, _stage_strides(num_blocks)):
+        for b in range(blocks):
+            st = stride if b == 0 else 1
+            block = ResNeXtBlock(c, cardinality, width, st, bn_conv)
+            layers.append(block)
+            c, h, w = block.out_channels, _conv_out(h, 3, st, 1), _conv_out(w, 3, st, 1)
+        width *= 2
+    return _residual_head(layers, c * h * w, fc_width, num_classes, bn_fc)
