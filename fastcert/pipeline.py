@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fastcert.attacks import PGDConfig
 from fastcert.bounds import BoundedNet
 from fastcert.config import (ConfigError, EvalConfig, OptimConfig, ScheduleConfig, check_epochs,
                              check_eps, typed)
@@ -85,9 +84,6 @@ def build(cfg: DictConfig, device: torch.device | None = None) -> Built:
     model.to(device)
     example = next(iter(data.test))[0][:2].to(device)
     net = BoundedNet(model, example, data.num_classes)
-
-    def box(x, e):
-        return data.eps_box(x, e)
 
     schedule = EpsSchedule(eps_target=eps, steps_per_epoch=len(data.train),
                            **{k: getattr(sched_cfg, k) for k in
@@ -187,5 +183,3 @@ def _resume_target(run_dir: Path, resume) -> tuple[Path | None, dict | None]:
             f"resume=true, or resume=<path to last.pt>")
     return path, checkpoint.load(path)
 
-
-__all__ = ["build", "run", "run_name", "resolve_device", "format_table", "PGDConfig"]

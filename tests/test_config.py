@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from fastcert.config import ConfigError
 from fastcert.data import DATASETS
