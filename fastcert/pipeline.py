@@ -18,9 +18,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fastcert.bounds import BoundedNet
-from fastcert.config import (ConfigError, EvalConfig, OptimConfig, ScheduleConfig, check_epochs,
+from fastcert.config import (EvalConfig, OptimConfig, ScheduleConfig, check_epochs,
                              check_eps, typed)
 from fastcert.data import DataBundle, create_data
+from fastcert.devices import acquire_device, release_device
 from fastcert.evaluate import EvalResult, evaluate
 from fastcert.initializers import initialize
 from fastcert.loggers import create_logger
@@ -32,14 +33,10 @@ from fastcert.train import TrainSetup, epoch_times_by_phase, fit, seed_everythin
 DATA_ONLY_KEYS = ("eps", "eps_max")
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → the first CUDA device when available, else CPU; anything else as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available; use device=auto or cpu")
-    return device
+def resolve_device(name: str | None, devices=None) -> torch.device:
+    """The device of a run: ``cpu`` / ``cuda`` / ``cuda:1`` as given; ``auto`` / ``pool``: a free
+    GPU of this node's pool (locked until :func:`fastcert.devices.release_device`), or the CPU."""
+    return acquire_device(name, devices)
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -69,7 +66,7 @@ def build(cfg: DictConfig, device: torch.device | None = None) -> Built:
     optim = typed(OptimConfig, cfg.optim, "optim")
     eval_cfg = typed(EvalConfig, cfg.eval, "eval")
     method = create_method(OmegaConf.to_container(cfg.method, resolve=True))
-    device = device or resolve_device(cfg.device)
+    device = device or resolve_device(cfg.device, cfg.get("devices"))
     if int(cfg.cpu_threads) > 0:
         torch.set_num_threads(int(cfg.cpu_threads))
 
@@ -142,6 +139,18 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, resume: str | os.PathLike |
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    owns_device = device is None
+    if owns_device:
+        device = resolve_device(cfg.device, cfg.get("devices"))
+    try:
+        return _run(cfg, run_dir, resume, device, group, t0)
+    finally:
+        if owns_device:
+            release_device()  # a reused worker process's next job may take another GPU
+
+
+def _run(cfg: DictConfig, run_dir: Path, resume, device: torch.device, group: str | None,
+         t0: float) -> dict:
     built = build(cfg, device)
     resume_path, resume_state = _resume_target(run_dir, resume)
     logger = create_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir=run_dir,

@@ -1,0 +1,431 @@
+"""Which device a run trains on, and a small GPU pool for parallel sweeps on one node.
+
+Hydra's joblib launcher runs jobs in loky worker processes that are *reused*, so "GPU = job
+number modulo GPU count" puts two jobs on one GPU, and setting ``CUDA_VISIBLE_DEVICES`` inside a
+job is ignored once the worker has touched CUDA. Instead each job takes the first free GPU of a
+pool by an exclusive, non-blocking ``fcntl.flock`` on one lock file per device, holds it for the
+job's lifetime (the OS drops the lock if the process dies) and uses ``cuda:<i>`` explicitly.
+With ``hydra.launcher.n_jobs`` equal to the pool size no job ever waits.
+
+Two layers:
+
+* :class:`DevicePool` (no torch): indices + lock keys + a lock dir; ``acquire()`` returns an
+  index, ``release()`` frees it. Tests drive it with fake devices.
+* :func:`acquire_device` / :func:`release_device`: the torch/CUDA glue the pipeline calls with
+  the ``device`` and ``devices`` config values.
+
+Device spec (the ``device`` config value):
+
+* ``auto``: CPU when CUDA is unavailable. On SLURM with GPUs given to a single-GPU task, or a
+  job started by submitit: ``cuda:0``, as SLURM gave it. Otherwise the pool when there is more
+  than one visible GPU, a ``devices`` list, or an active Hydra multirun; else ``cuda:0``.
+* ``pool``: always the pool (CPU when CUDA is unavailable).
+* ``cpu``, ``cuda``, ``cuda:1``: used as given, without a lock.
+
+``devices`` (a list of indices or null) restricts the pool. Indices count within the devices
+the process can see, so with ``CUDA_VISIBLE_DEVICES=2,3`` the pool is ``[0, 1]`` and
+``devices=[1]`` means physical GPU 3. Lock files are named by the physical id (the
+``CUDA_VISIBLE_DEVICES`` entry), so jobs started with different visible sets still exclude each
+other. Environment: ``FASTCERT_LOCK_DIR`` (default ``/tmp/fastcert-devices-<uid>``, plus
+``-slurm<job id>`` inside a SLURM job), ``FASTCERT_DEVICE_TIMEOUT`` (seconds a job waits for a
+free device, default 24 h).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import re
+import socket
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+LOCK_DIR_ENV = "FASTCERT_LOCK_DIR"
+TIMEOUT_ENV = "FASTCERT_DEVICE_TIMEOUT"
+DEFAULT_TIMEOUT_S = 24 * 3600.0
+POOL_SPECS = ("auto", "pool")
+
+
+class DeviceBusyError(TimeoutError):
+    """Every device of the pool stayed busy for the whole timeout."""
+
+
+def _config_error(msg: str) -> Exception:
+    from fastcert.config import ConfigError  # lazy: keeps this module free of torch imports
+
+    return ConfigError(msg)
+
+
+# --------------------------------------------------------------------------- the pool (no torch)
+
+
+def default_lock_dir() -> Path:
+    """``$FASTCERT_LOCK_DIR``, else ``<tmp>/fastcert-devices-<uid>`` (``-slurm<id>`` appended
+    inside a SLURM job: SLURM renumbers each job's GPUs from 0, so ids are per job)."""
+    env = os.environ.get(LOCK_DIR_ENV)
+    if env:
+        return Path(env)
+    name = f"fastcert-devices-{os.getuid()}"
+    if os.environ.get("SLURM_JOB_ID"):
+        name += f"-slurm{os.environ['SLURM_JOB_ID']}"
+    return Path(tempfile.gettempdir()) / name
+
+
+def visible_device_keys(count: int, visible: str | None) -> list[str]:
+    """Lock keys of the ``count`` devices CUDA shows: the ``CUDA_VISIBLE_DEVICES`` entries
+    (physical ids or UUIDs) when it is set, else ``"0" .. "count-1"``."""
+    if visible is not None:
+        entries = [e.strip() for e in visible.split(",") if e.strip()]
+        if len(entries) >= count:
+            return entries[:count]
+    return [str(i) for i in range(count)]
+
+
+def parse_devices(devices: Any) -> list[int] | None:
+    """``devices`` config value → list of ints or None (accepts a list, an int, or "0,1")."""
+    if devices is None:
+        return None
+    if isinstance(devices, str):
+        text = devices.strip().strip("[]")
+        if text.lower() in ("", "null", "none"):
+            return None
+        devices = [p for p in text.split(",") if p.strip()]
+    elif isinstance(devices, int):
+        devices = [devices]
+    try:
+        out = [int(d) for d in devices]
+    except (TypeError, ValueError):
+        raise _config_error(f"devices={devices!r}: give a list of device indices, "
+                            f"e.g. devices=[0,1]") from None
+    if not out:
+        raise _config_error("devices=[]: give at least one device index, or devices=null")
+    if len(set(out)) != len(out):
+        raise _config_error(f"devices={out}: an index appears twice")
+    return out
+
+
+def pool_slots(count: int, devices: Sequence[int] | None = None,
+               visible: str | None = None) -> list[tuple[int, str]]:
+    """``(index, lock key)`` for each device of the pool: all ``count`` visible devices, or the
+    ``devices`` subset (indices within the visible set)."""
+    keys = visible_device_keys(count, visible)
+    if devices is None:
+        return list(enumerate(keys))
+    bad = [i for i in devices if not 0 <= i < count]
+    if bad:
+        where = (f" (CUDA_VISIBLE_DEVICES={visible}: indices count within that set)"
+                 if visible is not None else "")
+        raise _config_error(f"devices={list(devices)}: {bad} not among the {count} visible CUDA "
+                            f"device(s) 0..{count - 1}{where}")
+    return [(i, keys[i]) for i in devices]
+
+
+def _safe(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", key)
+
+
+class DevicePool:
+    """Exclusive use of one of ``indices`` per holder, by ``flock`` on ``lock_dir`` files.
+
+    ``keys`` name the lock files (default: the indices); give the physical device ids so that
+    processes with different ``CUDA_VISIBLE_DEVICES`` agree. One pool object holds at most one
+    device; separate objects (threads, processes) exclude each other.
+    """
+
+    def __init__(self, indices: Iterable[int], lock_dir: str | os.PathLike | None = None,
+                 keys: Iterable[str] | None = None):
+        self.indices = [int(i) for i in indices]
+        if not self.indices:
+            raise ValueError("DevicePool needs at least one device index")
+        self.keys = [str(k) for k in keys] if keys is not None else [str(i) for i in self.indices]
+        if len(self.keys) != len(self.indices):
+            raise ValueError("DevicePool: one lock key per index")
+        self.lock_dir = Path(lock_dir) if lock_dir is not None else default_lock_dir()
+        self.host = socket.gethostname()
+        self.index: int | None = None
+        self._fd: int | None = None
+
+    def lock_path(self, key: str) -> Path:
+        return self.lock_dir / f"{_safe(self.host)}-cuda{_safe(key)}.lock"
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def try_acquire(self, prefer: int | None = None, label: str = "") -> int | None:
+        """Lock the first free device (``prefer`` first when given); its index, or None."""
+        if self._fd is not None:
+            return self.index
+        self.lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        slots = list(zip(self.indices, self.keys))
+        slots.sort(key=lambda s: s[0] != prefer)  # stable: prefer first, then pool order
+        for index, key in slots:
+            fd = os.open(self.lock_path(key), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    continue
+                raise
+            info = f"pid={os.getpid()} host={self.host} since={time.strftime('%F %T')} {label}\n"
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, info.encode(), 0)
+            except OSError:
+                pass  # the note is only for messages; the lock is what counts
+            self._fd, self.index = fd, index
+            return index
+        return None
+
+    def holders(self) -> dict[int, str]:
+        """Who holds each busy device, as its lock file notes (for messages)."""
+        out = {}
+        for index, key in zip(self.indices, self.keys):
+            if index == self.index and self.held:
+                continue
+            try:
+                note = self.lock_path(key).read_text().strip()
+            except OSError:
+                continue
+            if note:
+                out[index] = note
+        return out
+
+    def acquire(self, timeout: float | None = None, poll: float = 1.0,
+                prefer: int | None = None, label: str = "") -> int:
+        """Wait (polling every ``poll`` s, up to ``timeout`` s; None: forever) for a free device
+        and lock it. Raises :class:`DeviceBusyError` when none frees up in time."""
+        index = self.try_acquire(prefer, label)
+        if index is not None:
+            return index
+        start = time.monotonic()
+        log.warning("all %d device(s) %s are busy; waiting up to %s for one to free up "
+                    "(set hydra.launcher.n_jobs to at most the number of devices to avoid "
+                    "waiting). Holders: %s", len(self.indices), self.indices,
+                    "ever" if timeout is None else f"{timeout:.0f} s", self.holders())
+        while True:
+            if timeout is not None and time.monotonic() - start >= timeout:
+                held = "; ".join(f"cuda:{i}: {n}" for i, n in self.holders().items())
+                raise DeviceBusyError(
+                    f"no free device among {self.indices} after {timeout:.0f} s (lock dir "
+                    f"{self.lock_dir}; held by {held or 'unknown'}). Run fewer parallel jobs "
+                    f"(hydra.launcher.n_jobs), widen devices=[...], or raise "
+                    f"{TIMEOUT_ENV}.")
+            time.sleep(poll if timeout is None else
+                       max(0.0, min(poll, timeout - (time.monotonic() - start))))
+            index = self.try_acquire(prefer, label)
+            if index is not None:
+                log.info("acquired device %d after %.1f s", index, time.monotonic() - start)
+                return index
+
+    def release(self) -> None:
+        """Unlock the held device (no-op when none is held)."""
+        fd, self._fd, self.index = self._fd, None, None
+        if fd is None:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> int:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self):  # a dropped pool frees its device, as a dead process would
+        try:
+            self.release()
+        except Exception:
+            pass
+
+
+# --------------------------------------------------------------------------- torch / CUDA glue
+
+_local = threading.local()  # the lease of the job running in this thread
+
+
+def multirun_active() -> bool:
+    """True inside a job of a Hydra multirun (``-m``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:
+        return False
+    try:
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:
+        return False
+
+
+def slurm_gpus_given() -> bool:
+    """Inside a SLURM job that was allocated GPUs."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return False
+    return any(os.environ.get(k) for k in (
+        "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE", "SLURM_GPUS",
+        "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK")) or bool(os.environ.get(
+            "CUDA_VISIBLE_DEVICES"))
+
+
+def _timeout_default() -> float | None:
+    text = os.environ.get(TIMEOUT_ENV)
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    if text.lower() in ("none", "inf", "forever"):
+        return None
+    return float(text)
+
+
+def _job_label() -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            job = HydraConfig.get().job
+            return f"job={job.get('num', '')} {job.get('override_dirname', '')}".strip()
+    except Exception:
+        pass
+    return ""
+
+
+def acquire_device(spec: str | None = "auto", devices: Any = None, *,
+                   timeout: float | None | str = "env", poll: float = 1.0,
+                   lock_dir: str | os.PathLike | None = None):
+    """The ``torch.device`` this job trains on (see the module docstring for ``spec``).
+
+    A pool device stays locked until :func:`release_device` (call it when the job ends) or
+    until the process exits; calling again while holding one returns the same device.
+    """
+    import torch
+
+    spec = "auto" if spec is None else str(spec).strip()
+    devices = parse_devices(devices)
+    if spec not in POOL_SPECS:
+        try:
+            device = torch.device(spec)
+        except RuntimeError:
+            raise _config_error(f"device={spec}: use auto, pool, cpu, cuda or cuda:<index>") \
+                from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise _config_error(f"device={spec} but CUDA is not available; use device=auto "
+                                    f"or cpu")
+            if device.index is not None:
+                count = torch.cuda.device_count()
+                if device.index >= count:
+                    raise _config_error(f"device={spec}: only {count} CUDA device(s) visible")
+                torch.cuda.set_device(device.index)
+        if devices is not None:
+            log.warning("devices=%s is ignored because device=%s is explicit", devices, spec)
+        return device
+
+    lease = getattr(_local, "lease", None)
+    if lease is not None:
+        return lease[0]
+    if not torch.cuda.is_available():
+        if devices is not None or spec == "pool":
+            log.warning("no CUDA device available: running on the CPU (devices=%s ignored)",
+                        devices)
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if spec == "auto" and devices is None and slurm_gpus_given() and (
+            count == 1 or os.environ.get("SUBMITIT_EXECUTOR") == "slurm"):
+        torch.cuda.set_device(0)  # SLURM gave this task its own GPU(s): use them as given
+        return torch.device("cuda", 0)
+    if spec == "auto" and devices is None and count == 1 and not multirun_active():
+        torch.cuda.set_device(0)
+        return torch.device("cuda", 0)
+
+    slots = pool_slots(count, devices, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    pool = DevicePool([i for i, _ in slots], lock_dir=lock_dir, keys=[k for _, k in slots])
+    index = pool.acquire(timeout=_timeout_default() if timeout == "env" else timeout,
+                         poll=poll, prefer=getattr(_local, "last_index", None),
+                         label=_job_label())
+    try:
+        torch.cuda.set_device(index)
+    except BaseException:
+        pool.release()
+        raise
+    device = torch.device("cuda", index)
+    _local.lease = (device, pool)
+    _local.last_index = index  # a reused worker prefers the GPU it already has a context on
+    log.info("using %s (pool %s, lock %s)", device, pool.indices, pool.lock_path(
+        pool.keys[pool.indices.index(index)]))
+    return device
+
+
+def release_device() -> None:
+    """Free the pool device held by this job, if any (the pipeline calls it when a run ends),
+    returning this process's cached CUDA memory first so the next holder gets the whole GPU."""
+    lease = getattr(_local, "lease", None)
+    _local.lease = None
+    if lease is None:
+        return
+    _, pool = lease
+    try:
+        import gc
+
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            gc.collect()
+            torch.cuda.empty_cache()
+    finally:
+        pool.release()
+
+
+def held_device():
+    """The pool device this job holds, or None."""
+    lease = getattr(_local, "lease", None)
+    return None if lease is None else lease[0]
+
+
+# --------------------------------------------------------------------------- launcher default
+
+
+def default_n_jobs(devices: Any = None, cpu_jobs: int = 2) -> int:
+    """Parallel jobs for the joblib launcher: the pool size (``devices`` or every visible GPU),
+    or ``cpu_jobs`` without CUDA."""
+    chosen = parse_devices(devices)
+    if chosen:
+        return len(chosen)
+    try:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        n = 0
+    return n or int(cpu_jobs)
+
+
+def register_resolvers() -> None:
+    """``${fastcert.n_jobs:<devices>}`` (used by conf/hydra/launcher/joblib.yaml)."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver(
+        "fastcert.n_jobs", lambda devices=None, cpu_jobs=2: default_n_jobs(devices, cpu_jobs),
+        replace=True)
+
+
+register_resolvers()
+# conf/hydra/launcher/joblib.yaml deliberately shares the name of the plugin's structured config, so
+# that `hydra/launcher=joblib` gets the pool-sized n_jobs; Hydra 1.3 then validates it against that
+# schema and warns that this matching is deprecated. The file sets every key itself, so it also
+# works where the matching is gone; silence just that message.
+warnings.filterwarnings(
+    "ignore", message=r"\s*'hydra/launcher/joblib' is validated against ConfigStore schema")
+
+
+__all__ = ["DevicePool", "DeviceBusyError", "acquire_device", "release_device", "held_device",
+           "pool_slots", "visible_device_keys", "parse_devices", "default_lock_dir",
+           "default_n_jobs", "multirun_active", "register_resolvers"]
