@@ -46,14 +46,14 @@ def pgd_attack(model, x, y, lower, upper, cfg: PGDConfig = PGDConfig(),
     for _ in range(cfg.restarts):
         noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device)
         adv = (lower + noise * (upper - lower)).detach()
-        for _ in range(cfg.steps + 1):
+        for step in range(cfg.steps + 1):  # evaluate every iterate, the last one included
             adv.requires_grad_(True)
             loss = margin_loss(model(adv), y)
             with torch.no_grad():
                 better = loss > best_loss
                 best_loss = torch.where(better, loss, best_loss)
                 best_x[better] = adv[better].detach()
-            if _ == cfg.steps:
+            if step == cfg.steps:
                 break
             (grad,) = torch.autograd.grad(loss.sum(), adv)
             with torch.no_grad():

@@ -67,8 +67,9 @@ def build(cfg: DictConfig, device: torch.device | None = None) -> Built:
     eval_cfg = typed(EvalConfig, cfg.eval, "eval")
     method = create_method(OmegaConf.to_container(cfg.method, resolve=True))
     device = device or resolve_device(cfg.device, cfg.get("devices"))
-    if int(cfg.cpu_threads) > 0:
-        torch.set_num_threads(int(cfg.cpu_threads))
+    threads = int(cfg.get("cpu_threads", 0))  # configs saved before this key existed: torch's default
+    if threads > 0:
+        torch.set_num_threads(threads)  # process-wide: a run owns its process
 
     seed_everything(int(cfg.seed))
     data_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()

@@ -1,11 +1,15 @@
 """Shared fixtures: Hydra composition of the real conf/ tree, and tiny settings for runs."""
 from __future__ import annotations
 
-import os
+import hashlib
+import pickle
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -15,8 +19,9 @@ TINY = ["debug=smoke", "device=cpu", "data.limit_train=96", "data.limit_test=48"
 
 
 def pytest_configure(config):
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        torch.set_num_threads(1)  # one torch thread per xdist worker: no oversubscription
+    # One torch thread per test process: on a small or busy machine two OpenMP threads per
+    # process spin against each other and small models run 10-30x slower.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
@@ -34,3 +39,105 @@ def compose():
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+# ---- small datasets in their true on-disk formats (real loaders read them) ----------------
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    """IDX format: magic (0, 0, 0x08 = ubyte, ndim), big-endian int32 dims, raw bytes."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    with open(path, "wb") as f:
+        f.write(bytes([0, 0, 0x08, arr.ndim]))
+        f.write(struct.pack(">" + "i" * arr.ndim, *arr.shape))
+        f.write(arr.tobytes())
+
+
+@pytest.fixture(scope="module")
+def mnist_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mnist")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    data = {}
+    for split, n in (("train", 60), ("t10k", 20)):
+        x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        y = rng.integers(0, 10, size=n, dtype=np.uint8)
+        _write_idx(raw / f"{split}-images-idx3-ubyte", x)
+        _write_idx(raw / f"{split}-labels-idx1-ubyte", y)
+        data[split] = (x, y)
+    return root, data
+
+
+def _md5(p: Path) -> str:
+    return hashlib.md5(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    base = root / "cifar-10-batches-py"
+    base.mkdir()
+    rng = np.random.default_rng(1)
+    batches = {}
+    for name, n in [(f"data_batch_{i}", 8) for i in range(1, 6)] + [("test_batch", 12)]:
+        x = rng.integers(0, 256, size=(n, 3 * 32 * 32), dtype=np.uint8)  # rows: R plane, G, B
+        y = [int(v) for v in rng.integers(0, 10, size=n)]
+        with open(base / name, "wb") as f:
+            pickle.dump({"batch_label": name.encode(), "labels": y, "data": x,
+                         "filenames": [f"{name}_{i}.png".encode() for i in range(n)]}, f)
+        batches[name] = (x, y)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"num_cases_per_batch": 8, "label_names": names, "num_vis": 3072}, f)
+    md5 = {p.name: _md5(p) for p in base.iterdir()}
+    return root, batches, md5
+
+
+@pytest.fixture
+def cifar_md5(cifar_root, monkeypatch):
+    """Point torchvision's CIFAR-10 MD5 table at the generated files (only the constants change)."""
+    from torchvision.datasets import CIFAR10
+
+    _, _, md5 = cifar_root
+    monkeypatch.setattr(CIFAR10, "train_list", [[f, md5[f]] for f, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [[f, md5[f]] for f, _ in CIFAR10.test_list])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5[CIFAR10.meta["filename"]]})
+
+
+WNIDS = ["n01443537", "n01629819", "n01641577"]
+
+
+def make_tiny_imagenet(base: Path, n_train: int = 4, n_val: int = 2) -> dict[str, str]:
+    """tiny-imagenet-200 as in the zip: train/<wnid>/images/*.JPEG, flat val/images + annotations."""
+    rng = np.random.default_rng(2)
+    (base / "val" / "images").mkdir(parents=True)
+    (base / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
+    labels, lines = {}, []
+    k = 0
+    for wnid in WNIDS:
+        d = base / "train" / wnid / "images"
+        d.mkdir(parents=True)
+        for i in range(n_train):
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(d / f"{wnid}_{i}.JPEG")
+        (base / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
+        for _ in range(n_val):
+            fname = f"val_{k}.JPEG"
+            arr = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+            img = Image.fromarray(arr) if k else Image.fromarray(arr[..., 0], mode="L")  # one grayscale
+            img.save(base / "val" / "images" / fname)
+            lines.append(f"{fname}\t{wnid}\t0\t0\t63\t63")
+            labels[fname] = wnid
+            k += 1
+    (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return labels
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    """A reorganised tiny-imagenet-200 (3 classes) under a data root."""
+    from fastcert import prep_tinyimagenet
+
+    root = tmp_path_factory.mktemp("tiny")
+    make_tiny_imagenet(root / "tiny-imagenet-200")
+    prep_tinyimagenet.reorganize_val(root / "tiny-imagenet-200")
+    return root

@@ -9,9 +9,6 @@ same files are rejected. TinyImageNet: the zip's layout (``train/<wnid>/images``
 """
 from __future__ import annotations
 
-import hashlib
-import pickle
-import struct
 import zipfile
 from pathlib import Path
 
@@ -32,99 +29,12 @@ from fastcert.data import (
     register_dataset,
 )
 
+from conftest import WNIDS, make_tiny_imagenet
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------- fixtures
-
-
-def _write_idx(path: Path, arr: np.ndarray) -> None:
-    """IDX format: magic (0, 0, 0x08 = ubyte, ndim), big-endian int32 dims, raw bytes."""
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    with open(path, "wb") as f:
-        f.write(bytes([0, 0, 0x08, arr.ndim]))
-        f.write(struct.pack(">" + "i" * arr.ndim, *arr.shape))
-        f.write(arr.tobytes())
-
-
-@pytest.fixture(scope="module")
-def mnist_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mnist")
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    data = {}
-    for split, n in (("train", 60), ("t10k", 20)):
-        x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        y = rng.integers(0, 10, size=n, dtype=np.uint8)
-        _write_idx(raw / f"{split}-images-idx3-ubyte", x)
-        _write_idx(raw / f"{split}-labels-idx1-ubyte", y)
-        data[split] = (x, y)
-    return root, data
-
-
-def _md5(p: Path) -> str:
-    return hashlib.md5(p.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def cifar_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    base = root / "cifar-10-batches-py"
-    base.mkdir()
-    rng = np.random.default_rng(1)
-    batches = {}
-    for name, n in [(f"data_batch_{i}", 8) for i in range(1, 6)] + [("test_batch", 12)]:
-        x = rng.integers(0, 256, size=(n, 3 * 32 * 32), dtype=np.uint8)  # rows: R plane, G, B
-        y = [int(v) for v in rng.integers(0, 10, size=n)]
-        with open(base / name, "wb") as f:
-            pickle.dump({"batch_label": name.encode(), "labels": y, "data": x,
-                         "filenames": [f"{name}_{i}.png".encode() for i in range(n)]}, f)
-        batches[name] = (x, y)
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    with open(base / "batches.meta", "wb") as f:
-        pickle.dump({"num_cases_per_batch": 8, "label_names": names, "num_vis": 3072}, f)
-    md5 = {p.name: _md5(p) for p in base.iterdir()}
-    return root, batches, md5
-
-
-@pytest.fixture
-def cifar_md5(cifar_root, monkeypatch):
-    """Point torchvision's CIFAR-10 MD5 table at the generated files (only the constants change)."""
-    from torchvision.datasets import CIFAR10
-
-    _, _, md5 = cifar_root
-    monkeypatch.setattr(CIFAR10, "train_list", [[f, md5[f]] for f, _ in CIFAR10.train_list])
-    monkeypatch.setattr(CIFAR10, "test_list", [[f, md5[f]] for f, _ in CIFAR10.test_list])
-    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5[CIFAR10.meta["filename"]]})
-
-
-WNIDS = ["n01443537", "n01629819", "n01641577"]
-
-
-def _make_tiny(base: Path, n_train: int = 4, n_val: int = 2) -> dict[str, str]:
-    """tiny-imagenet-200 as in the zip: train/<wnid>/images/*.JPEG, flat val/images + annotations."""
-    rng = np.random.default_rng(2)
-    (base / "val" / "images").mkdir(parents=True)
-    (base / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
-    labels, lines = {}, []
-    k = 0
-    for wnid in WNIDS:
-        d = base / "train" / wnid / "images"
-        d.mkdir(parents=True)
-        for i in range(n_train):
-            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(d / f"{wnid}_{i}.JPEG")
-        (base / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
-        for _ in range(n_val):
-            fname = f"val_{k}.JPEG"
-            arr = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-            img = Image.fromarray(arr) if k else Image.fromarray(arr[..., 0], mode="L")  # one grayscale
-            img.save(base / "val" / "images" / fname)
-            lines.append(f"{fname}\t{wnid}\t0\t0\t63\t63")
-            labels[fname] = wnid
-            k += 1
-    (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
-    return labels
 
 
 # ------------------------------------------------------------------------------- registry / eps
@@ -314,7 +224,7 @@ def test_cifar10_missing(tmp_path):
 
 def test_tinyimagenet_reorganize_and_load(tmp_path):
     base = tmp_path / "tiny-imagenet-200"
-    labels = _make_tiny(base)
+    labels = make_tiny_imagenet(base)
     # not reorganised yet: clear error pointing at the prep command
     with pytest.raises(DatasetNotFoundError, match="prep_tinyimagenet"):
         create_data("tinyimagenet", root=str(tmp_path))
@@ -345,7 +255,7 @@ def test_tinyimagenet_reorganize_and_load(tmp_path):
 
 def test_tinyimagenet_class_mismatch(tmp_path):
     base = tmp_path / "tiny-imagenet-200"
-    _make_tiny(base)
+    make_tiny_imagenet(base)
     prep_tinyimagenet.reorganize_val(base)
     (base / "train" / "n99999999" / "images").mkdir(parents=True)
     Image.new("RGB", (64, 64)).save(base / "train" / "n99999999" / "images" / "a.JPEG")
@@ -363,7 +273,7 @@ def test_tinyimagenet_missing(tmp_path):
 
 def test_prep_from_zip_idempotent(tmp_path, capsys):
     src = tmp_path / "src"
-    labels = _make_tiny(src / "tiny-imagenet-200")
+    labels = make_tiny_imagenet(src / "tiny-imagenet-200")
     zpath = tmp_path / "tiny-imagenet-200.zip"
     with zipfile.ZipFile(zpath, "w") as zf:
         for p in sorted((src).rglob("*")):

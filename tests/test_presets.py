@@ -8,25 +8,15 @@ import pytest
 import torch
 
 from fastcert.pipeline import build
-from fastcert import prep_tinyimagenet
 
 from conftest import CONF
-from test_data import _make_tiny, cifar_md5, cifar_root, mnist_root  # noqa: F401 (fixtures)
 
 PRESETS = sorted(str(p.relative_to(CONF / "experiment").with_suffix(""))
                  for p in (CONF / "experiment").rglob("*.yaml"))
 
 
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    _make_tiny(root / "tiny-imagenet-200")
-    prep_tinyimagenet.reorganize_val(root / "tiny-imagenet-200")
-    return root
-
-
 @pytest.fixture
-def roots(mnist_root, cifar_root, cifar_md5, tiny_root):  # noqa: F811
+def roots(mnist_root, cifar_root, cifar_md5, tiny_root):
     return {"mnist": mnist_root[0], "cifar10": cifar_root[0], "tinyimagenet": tiny_root,
             "digits": tiny_root}
 

@@ -1,0 +1,273 @@
+"""Tests of ``python -m fastcert.certify``: end to end on a briefly trained TINY run,
+determinism, per-example invariants in certify.csv, the CROWN memory rule, the choice of run
+config, and clear errors for corrupt or mismatched checkpoints."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from conftest import CONF, ROOT, TINY
+from fastcert.certify import _precheck, certify
+from fastcert.checkpoint import CheckpointError
+from fastcert.diagnostics import crown_cost, relu_sizes
+from fastcert.models import create_model
+from fastcert.pipeline import run
+
+# A run that verifies some test examples in seconds: small MLP, ε=0.05, a few epochs.
+TRAIN = TINY + ["model.widths=[32,32]", "epochs=4", "eps=0.05", "data.limit_train=256",
+                "optim.lr=5e-3"]
+EPS = [0.05, 0.1, 0.2]
+FAST_PGD = ["pgd.steps=10", "progress=false"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: two OpenMP threads on a shared 2-core machine ran 10-20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _compose(name: str, overrides):
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return hydra_compose(name, overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def certify_cfg(checkpoint, *overrides):
+    return _compose("certify", [f"checkpoint={checkpoint}", *FAST_PGD, *overrides])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, _one_torch_thread):
+    """A TINY IBP run trained for 4 epochs: its run dir (last.pt, metrics.jsonl, results)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    results = run(_compose("config", TRAIN), run_dir)
+    return run_dir, results
+
+
+@pytest.fixture(scope="module")
+def certified(trained, tmp_path_factory):
+    run_dir, _ = trained
+    out = tmp_path_factory.mktemp("certify")
+    summary = certify(certify_cfg(run_dir / "last.pt", f"eps=[{','.join(map(str, EPS))}]"), out)
+    return out, summary
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_end_to_end_outputs(trained, certified):
+    run_dir, results = trained
+    out, summary = certified
+    assert (out / "certify.json").is_file() and (out / "certify.csv").is_file()
+    saved = json.loads((out / "certify.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    assert [r["eps"] for r in saved["results"]] == EPS
+    assert saved["n_test"] == 48 and saved["config_source"] == "checkpoint"
+    assert saved["verifiers"] == ["ibp", "crown_ibp", "crown"] and saved["skipped"] == {}
+    assert saved["pgd"]["steps"] == 10 and saved["pgd"]["step_size"] == pytest.approx(0.25)
+    for r in saved["results"]:
+        assert set(r) >= {"eps", "clean", "pgd", "ibp", "crown_ibp", "crown", "any"}
+        assert max(r["ibp"], r["crown_ibp"], r["crown"]) <= r["any"] <= r["pgd"] <= r["clean"]
+    # the clean accuracy does not depend on eps and equals the training run's own evaluation
+    assert len({r["clean"] for r in saved["results"]}) == 1
+    assert saved["results"][0]["clean"] == pytest.approx(results["clean_acc"])
+    # the model learned something certifiable at its training eps (guards a vacuous test)
+    assert saved["results"][0]["any"] > 0
+
+
+def test_csv_rows_and_per_example_invariants(certified):
+    out, summary = certified
+    rows = read_csv(out / "certify.csv")
+    assert len(rows) == len(EPS) * summary["n_test"]
+    verifiers = ("ibp", "crown_ibp", "crown")
+    for row in rows:
+        clean = int(row["clean_correct"])
+        assert clean == int(int(row["label"]) == int(row["prediction"]))
+        pgd = int(row["pgd_robust"])
+        assert pgd <= clean, row                                   # PGD-robust ⇒ correct
+        for v in verifiers:
+            ok = int(row[f"{v}_verified"])
+            assert ok == int(float(row[f"{v}_margin_lb"]) > 0), row
+            assert ok <= pgd, row                                  # verified ⇒ PGD-robust
+    # the CSV agrees with the summary
+    for r in summary["results"]:
+        mine = [row for row in rows if float(row["eps"]) == r["eps"]]
+        n = len(mine)
+        assert sum(int(x["pgd_robust"]) for x in mine) / n == pytest.approx(r["pgd"])
+        for v in verifiers:
+            assert sum(int(x[f"{v}_verified"]) for x in mine) / n == pytest.approx(r[v])
+        anyv = sum(max(int(x[f"{v}_verified"]) for v in verifiers) for x in mine) / n
+        assert anyv == pytest.approx(r["any"])
+    # indices are the examples' positions in the full test set, the same at every eps
+    by_eps = {}
+    for row in rows:
+        by_eps.setdefault(row["eps"], []).append(int(row["index"]))
+    assert len({tuple(v) for v in by_eps.values()}) == 1
+
+
+def test_verified_accuracy_non_increasing_in_eps(certified):
+    out, summary = certified
+    res = summary["results"]
+    for key in ("pgd", "ibp", "crown_ibp", "crown", "any"):
+        values = [r[key] for r in res]
+        assert all(a >= b for a, b in zip(values, values[1:])), (key, values)
+    # IBP is inclusion-monotone: per example, verified at a larger eps ⇒ verified at smaller
+    rows = read_csv(out / "certify.csv")
+    ibp = {}
+    for row in rows:
+        ibp.setdefault(int(row["index"]), {})[float(row["eps"])] = float(row["ibp_margin_lb"])
+    for idx, by_eps in ibp.items():
+        lbs = [by_eps[e] for e in EPS]
+        assert all(a >= b - 1e-5 for a, b in zip(lbs, lbs[1:])), (idx, lbs)
+
+
+def test_certify_is_deterministic(trained, certified, tmp_path):
+    run_dir, _ = trained
+    out1, first = certified
+    second = certify(certify_cfg(run_dir / "last.pt", f"eps=[{','.join(map(str, EPS))}]"),
+                     tmp_path)
+    strip = [{k: v for k, v in r.items() if k != "time_s"} for r in first["results"]]
+    assert [{k: v for k, v in r.items() if k != "time_s"} for r in second["results"]] == strip
+    assert (tmp_path / "certify.csv").read_bytes() == (out1 / "certify.csv").read_bytes()
+
+
+def test_default_eps_is_the_training_eps(trained, tmp_path):
+    run_dir, _ = trained
+    summary = certify(certify_cfg(run_dir / "last.pt", "limit_test=8", "verifiers=[ibp]",
+                                  "pgd.steps=2"), tmp_path)
+    assert [r["eps"] for r in summary["results"]] == [0.05]
+    assert summary["n_test"] == 8 and summary["results"][0]["crown"] is None
+
+
+def test_crown_skipped_over_memory_budget(trained, tmp_path, capsys):
+    run_dir, _ = trained
+    summary = certify(certify_cfg(run_dir / "last.pt", "limit_test=8", "batch_size=4",
+                                  "crown_max_elements=1000", "pgd.steps=2"), tmp_path)
+    assert "crown" in summary["skipped"] and summary["verifiers"] == ["ibp", "crown_ibp"]
+    assert summary["results"][0]["crown"] is None
+    assert summary["results"][0]["ibp"] is not None
+    printed = capsys.readouterr().out
+    assert "CROWN skipped" in printed and "crown_max_elements" in printed
+    assert json.loads((tmp_path / "certify.json").read_text())["results"][0]["crown"] is None
+    rows = read_csv(tmp_path / "certify.csv")
+    assert len(rows) == 8 and all(r["crown_verified"] == "" == r["crown_margin_lb"]
+                                  for r in rows)
+
+
+def test_crown_cost_rule():
+    model = create_model("mlp", (1, 8, 8), 10, bn="none", widths=[32, 16])
+    sizes = relu_sizes(model, (1, 8, 8))
+    assert sizes == [32, 16]
+    # B·(Σ n_i + K)·max(d_in, max n_i) = 4·(48+10)·64
+    assert crown_cost(sizes, 64, 10, 4) == 4 * 58 * 64
+
+
+def test_prefers_hydra_config_next_to_checkpoint(trained, tmp_path):
+    run_dir, _ = trained
+    ckpt = tmp_path / "last.pt"
+    shutil.copy(run_dir / "last.pt", ckpt)
+    cfg = _compose("config", TRAIN + ["data.limit_test=16"])  # unresolved, as Hydra saves it
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    assert "${" in (tmp_path / ".hydra" / "config.yaml").read_text()
+    summary = certify(certify_cfg(ckpt, "verifiers=[ibp]", "pgd.steps=2"), tmp_path / "out")
+    assert summary["config_source"].endswith(os.path.join(".hydra", "config.yaml"))
+    assert summary["n_test"] == 16
+
+
+def test_weights_not_matching_config(trained, tmp_path):
+    run_dir, _ = trained
+    ckpt = tmp_path / "last.pt"
+    shutil.copy(run_dir / "last.pt", ckpt)
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(_compose("config", TRAIN + ["model.widths=[8,8]"]),
+                   tmp_path / ".hydra" / "config.yaml")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        certify(certify_cfg(ckpt, "verifiers=[ibp]"), tmp_path / "out")
+
+
+def test_corrupt_checkpoint_names_the_file(trained, tmp_path):
+    run_dir, _ = trained
+    bad = tmp_path / "last.pt"
+    data = (run_dir / "last.pt").read_bytes()
+    bad.write_bytes(data[: len(data) // 3])  # truncated
+    with pytest.raises(CheckpointError, match=str(bad)):
+        certify(certify_cfg(bad), tmp_path / "out")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="garbage.pt"):
+        certify(certify_cfg(garbage), tmp_path / "out")
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(CheckpointError, match="nope.pt"):
+        certify(certify_cfg(missing), tmp_path / "out")
+
+
+def test_precheck_of_command_line(tmp_path):
+    f = tmp_path / "last.pt"
+    f.write_bytes(b"x")
+    assert _precheck([f"checkpoint={f}"]) is None
+    assert "does not exist" in _precheck([f"checkpoint={tmp_path / 'no.pt'}"])
+    assert "missing checkpoint" in _precheck(["eps=0.1"])
+    assert _precheck(["--help"]) is None
+    assert _precheck(["-m", "checkpoint=a.pt,b.pt"]) is None
+
+
+def test_hydra_command_line(trained):
+    """The real `python -m fastcert.certify`: outputs in <checkpoint dir>/certify/."""
+    run_dir, _ = trained
+    cmd = [sys.executable, "-m", "fastcert.certify", f"checkpoint={run_dir / 'last.pt'}",
+           "eps=[0.05,0.1]", "limit_test=8", "verifiers=[ibp,crown_ibp]", "pgd.steps=2",
+           "progress=false", "device=cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = run_dir / "certify"
+    summary = json.loads((out / "certify.json").read_text())
+    assert [r["eps"] for r in summary["results"]] == [0.05, 0.1]
+    assert (out / ".hydra" / "config.yaml").is_file()
+    assert "CROWN-IBP" in proc.stdout and "IBP" in proc.stdout  # the printed table
+    bad = subprocess.run([sys.executable, "-m", "fastcert.certify",
+                          f"checkpoint={run_dir / 'missing.pt'}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "missing.pt does not exist" in bad.stderr
+    assert not (run_dir / "missing.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [
+    ["model=resnext", "model.cardinality=2", "model.bottleneck_width=2", "model.stem_width=4",
+     "model.fc_width=16"],
+    ["model=wide_resnet", "model.widen_factor=1", "model.base_width=4", "model.fc_width=16"],
+    ["model=cnn7", "model.width=0.125"],
+], ids=["resnext", "wide_resnet", "cnn7"])
+def test_certify_conv_and_residual_models(model, tmp_path):
+    """Certify (all three verifiers) a briefly trained BN model with residual blocks /
+    grouped convolutions; the clean accuracy matches the run's own evaluation."""
+    results = run(_compose("config", TINY + ["epochs=2", "eps=0.05"] + model), tmp_path / "run")
+    summary = certify(certify_cfg(tmp_path / "run" / "last.pt", "eps=[0.02,0.05]"),
+                      tmp_path / "out")
+    assert summary["skipped"] == {} and summary["n_test"] == 48
+    res = summary["results"]
+    assert res[0]["clean"] == pytest.approx(results["clean_acc"])
+    for r in res:
+        assert max(r["ibp"], r["crown_ibp"], r["crown"]) <= r["any"] <= r["pgd"] <= r["clean"]
