@@ -383,7 +383,9 @@ def create_data(
     common = dict(
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
+        # not persistent: workers are re-seeded every epoch from the loader's generator, which
+        # the training loop reseeds from (seed, epoch), so a resumed run augments identically
+        persistent_workers=False,
     )
     train = DataLoader(
         train_ds,

@@ -113,7 +113,9 @@ def fit(s: TrainSetup, resume_from: Path | None = None) -> list[dict]:
         lr_sched.load_state_dict(state["lr_scheduler"])
         checkpoint.set_rng_state(state["rng"])
         start_epoch = state["epoch"]
-        _truncate_metrics(metrics_path, start_epoch)
+    # metrics.jsonl describes the run that wrote last.pt: drop epochs after the checkpoint
+    # (written before a kill), or every record of an earlier run in this dir on a fresh start.
+    _truncate_metrics(metrics_path, start_epoch)
     history = _read_metrics(metrics_path)
     steps = len(s.train_loader)
     params = [p for p in s.net.model.parameters() if p.requires_grad]
@@ -187,10 +189,19 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def _truncate_metrics(path: Path, last_epoch: int) -> None:
-    """Drop records of epochs after the checkpoint (written before a kill), atomically."""
+    """Drop records of epochs after the checkpoint (written before a kill), atomically.
+    A last line cut short by the kill is dropped too: it was written after the checkpoint."""
     if not path.exists():
         return
-    keep = [r for r in _read_metrics(path) if r["epoch"] <= last_epoch]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}, line {i + 1}, is not JSON: {line[:80]!r}") from None
+    keep = [r for r in records if r["epoch"] <= last_epoch]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     tmp.replace(path)

@@ -1,14 +1,25 @@
 """``logger=wandb``: Weights & Biases through the real ``wandb`` library.
 
-Step scalars are logged against ``global_step`` and epoch records against ``epoch`` (W&B's
-``define_metric``), per-layer lists are split into one scalar per layer, the final results
-become the run summary, and the run id is stored in the run dir (``wandb_run_id``) and in each
-checkpoint so a resumed run continues the same W&B run. ``mode`` defaults to ``WANDB_MODE``
-(offline works with no network).
+What is logged (conf/logger/wandb.yaml has the options):
+
+* the resolved config (``wandb.init(config=...)``);
+* per-step training scalars every ``log_every`` batches under ``train/`` (loss and its parts,
+  ε, λ, κ/β, LR, gradient norm) against ``global_step``;
+* per-epoch records under ``epoch/`` against ``epoch``: the metrics.jsonl record, with per-layer
+  lists (ReLU-state ratios) split into one scalar per layer and the epoch time repeated under
+  ``epoch/phase_time_s/<phase>`` so each ε phase gets its own curve;
+* the final results as the run summary, diagnostic PNGs as images under ``figures/``, and
+  (``log_checkpoints: true``) last.pt as a ``model`` artifact.
+
+The run name is ``pipeline.run_name`` (``fast-cnn7-cifar10-s1``); the group defaults to the
+experiment preset's name. The run id is stored in ``<run dir>/wandb_run_id`` and in each
+checkpoint, so a resumed run (``resume=true``) continues the same W&B run. ``mode`` is
+online | offline | disabled; when unset it is ``$WANDB_MODE``, else online.
 """
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +27,31 @@ import wandb
 
 from fastcert.loggers import Logger
 
+MODES = ("online", "offline", "disabled", "shared")
+_ALIASES = {"dryrun": "offline", "run": "online"}  # wandb's older spellings of WANDB_MODE
+ID_FILE = "wandb_run_id"
 
-def _flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+
+def resolve_mode(mode: str | None) -> str:
+    """``mode`` (or ``$WANDB_MODE`` when unset), checked against the modes wandb accepts."""
+    value = mode if mode not in (None, "") else os.environ.get("WANDB_MODE") or "online"
+    value = _ALIASES.get(str(value).lower(), str(value).lower())
+    if value not in MODES:
+        raise ValueError(f"logger.mode={value!r} is not a W&B mode; use one of "
+                         f"online, offline, disabled (or set WANDB_MODE)")
+    return value
+
+
+def flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Nested dicts → ``a/b`` keys, lists → ``key/layer<i>`` scalars, other objects → str."""
     out: dict[str, Any] = {}
     for k, v in values.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(f"{key}/", v))
+            out.update(flatten(f"{key}/", v))
         elif isinstance(v, (list, tuple)):
             out.update({f"{key}/layer{i}": x for i, x in enumerate(v)})
-        elif isinstance(v, (int, float, bool)) or v is None:
+        elif isinstance(v, (int, float, bool, str)) or v is None:
             out[key] = v
         else:
             out[key] = str(v)
@@ -36,19 +62,31 @@ class WandbLogger(Logger):
     def __init__(self, *, run_dir, run_name: str, config: dict, project: str = "fastcert",
                  entity: str | None = None, group: str | None = None, tags=(),
                  mode: str | None = None, log_every: int = 50, log_checkpoints: bool = False,
-                 resume_id: str | None = None, group_default: str | None = None):
+                 resume_id: str | None = None, group_default: str | None = None,
+                 **unknown: Any):
+        if unknown:
+            raise ValueError(f"logger=wandb has no option(s) {sorted(unknown)}; its options are "
+                             f"project, entity, group, tags, mode, log_every, log_checkpoints")
         run_dir = Path(run_dir)
-        id_file = run_dir / "wandb_run_id"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        mode = resolve_mode(mode)
+        id_file = run_dir / ID_FILE
         if resume_id is None and id_file.exists():
+            # Same run dir, same W&B run: also covers a checkpoint written without an id.
             resume_id = id_file.read_text().strip() or None
-        self.log_checkpoints = log_checkpoints
+        if isinstance(tags, str):
+            tags = [tags]
+        self.log_checkpoints = bool(log_checkpoints)
+        self.log_every = int(log_every or 0)
+        self.run_dir = run_dir
         self.run = wandb.init(
-            project=project, entity=entity, group=group or group_default, tags=list(tags or []),
-            mode=mode or os.environ.get("WANDB_MODE") or "online", name=run_name,
-            config=config, dir=str(run_dir), id=resume_id,
-            resume="allow" if resume_id else None, reinit=True)
+            project=project, entity=entity, group=group or group_default or None,
+            tags=[str(t) for t in (tags or [])], mode=mode, name=run_name, config=config,
+            dir=str(run_dir), id=resume_id, resume="allow" if resume_id else None,
+            reinit="finish_previous")
         self.run_id = self.run.id
-        id_file.write_text(self.run_id)
+        if mode != "disabled":
+            _write_text_atomic(id_file, self.run_id)
         self.run.define_metric("global_step")
         self.run.define_metric("train/*", step_metric="global_step")
         self.run.define_metric("epoch")
@@ -58,23 +96,48 @@ class WandbLogger(Logger):
         self.run.config.update(config, allow_val_change=True)
 
     def log_step(self, metrics, step):
-        self.run.log({**metrics, "global_step": step})
+        self.run.log({**flatten("", metrics), "global_step": int(step)})
 
     def log_epoch(self, metrics, epoch):
-        self.run.log({**_flatten("epoch/", metrics), "epoch": epoch})
+        row = flatten("epoch/", {k: v for k, v in metrics.items() if k != "epoch"})
+        phase, seconds = metrics.get("phase"), metrics.get("epoch_time_s")
+        if phase is not None and seconds is not None:
+            row[f"epoch/phase_time_s/{phase}"] = seconds
+        self.run.log({**row, "epoch": int(epoch)})
 
     def log_summary(self, results):
-        for k, v in _flatten("", results).items():
-            self.run.summary[k] = v
+        self.run.summary.update(flatten("", results))
+        self.log_images(_diagnostic_plots(self.run_dir))
 
     def log_images(self, images):
-        self.run.log({f"figures/{name}": wandb.Image(str(path)) for name, path in images.items()})
+        found = {name: Path(p) for name, p in images.items() if Path(p).is_file()}
+        if found:
+            self.run.log({f"figures/{name}": wandb.Image(str(p), caption=p.name)
+                          for name, p in found.items()})
 
     def log_checkpoint(self, path):
-        if self.log_checkpoints:
-            art = wandb.Artifact(f"{self.run.id}-checkpoint", type="model")
-            art.add_file(str(path))
-            self.run.log_artifact(art)
+        if self.log_checkpoints and Path(path).is_file():
+            art = wandb.Artifact(f"checkpoint-{self.run.id}", type="model",
+                                 metadata={"file": Path(path).name})
+            art.add_file(str(path), name=Path(path).name)
+            self.run.log_artifact(art, aliases=["latest"])
 
     def finish(self):
         self.run.finish()
+
+
+def _diagnostic_plots(run_dir: Path) -> dict[str, str]:
+    """Draw the run's diagnostic PNGs (:mod:`fastcert.plots`) for W&B; a plot never fails a run."""
+    try:
+        from fastcert.plots import plot_run
+
+        return {name: str(path) for name, (path, _) in plot_run(run_dir).items()}
+    except Exception as e:  # noqa: BLE001 - plotting is a convenience at the edge
+        print(f"warning: diagnostic plots skipped ({type(e).__name__}: {e})", file=sys.stderr)
+        return {}
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
