@@ -153,7 +153,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, resume: str | os.PathLike |
 def _run(cfg: DictConfig, run_dir: Path, resume, device: torch.device, group: str | None,
          t0: float) -> dict:
     built = build(cfg, device)
-    resume_path, resume_state = _resume_target(run_dir, resume)
+    resume_state = _resume_state(run_dir, resume, built.device)
     logger = create_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir=run_dir,
                            run_name=run_name(cfg), config=OmegaConf.to_container(cfg, resolve=True),
                            resume_id=(resume_state or {}).get("logger_run_id"),
@@ -166,7 +166,7 @@ def _run(cfg: DictConfig, run_dir: Path, resume, device: torch.device, group: st
             logger=logger, log_every=int(cfg.logger.get("log_every", 50) or 0),
             checkpoint_extra=lambda: {"config": OmegaConf.to_container(cfg, resolve=True),
                                       "logger_run_id": logger.run_id})
-        history = fit(setup, resume_from=resume_path)
+        history = fit(setup, resume_state=resume_state)
         result = evaluate(built.net, built.data.test, built.data.eps_box, float(cfg.eps),
                           verifiers=built.eval.verifiers, pgd=built.eval.pgd,
                           device=built.device, seed=int(cfg.seed))
@@ -180,16 +180,20 @@ def _run(cfg: DictConfig, run_dir: Path, resume, device: torch.device, group: st
         logger.finish()
 
 
-def _resume_target(run_dir: Path, resume) -> tuple[Path | None, dict | None]:
-    """``resume``: None/False (fresh), True (this run dir's last.pt), or a checkpoint path."""
+def _resume_state(run_dir: Path, resume, device: torch.device) -> dict | None:
+    """The checkpoint to continue from. ``resume``: None/false (a fresh run), true (this run
+    dir's last.pt) or a path. A fresh run never overwrites a run dir that holds a checkpoint."""
     from fastcert import checkpoint
 
     if resume in (None, False, "false", "False"):
-        return None, None
+        if (run_dir / "last.pt").exists():
+            raise checkpoint.CheckpointError(
+                f"{run_dir} already holds a run (last.pt); nothing was changed. Continue it with "
+                f"resume=true, or start a new run in another hydra.run.dir")
+        return None
     path = run_dir / "last.pt" if resume in (True, "true", "True") else Path(resume)
     if not path.exists():
         raise checkpoint.CheckpointError(
             f"resume: no checkpoint at {path}. Run with hydra.run.dir=<the old run dir> "
             f"resume=true, or resume=<path to last.pt>")
-    return path, checkpoint.load(path)
-
+    return checkpoint.load(path, map_location=device)

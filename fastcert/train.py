@@ -99,22 +99,24 @@ class _EpochStats:
         return rec
 
 
-def fit(s: TrainSetup, resume_from: Path | None = None) -> list[dict]:
+def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
     """Train for ``s.epochs`` epochs, appending to metrics.jsonl and writing last.pt atomically
-    after each. With ``resume_from``, continue after the epoch that checkpoint recorded."""
+    after each. With ``resume_state`` (a loaded checkpoint), continue after the epoch it
+    recorded."""
     optimizer, lr_sched = make_optimizer(s.net, s.optim)
     metrics_path = s.run_dir / "metrics.jsonl"
     ckpt_path = s.run_dir / "last.pt"
     start_epoch = 0
-    if resume_from is not None:
-        state = checkpoint.load(resume_from, map_location=s.device)
+    if resume_state is not None:
+        state = resume_state
         s.net.model.load_state_dict(state["model"])  # copies in place: views stay tied
         optimizer.load_state_dict(state["optimizer"])
         lr_sched.load_state_dict(state["lr_scheduler"])
         checkpoint.set_rng_state(state["rng"])
         start_epoch = state["epoch"]
     # metrics.jsonl describes the run that wrote last.pt: drop epochs after the checkpoint
-    # (written before a kill), or every record of an earlier run in this dir on a fresh start.
+    # (written before a kill), or, on a fresh start, the record of a run killed before its
+    # first checkpoint (the pipeline refuses a fresh start where a last.pt exists).
     _truncate_metrics(metrics_path, start_epoch)
     history = _read_metrics(metrics_path)
     steps = len(s.train_loader)

@@ -333,10 +333,12 @@ def test_resume_without_a_checkpoint_is_an_error_not_a_fresh_start(finished_run,
     assert _snapshot(run_dir) == before
 
 
-def test_fresh_run_in_a_used_dir_starts_a_fresh_metrics_file(finished_run, tmp_path, compose):
+def test_fresh_run_in_a_used_dir_changes_nothing(finished_run, tmp_path, compose):
     run_dir = _copy_run(finished_run, tmp_path / "run")
-    run(compose(TINY), run_dir)                        # resume not asked for: start over
-    assert [r["epoch"] for r in _metrics(run_dir)] == [1, 2]
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    with pytest.raises(CheckpointError, match="already holds a run"):
+        run(compose(TINY), run_dir)                    # resume not asked for: refuse
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
