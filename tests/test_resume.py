@@ -254,18 +254,23 @@ class _Jittered(torch.utils.data.Dataset):
         return (x + 0.1 * torch.rand_like(x)).clamp(0, 1), y
 
 
-@register_dataset("digits_jitter")
 def _digits_jitter(root, download, seed, augment):
     splits = DATASETS["digits"](root=root, download=download, seed=seed, augment=augment)
     splits.train = _Jittered(splits.train)
     return splits
 
 
-@pytest.mark.parametrize("workers", [
-    0,
-    2,
-])
-def test_augmentation_randomness_survives_resume(compose, tmp_path, monkeypatch, workers):
+@pytest.fixture
+def digits_jitter():
+    """digits with random jitter as augmentation, registered for this test only."""
+    register_dataset("digits_jitter")(_digits_jitter)
+    yield "digits_jitter"
+    DATASETS.pop("digits_jitter")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_augmentation_randomness_survives_resume(compose, tmp_path, monkeypatch, workers,
+                                                  digits_jitter):
     over = TINY + ["data.name=digits_jitter", f"data.num_workers={workers}"]
     want = run(compose(over), tmp_path / "ref")
     with monkeypatch.context() as m:
