@@ -289,9 +289,7 @@ def dm_large(
     conv 128 3x3 s2, conv 128 3x3 s1, conv 128 3x3 s1 (padding 1), FC 512, FC ``num_classes``.
     (Same layer shapes as CNN-7; kept under its own name for the CROWN-IBP baselines.)
     ``width`` scales channels and the FC width."""
-    c1, c2, fc = _scaled(64, width), _scaled(128, width), _scaled(512, width)
-    convs = [(c1, 3, 1, 1), (c1, 3, 1, 1), (c2, 3, 2, 1), (c2, 3, 1, 1), (c2, 3, 1, 1)]
-    return _feedforward(input_shape, num_classes, bn, convs, [fc])
+    return cnn7(input_shape, num_classes, bn, width=width)
 
 
 @register_model("cnn_small")

@@ -14,6 +14,18 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
+# Tiny kwargs per model family (tests fall back to a heuristic for a newly registered model).
+TINY_MODELS: dict[str, dict] = {
+    "mlp": {"widths": (16, 16)},
+    "cnn7": {"width": 0.125},
+    "dm_small": {"width": 0.25},
+    "dm_medium": {"width": 0.125},
+    "dm_large": {"width": 0.125},
+    "cnn_small": {"width": 0.5},
+    "wide_resnet": {"widen_factor": 1, "base_width": 4, "fc_width": 16},
+    "resnext": {"cardinality": 2, "bottleneck_width": 2, "stem_width": 4, "fc_width": 16},
+}
+
 # Smallest settings that still go through every stage of a run.
 TINY = ["debug=smoke", "device=cpu", "data.limit_train=96", "data.limit_test=48"]
 

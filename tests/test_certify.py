@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -32,15 +31,6 @@ EPS = [0.05, 0.1, 0.2]
 FAST_PGD = ["pgd.steps=10", "progress=false"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: two OpenMP threads on a shared 2-core machine ran 10-20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _compose(name: str, overrides):
     GlobalHydra.instance().clear()
     try:
@@ -55,7 +45,7 @@ def certify_cfg(checkpoint, *overrides):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, _one_torch_thread):
+def trained(tmp_path_factory):
     """A TINY IBP run trained for 4 epochs: its run dir (last.pt, metrics.jsonl, results)."""
     run_dir = tmp_path_factory.mktemp("run")
     results = run(_compose("config", TRAIN), run_dir)

@@ -26,19 +26,10 @@ from fastcert.models import (  # noqa: E402
     model_defaults,
 )
 
+from conftest import TINY_MODELS  # noqa: E402
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 
-# Tiny versions for speed; a newly registered model falls back to _tiny_kwargs' heuristic.
-TINY: dict[str, dict] = {
-    "mlp": {"widths": (16, 16)},
-    "cnn7": {"width": 0.125},
-    "dm_small": {"width": 0.25},
-    "dm_medium": {"width": 0.125},
-    "dm_large": {"width": 0.125},
-    "cnn_small": {"width": 0.5},
-    "wide_resnet": {"widen_factor": 1, "base_width": 4, "fc_width": 16},
-    "resnext": {"cardinality": 2, "bottleneck_width": 2, "stem_width": 4, "fc_width": 16},
-}
 
 SHAPES = [(1, 8, 8), (3, 32, 32)]
 ALLOWED = (
@@ -48,8 +39,8 @@ ALLOWED = (
 
 
 def _tiny_kwargs(name: str) -> dict:
-    if name in TINY:
-        return dict(TINY[name])
+    if name in TINY_MODELS:
+        return dict(TINY_MODELS[name])
     return {"width": 0.125} if "width" in model_defaults(name) else {}
 
 

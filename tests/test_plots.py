@@ -10,7 +10,6 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
-import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -24,15 +23,6 @@ from fastcert.pipeline import run
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: two OpenMP threads on a shared 2-core machine ran 10-20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _compose(overrides):
     GlobalHydra.instance().clear()
     try:
@@ -43,7 +33,7 @@ def _compose(overrides):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, _one_torch_thread):
+def runs(tmp_path_factory):
     """Two TINY runs in one sweep-like folder: fast (λ, regularisers optimised) and ibp (the
     regularisers only logged), with an ε=0 epoch first so some records lack the ReLU stats."""
     root = tmp_path_factory.mktemp("sweep")

@@ -25,34 +25,15 @@ from fastcert.attacks import PGDConfig, pgd_attack
 from fastcert.bounds import VERIFIERS, BoundedNet, margin_spec, robust_ce_from_margins
 from fastcert.models import MODELS, create_model, model_defaults
 
-# Tiny versions of every family; a newly registered model falls back to a heuristic.
-TINY: dict[str, dict] = {
-    "mlp": {"widths": (16, 16)},
-    "cnn7": {"width": 0.125},
-    "dm_small": {"width": 0.25},
-    "dm_medium": {"width": 0.125},
-    "dm_large": {"width": 0.125},
-    "cnn_small": {"width": 0.5},
-    "wide_resnet": {"widen_factor": 1, "base_width": 4, "fc_width": 16},
-    "resnext": {"cardinality": 2, "bottleneck_width": 2, "stem_width": 4, "fc_width": 16},
-}
+from conftest import TINY_MODELS
+
 NUM_CLASSES = 10
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads contend with other
-    processes and ran these small bound computations 10-20x slower (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_kwargs(name: str) -> dict:
-    if name in TINY:
-        return dict(TINY[name])
+    if name in TINY_MODELS:
+        return dict(TINY_MODELS[name])
     return {"width": 0.125} if "width" in model_defaults(name) else {}
 
 
