@@ -309,6 +309,14 @@ def cnn_small(
 # ---------------------------------------------------------------------------- residual models
 
 
+def _shortcut(c_in: int, c_out: int, stride: int, bn: bool) -> nn.Module:
+    """Residual shortcut: a strided 1x1 convolution (+BN) when the shape changes, else identity."""
+    if stride != 1 or c_in != c_out:
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride),
+                             nn.BatchNorm2d(c_out) if bn else nn.Identity())
+    return nn.Identity()
+
+
 class BasicResidualBlock(nn.Module):
     """Post-activation residual block of two 3x3 convolutions (Wide-ResNet, Zagoruyko &
     Komodakis 2016, as used with full BN by Shi et al. 2021, Sec. 4.1):
@@ -325,13 +333,7 @@ class BasicResidualBlock(nn.Module):
         self.relu1 = nn.ReLU()
         self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1)
         self.bn2 = nn.BatchNorm2d(c_out) if bn else nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut: nn.Module = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride=stride),
-                nn.BatchNorm2d(c_out) if bn else nn.Identity(),
-            )
-        else:
-            self.shortcut = nn.Identity()
+        self.shortcut = _shortcut(c_in, c_out, stride, bn)
         self.relu2 = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -368,13 +370,7 @@ class ResNeXtBlock(nn.Module):
         self.relu2 = nn.ReLU()
         self.conv3 = nn.Conv2d(group_width, c_out, 1)
         self.bn3 = nn.BatchNorm2d(c_out) if bn else nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut: nn.Module = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride=stride),
-                nn.BatchNorm2d(c_out) if bn else nn.Identity(),
-            )
-        else:
-            self.shortcut = nn.Identity()
+        self.shortcut = _shortcut(c_in, c_out, stride, bn)
         self.relu3 = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
