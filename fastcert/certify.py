@@ -33,6 +33,7 @@ Outputs, in the Hydra output dir (default ``<checkpoint dir>/certify/``):
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -180,19 +181,12 @@ def csv_columns() -> list[str]:
             + [f"{v}_{k}" for v in VERIFIERS for k in ("verified", "margin_lb")])
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=csv_columns())
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+def _csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=csv_columns())
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def format_table(summary: dict) -> str:
@@ -332,8 +326,8 @@ def _certify(cfg: DictConfig, out_dir: Path, device) -> dict:
         "skipped": skipped,
         "results": results,
     }
-    _atomic_write(out_dir / "certify.json", json.dumps(summary, indent=2) + "\n")
-    _write_csv(out_dir / "certify.csv", rows)
+    ckpt.write_text_atomic(out_dir / "certify.json", json.dumps(summary, indent=2) + "\n")
+    ckpt.write_text_atomic(out_dir / "certify.csv", _csv_text(rows))
     print(format_table(summary), flush=True)
     print(f"wrote {out_dir / 'certify.json'} and {out_dir / 'certify.csv'}", flush=True)
     return summary

@@ -1,4 +1,5 @@
-"""Atomic checkpoints: a killed run never leaves a half-written file under the real name."""
+"""Atomic writes (checkpoints and text): a killed run never leaves a half-written file under
+the real name."""
 from __future__ import annotations
 
 import os
@@ -26,6 +27,15 @@ def save_atomic(state: dict, path: str | os.PathLike) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: readers
+    see the old or the new content, never half of it (results, metrics, run ids)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:

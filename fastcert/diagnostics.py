@@ -23,6 +23,7 @@ from torch import nn
 from fastcert.bounds import BoundedNet
 from fastcert.initializers import INITIALIZERS, initialize
 from fastcert.models import create_model
+from fastcert.train import read_metrics
 
 # --------------------------------------------------------------------------- run records
 
@@ -42,14 +43,6 @@ class RunRecord:
         if all(k in r for k in ("method", "model", "data", "seed")):
             return f"{r['method']}-{r['model']}-{r['data']}-s{r['seed']}"
         return self.path.name
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` (blank lines skipped); [] when the file is absent."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def read_run(run_dir: str | Path) -> RunRecord:

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fastcert.bounds import BoundedNet
+from fastcert.checkpoint import write_text_atomic
 from fastcert.config import (EvalConfig, OptimConfig, ScheduleConfig, check_epochs,
                              check_eps, typed)
 from fastcert.data import DataBundle, create_data
@@ -80,19 +81,15 @@ def build(cfg: DictConfig, device: torch.device | None = None) -> Built:
                          **model_kwargs)
     initialize(model, cfg.init.name, seed=int(cfg.seed))
     model.to(device)
-    example = next(iter(data.test))[0][:2].to(device)
+    # two test images to trace the graph (not a whole loader batch: no workers, no 512 images)
+    test_set = data.test.dataset
+    example = torch.stack([test_set[i][0] for i in range(min(2, len(test_set)))]).to(device)
     net = BoundedNet(model, example, data.num_classes)
 
     schedule = EpsSchedule(eps_target=eps, steps_per_epoch=len(data.train),
                            **{k: getattr(sched_cfg, k) for k in
                               ("kind", "start", "length", "mid", "exponent")})
     return Built(data, net, method, schedule, optim, eval_cfg, device)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def format_table(results: dict) -> str:
@@ -171,7 +168,7 @@ def _run(cfg: DictConfig, run_dir: Path, resume, device: torch.device, group: st
                           verifiers=built.eval.verifiers, pgd=built.eval.pgd,
                           device=built.device, seed=int(cfg.seed))
         results = results_dict(cfg, result, history, time.perf_counter() - t0)
-        _write_json(run_dir / "results.json", results)
+        write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         logger.log_summary(results)
         logger.log_checkpoint(str(run_dir / "last.pt"))
         print(format_table(results), flush=True)

@@ -117,8 +117,7 @@ def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
     # metrics.jsonl describes the run that wrote last.pt: drop epochs after the checkpoint
     # (written before a kill), or, on a fresh start, the record of a run killed before its
     # first checkpoint (the pipeline refuses a fresh start where a last.pt exists).
-    _truncate_metrics(metrics_path, start_epoch)
-    history = _read_metrics(metrics_path)
+    history = _truncate_metrics(metrics_path, start_epoch)
     steps = len(s.train_loader)
     params = [p for p in s.net.model.parameters() if p.requires_grad]
     for epoch in range(start_epoch, s.epochs):
@@ -184,17 +183,12 @@ def _epoch_line(r: dict) -> str:
     return " | ".join(parts)
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl ([] when absent). A last line cut short (a run killed
+    while writing it) is dropped; a bad line anywhere else is an error naming the file."""
+    path = Path(path)
+    if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _truncate_metrics(path: Path, last_epoch: int) -> None:
-    """Drop records of epochs after the checkpoint (written before a kill), atomically.
-    A last line cut short by the kill is dropped too: it was written after the checkpoint."""
-    if not path.exists():
-        return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     records = []
     for i, line in enumerate(lines):
@@ -203,10 +197,16 @@ def _truncate_metrics(path: Path, last_epoch: int) -> None:
         except json.JSONDecodeError:
             if i < len(lines) - 1:
                 raise ValueError(f"{path}, line {i + 1}, is not JSON: {line[:80]!r}") from None
-    keep = [r for r in records if r["epoch"] <= last_epoch]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    tmp.replace(path)
+    return records
+
+
+def _truncate_metrics(path: Path, last_epoch: int) -> list[dict]:
+    """Keep only the records of epochs up to ``last_epoch`` (the checkpoint's) and a torn last
+    line's removal, rewriting the file atomically; returns the kept records."""
+    keep = [r for r in read_metrics(path) if r["epoch"] <= last_epoch]
+    if path.exists():
+        checkpoint.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
+    return keep
 
 
 def epoch_times_by_phase(history: list[dict]) -> dict[str, float]:

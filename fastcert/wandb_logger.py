@@ -25,6 +25,7 @@ from typing import Any
 
 import wandb
 
+from fastcert.checkpoint import write_text_atomic
 from fastcert.loggers import Logger
 
 MODES = ("online", "offline", "disabled", "shared")
@@ -86,7 +87,7 @@ class WandbLogger(Logger):
             reinit="finish_previous")
         self.run_id = self.run.id
         if mode != "disabled":
-            _write_text_atomic(id_file, self.run_id)
+            write_text_atomic(id_file, self.run_id)
         self.run.define_metric("global_step")
         self.run.define_metric("train/*", step_metric="global_step")
         self.run.define_metric("epoch")
@@ -137,7 +138,3 @@ def _diagnostic_plots(run_dir: Path) -> dict[str, str]:
         return {}
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
