@@ -19,17 +19,11 @@ from pathlib import Path
 import torch
 
 from fastcert.bounds import BoundedNet
-from fastcert.initializers import initialize
-from fastcert.methods import Batch, create_method
-from fastcert.models import create_model
+from fastcert.config import build_option
+from fastcert.methods import Batch
 from fastcert.pipeline import resolve_device
 
-METHODS = {
-    "natural": {"name": "natural"},
-    "ibp": {"name": "ibp"},
-    "crown_ibp": {"name": "crown_ibp", "loss_fusion": True},
-    "fast": {"name": "fast"},
-}
+METHODS = ["natural", "ibp", "crown_ibp", "fast"]
 
 
 def _sync(device):
@@ -39,13 +33,13 @@ def _sync(device):
 
 def time_method(name, model_name, batch, steps, device, eps=8 / 255, seed=0):
     torch.manual_seed(seed)
-    model = create_model(model_name, (3, 32, 32), 10)
-    initialize(model, "ibp" if name == "fast" else "default", seed=seed)
+    model = build_option("model", model_name, input_shape=(3, 32, 32), num_classes=10)
+    build_option("init", "ibp" if name == "fast" else "default")(model, seed=seed)
     model.to(device)
     x = torch.rand(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     net = BoundedNet(model, x[:2], 10).train()
-    method = create_method(METHODS[name])
+    method = build_option("method", name)
     opt = torch.optim.Adam(model.parameters(), lr=5e-4)
     step_batch = Batch(x, y, (x - eps).clamp(0, 1), (x + eps).clamp(0, 1), eps / 2, eps)
     times = []
@@ -72,7 +66,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=5, help="timed steps per method (median)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--out", default="bench_results", help="folder for bench.json")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")

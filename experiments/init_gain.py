@@ -16,7 +16,8 @@ import argparse
 import sys
 import time
 
-from fastcert.initializers import closed_form_gain, difference_gain
+from fastcert.config import build_option
+from fastcert.initializers import difference_gain
 
 # (fastcert name, row label of Table 3.1, closed form as printed in words)
 ROWS: list[tuple[str, str, str]] = [
@@ -49,10 +50,11 @@ def gain_table(
 ) -> dict[str, dict[int, tuple[float, float]]]:
     """``{init: {n: (closed form, measured)}}`` for the rows of Table 3.1."""
     table: dict[str, dict[int, tuple[float, float]]] = {}
-    for init, _, _ in ROWS:
-        table[init] = {
+    for name, _, _ in ROWS:
+        init = build_option("init", name)
+        table[name] = {
             n: (
-                closed_form_gain(init, n, fan_out),
+                init.gain(n, fan_out),
                 difference_gain(init, n, fan_out=fan_out, trials=trials, seed=seed),
             )
             for n in fan_ins

@@ -31,7 +31,7 @@ IGNORED = ("seed", "device", "devices", "resume", "optimized_metric", "logger", 
 # (ALWAYS) are shown whenever they differ; any other key only when it splits a group further
 # (e.g. init.name is left out when method=fast implies init=ibp; so are the method's own keys).
 PRIORITY = ("data.name", "model.name", "method.name", "eps", "epochs", "init.name",
-            "schedule.kind", "schedule.start", "schedule.length")
+            "schedule.name", "schedule.start", "schedule.length")
 ALWAYS = PRIORITY[:5]
 # (column, results.json key): error = 100 - 100·accuracy.
 METRICS = (("Standard error (%)", "clean_acc"), ("Verified error IBP (%)", "ibp_verified_acc"),

@@ -9,7 +9,9 @@ through any view sees the same BN statistics (see NOTES.md, "Pitfalls seen").
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 import torch.nn as nn
@@ -24,8 +26,59 @@ from auto_LiRPA.operators import BoundExp, BoundGatherElements, BoundRelu  # noq
 from auto_LiRPA.operators.leaf import BoundBuffers  # noqa: E402
 from auto_LiRPA.perturbations import PerturbationLpNorm  # noqa: E402
 
-#: Bound methods by the names used in configs and results, mapped to auto_LiRPA's names.
-VERIFIERS = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "crown": "CROWN"}
+class Bound(enum.Enum):
+    """A bound propagation method (the value is auto_LiRPA's name for it)."""
+
+    IBP = "IBP"                       # Gowal et al. 2018
+    CROWN_IBP = "CROWN-IBP"           # Zhang et al. 2020: CROWN on the output, IBP inside
+    CROWN = "CROWN"                   # Zhang et al. 2018
+    ALPHA_CROWN = "CROWN-Optimized"   # Xu et al. 2021 (α-CROWN): optimised ReLU slopes
+
+    @property
+    def key(self) -> str:
+        """The name used in configs and results: ibp, crown_ibp, crown, alpha_crown."""
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, key: "str | Bound") -> "Bound":
+        if isinstance(key, Bound):
+            return key
+        try:
+            return cls[str(key).upper()]
+        except KeyError:
+            raise ValueError(f"unknown verifier {key!r}; choose from "
+                             f"{[b.key for b in cls]}") from None
+
+
+@dataclass(frozen=True)
+class Mix:
+    """β·CROWN-IBP + (1-β)·IBP (Eq. 9 of Zhang et al. 2020): CROWN-IBP training's bound."""
+
+    beta: float
+
+
+BoundChoice = Union[Bound, Mix]
+
+
+def beta_mix(tight: torch.Tensor, ibp: torch.Tensor, beta: float) -> torch.Tensor:
+    """β·tight + (1-β)·ibp: a convex combination of two bounds on the same side is a bound on
+    that side (Eq. 9 of Zhang et al. 2020)."""
+    return beta * tight + (1 - beta) * ibp
+
+
+def compute_bounds(module: BoundedModule, bound: BoundChoice, **kwargs):
+    """``module.compute_bounds(x=None, ...)`` for one bound choice (the input of the forward
+    pass just run); a :class:`Mix` computes IBP, and CROWN-IBP when β > 0, and mixes them."""
+    if isinstance(bound, Bound):
+        return module.compute_bounds(x=None, method=bound.value, **kwargs)
+    if bound.beta >= 1:
+        return module.compute_bounds(x=None, method=Bound.CROWN_IBP.value, **kwargs)
+    lb, ub = module.compute_bounds(x=None, method=Bound.IBP.value, **kwargs)
+    if bound.beta <= 0:
+        return lb, ub
+    clb, cub = module.compute_bounds(x=None, method=Bound.CROWN_IBP.value, **kwargs)
+    return (None if clb is None else beta_mix(clb, lb, bound.beta),
+            None if cub is None else beta_mix(cub, ub, bound.beta))
 
 
 def margin_spec(y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -126,8 +179,12 @@ class BoundedNet(nn.Module):
     # ---- inputs ------------------------------------------------------------------------
     @staticmethod
     def perturbed(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> BoundedTensor:
-        """x inside the L∞ box [lower, upper] (already clipped to the data range)."""
-        eps = float((upper - lower).max().item()) / 2 + 1e-12
+        """x inside the L∞ box [lower, upper] (already clipped to the data range).
+
+        For L∞ with explicit x_L/x_U auto_LiRPA bounds from the box alone and never reads
+        ``eps``; it is the box's half-width as a tensor (no host-device synchronisation).
+        """
+        eps = (upper - lower).amax() / 2
         return BoundedTensor(x, PerturbationLpNorm(norm=float("inf"), eps=eps,
                                                    x_L=lower, x_U=upper))
 
@@ -137,38 +194,26 @@ class BoundedNet(nn.Module):
         return self.bounded(x)
 
     def margin_bounds(self, x: torch.Tensor, y: torch.Tensor, lower: torch.Tensor,
-                      upper: torch.Tensor, method: str = "ibp", beta: float = 1.0,
+                      upper: torch.Tensor, bound: BoundChoice = Bound.IBP,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Clean logits (B, K) and lower bounds (B, K-1) of the margins y - j over the box.
 
-        ``method`` is a key of :data:`VERIFIERS`. One clean forward pass runs first (in
-        training mode it sets the BatchNorm statistics from clean data, as Shi et al. 2021
-        Sec. 3.3.2 specify); the bounds reuse it. For ``crown_ibp`` with ``beta < 1`` the
-        bound is β·CROWN-IBP + (1-β)·IBP (Eq. 9 of Zhang et al. 2020): a convex combination
-        of two lower bounds is a lower bound.
+        One clean forward pass runs first (in training mode it sets the BatchNorm statistics
+        from clean data, as Shi et al. 2021 Sec. 3.3.2 specify); the bounds reuse it.
         """
         C = margin_spec(y, self.num_classes)
-        xb = self.perturbed(x, lower, upper)
-        logits = self.bounded(xb)
-        if method == "crown_ibp" and beta < 1:
-            lb, _ = self.bounded.compute_bounds(x=None, C=C, method="IBP", bound_upper=False)
-            if beta > 0:
-                clb, _ = self.bounded.compute_bounds(x=None, C=C, method="CROWN-IBP",
-                                                     bound_upper=False)
-                lb = beta * clb + (1 - beta) * lb
-        else:
-            lb, _ = self.bounded.compute_bounds(x=None, C=C, method=VERIFIERS[method],
-                                                bound_upper=False)
+        logits = self.bounded(self.perturbed(x, lower, upper))
+        lb, _ = compute_bounds(self.bounded, bound, C=C, bound_upper=False)
         return logits, lb
 
     # ---- loss fusion -------------------------------------------------------------------
     def fused_ce(self, x: torch.Tensor, y: torch.Tensor, lower: torch.Tensor | None = None,
-                 upper: torch.Tensor | None = None, beta: float = 0.0):
+                 upper: torch.Tensor | None = None, bound: BoundChoice = Bound.IBP):
         """Natural CE and an upper bound of the worst-case CE via loss fusion.
 
         The wrapped graph computes s = Σ_j exp(f_j - f_y), so CE = log s; an upper bound on s
-        over the box (β·CROWN-IBP + (1-β)·IBP, each an upper bound) gives log s̄ >= max CE.
-        Returns (natural CE per example, robust CE per example or None, clean logits).
+        over the box gives log s̄ >= max CE. Returns (natural CE per example, robust CE per
+        example or None, clean logits).
         """
         fused = self.fused
         xin = x if lower is None else self.perturbed(x, lower, upper)
@@ -179,10 +224,7 @@ class BoundedNet(nn.Module):
         logits = self._fused_logits()
         if lower is None:
             return natural, None, logits
-        _, ub = fused.compute_bounds(x=None, method="IBP", bound_lower=False)
-        if beta > 0:
-            _, cub = fused.compute_bounds(x=None, method="CROWN-IBP", bound_lower=False)
-            ub = beta * cub + (1 - beta) * ub
+        _, ub = compute_bounds(fused, bound, bound_lower=False)
         robust = (torch.log(ub) + self._exp_node.max_input).squeeze(-1)
         return natural, robust, logits
 

@@ -47,7 +47,7 @@ from omegaconf.errors import OmegaConfBaseException
 # torch, auto_LiRPA and the rest of fastcert are imported inside the functions that need
 # them, so that a mistyped command line fails in a second, not after ~10 s of imports.
 
-SUMMARY_KEYS = ("clean", "pgd", "ibp", "crown_ibp", "crown", "any")
+SUMMARY_KEYS = ("clean", "pgd", "ibp", "crown_ibp", "crown", "alpha_crown", "any")
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
 
 
@@ -96,12 +96,14 @@ def load_run_config(checkpoint_path: str | os.PathLike, state: dict) -> tuple[Di
     return OmegaConf.create(state["config"]), "checkpoint"
 
 
-def _eps_list(value, default: float) -> list[float]:
+def _eps_list(value, default) -> list[float]:
+    from fastcert.config import parse_number
+
     if value is None:
-        return [float(default)]
+        return [parse_number(default, "eps")]
     if isinstance(value, (int, float, str)):
-        return [float(value)]
-    return [float(v) for v in value]
+        return [parse_number(value, "eps")]
+    return [parse_number(v, "eps") for v in value]
 
 
 def _pgd_config(cfg):
@@ -142,12 +144,12 @@ def _apply_data_overrides(run_cfg: DictConfig, cfg: DictConfig) -> DictConfig:
 def summarize(result, verifiers: list[str]) -> dict:
     """Fractions of the test set (an :class:`fastcert.evaluate.EvalResult`): clean, pgd, one
     per verifier of :data:`SUMMARY_KEYS` (None for a verifier that did not run), and any."""
-    from fastcert.bounds import VERIFIERS
+    from fastcert.bounds import Bound
 
     n = max(len(result.label), 1)
     out = {"eps": result.eps, "clean": result.clean_correct.sum().item() / n,
            "pgd": result.pgd_robust.sum().item() / n}
-    for v in VERIFIERS:
+    for v in (b.key for b in Bound):
         out[v] = result.verified[v].sum().item() / n if v in result.verified else None
     out["any"] = result.verified_any.sum().item() / n if verifiers else None
     return out
@@ -155,7 +157,7 @@ def summarize(result, verifiers: list[str]) -> dict:
 
 def csv_rows(result, indices: list[int]) -> list[dict]:
     """One dict per test example (columns of certify.csv)."""
-    from fastcert.bounds import VERIFIERS
+    from fastcert.bounds import Bound
 
     rows = []
     for i in range(len(result.label)):
@@ -163,7 +165,7 @@ def csv_rows(result, indices: list[int]) -> list[dict]:
                "prediction": int(result.pred[i]),
                "clean_correct": int(result.pred[i] == result.label[i]),
                "pgd_robust": int(result.pgd_robust[i])}
-        for v in VERIFIERS:
+        for v in (b.key for b in Bound):
             if v in result.verified:
                 row[f"{v}_verified"] = int(result.verified[v][i])
                 row[f"{v}_margin_lb"] = f"{result.margin_lb[v][i].item():.9g}"
@@ -175,10 +177,10 @@ def csv_rows(result, indices: list[int]) -> list[dict]:
 
 
 def csv_columns() -> list[str]:
-    from fastcert.bounds import VERIFIERS
+    from fastcert.bounds import Bound
 
     return (["eps", "index", "label", "prediction", "clean_correct", "pgd_robust"]
-            + [f"{v}_{k}" for v in VERIFIERS for k in ("verified", "margin_lb")])
+            + [f"{b.key}_{k}" for b in Bound for k in ("verified", "margin_lb")])
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -192,7 +194,7 @@ def _csv_text(rows: list[dict]) -> str:
 def format_table(summary: dict) -> str:
     """Per-ε table of the accuracies in percent; ``skipped`` for a verifier that did not run."""
     names = {"clean": "clean", "pgd": "PGD", "ibp": "IBP", "crown_ibp": "CROWN-IBP",
-             "crown": "CROWN", "any": "any"}
+             "crown": "CROWN", "alpha_crown": "α-CROWN", "any": "any"}
     run = summary["run"]
     head = (f"{run['method']} | {run['model']} | {run['data']} | epoch {summary['epoch']} | "
             f"{summary['n_test']} test examples | PGD {summary['pgd']['steps']} steps x "
@@ -235,11 +237,11 @@ def _certify(cfg: DictConfig, out_dir: Path, device) -> dict:
     from tqdm.auto import tqdm
 
     from fastcert import checkpoint as ckpt
-    from fastcert.bounds import VERIFIERS
-    from fastcert.config import ConfigError, check_eps
+    from fastcert.bounds import Bound
+    from fastcert.config import ConfigError, parse_number
     from fastcert.diagnostics import crown_cost, relu_sizes
     from fastcert.evaluate import evaluate
-    from fastcert.pipeline import build
+    from fastcert.pipeline import build, check_eps
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -254,14 +256,14 @@ def _certify(cfg: DictConfig, out_dir: Path, device) -> dict:
                       f"using {source}")
     run_cfg = _apply_data_overrides(run_cfg, cfg)
 
-    verifiers = list(cfg.verifiers)
-    unknown = set(verifiers) - set(VERIFIERS)
-    if unknown:
-        raise ConfigError(f"unknown verifier(s) {sorted(unknown)}; choose from {list(VERIFIERS)}")
+    try:
+        verifiers = [Bound.parse(v).key for v in cfg.verifiers]
+    except ValueError as e:
+        raise ConfigError(f"verifiers: {e}") from None
     pgd = _pgd_config(cfg)
     eps_list = _eps_list(cfg.get("eps"), run_cfg.eps)
     for e in eps_list:
-        check_eps(e, float(run_cfg.data.eps_max))
+        check_eps(e, parse_number(run_cfg.data.eps_max, "data.eps_max"))
     seed = int(run_cfg.seed if cfg.get("seed") is None else cfg.seed)
 
     built = build(run_cfg, device)
@@ -316,7 +318,7 @@ def _certify(cfg: DictConfig, out_dir: Path, device) -> dict:
         "epoch": state.get("epoch"),
         "run": {"method": run_cfg.method.name, "model": run_cfg.model.name,
                 "data": run_cfg.data.name, "init": run_cfg.init.name, "seed": int(run_cfg.seed),
-                "train_eps": float(run_cfg.eps)},
+                "train_eps": parse_number(run_cfg.eps, "eps")},
         "n_test": n_test,
         "batch_size": batch,
         "device": str(device),

@@ -1,55 +1,55 @@
-"""Datasets for certified training: a small registry and one entry point, :func:`create_data`.
+"""Datasets for certified training: one class per data set, ``conf/data/<name>.yaml`` naming it
+(``_target_: fastcert.data.<Class>``) with its loader settings; ``.load(seed)`` gives a
+:class:`DataBundle`.
 
 Every loader yields *normalised* images ``x_n = (x - mean) / std`` where ``x`` is in pixel units
 ``[0, 1]``; the :class:`DataBundle` carries ``mean``/``std`` so that perturbation radii can stay in
 pixel units (:meth:`DataBundle.eps_box` scales ε per channel by ``1/std`` and clamps the box to the
 image range).
 
-Registered datasets (``DATASETS``):
-
-``digits``
+:class:`Digits`
     scikit-learn's copy of the UCI handwritten digits (1797 images, 1x8x8, 10 classes), shipped inside
     the scikit-learn wheel, so it works offline. Pixel values 0..16 are divided by 16. The split is a
     stratified 80/20 split (``sklearn.model_selection.train_test_split(test_size=0.2,
     stratify=y, random_state=seed)``): 1437 train / 360 test images, the same split for the same
     ``seed``. No normalisation (mean 0, std 1); ``augment`` is ignored.
-``mnist``
+:class:`MNIST`
     ``torchvision.datasets.MNIST`` (``<root>/MNIST/raw/*-idx?-ubyte``), 1x28x28, mean 0 / std 1.
     No augmentation.
-``cifar10``
+:class:`CIFAR10`
     ``torchvision.datasets.CIFAR10`` (``<root>/cifar-10-batches-py``), 3x32x32, normalised with the
     CIFAR-10 channel statistics; training augmentation (``augment=True``): random crop 32 with
     4 pixels of edge padding + horizontal flip.
-``tinyimagenet``
+:class:`TinyImageNet`
     ``torchvision.datasets.ImageFolder`` over ``<root>/tiny-imagenet-200/train`` and
     ``<root>/tiny-imagenet-200/val`` (the validation set reorganised into one folder per class by
     ``python -m fastcert.prep_tinyimagenet``), 3x64x64, 200 classes; training augmentation: random
     crop 64 with 4 pixels of edge padding + horizontal flip.
 
 Missing files raise :class:`DatasetNotFoundError` (a ``FileNotFoundError``) whose message names
-the expected path and how to obtain the data.
-
-To add a dataset, decorate a builder ``f(root, download, seed, augment) -> DatasetSplits`` with
-``@register_dataset("name")``.
+the expected path and how to obtain the data. A new data set is a subclass of
+:class:`DataSource` defining ``splits(seed)`` and a ``conf/data/<name>.yaml`` naming it.
 """
 from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Sequence
 from urllib.error import URLError
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 __all__ = [
-    "DATASETS",
     "DataBundle",
+    "DataSource",
     "DatasetNotFoundError",
     "DatasetSplits",
-    "create_data",
-    "register_dataset",
+    "Digits",
+    "MNIST",
+    "CIFAR10",
+    "TinyImageNet",
 ]
 
 
@@ -69,21 +69,6 @@ class DatasetSplits:
     std: Sequence[float]
 
 
-Builder = Callable[..., DatasetSplits]
-DATASETS: dict[str, Builder] = {}
-"""name -> builder ``f(root: str, download: bool, seed: int, augment: bool) -> DatasetSplits``."""
-
-
-def register_dataset(name: str) -> Callable[[Builder], Builder]:
-    """Decorator registering a dataset builder under ``name`` (lower case) in :data:`DATASETS`."""
-
-    def deco(fn: Builder) -> Builder:
-        DATASETS[name.lower()] = fn
-        return fn
-
-    return deco
-
-
 @dataclass
 class DataBundle:
     """Loaders plus everything needed to reason about the input domain."""
@@ -95,13 +80,17 @@ class DataBundle:
     mean: torch.Tensor  # (C,), normalisation applied by the loaders
     std: torch.Tensor  # (C,)
     name: str
+    _on_device: dict = field(default_factory=dict, repr=False)
 
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """mean and std shaped (C, 1, 1) on ``x``'s device and dtype (broadcast over C, H, W)."""
+        """mean and std shaped (C, 1, 1) on ``x``'s device and dtype (broadcast over C, H, W),
+        copied there once per device."""
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
-        mean = self.mean.to(device=x.device, dtype=dtype).view(-1, 1, 1)
-        std = self.std.to(device=x.device, dtype=dtype).view(-1, 1, 1)
-        return mean, std
+        key = (x.device, dtype)
+        if key not in self._on_device:
+            self._on_device[key] = (self.mean.to(device=x.device, dtype=dtype).view(-1, 1, 1),
+                                    self.std.to(device=x.device, dtype=dtype).view(-1, 1, 1))
+        return self._on_device[key]
 
     def x_min(self, like: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised value of pixel 0 per channel, shaped (C, 1, 1)."""
@@ -122,9 +111,13 @@ class DataBundle:
         a tensor of one radius per example (shape (B,)) or anything broadcastable to ``x``.
         """
         mean, std = self._stats(x)
-        eps_t = torch.as_tensor(eps, dtype=mean.dtype, device=x.device)
-        if bool((eps_t < 0).any()):
+        if isinstance(eps, torch.Tensor):
+            eps_t = eps.to(device=x.device, dtype=mean.dtype)
+            torch._assert_async((eps_t >= 0).all(), "eps must be >= 0")  # no host read
+        elif eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
+        else:
+            eps_t = torch.tensor(eps, dtype=mean.dtype)  # a CPU scalar: no copy to the device
         if eps_t.dim() == 1 and x.dim() == 4 and eps_t.shape[0] == x.shape[0]:
             eps_t = eps_t.view(-1, 1, 1, 1)
         lo_lim, hi_lim = (0.0 - mean) / std, (1.0 - mean) / std
@@ -197,29 +190,115 @@ def _load_torchvision(cls, name: str, root: str, path: str, expected: Sequence[s
 
 
 # --------------------------------------------------------------------------------------------
-# datasets
+# data sets
 
 
-@register_dataset("digits")
-def _digits(root: str, download: bool, seed: int, augment: bool) -> DatasetSplits:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+def _limit(ds: Dataset, n: int | None, seed: int, what: str) -> Dataset:
+    """A fixed subset of ``n`` examples, drawn with ``seed`` (kept in dataset order)."""
+    if n is None:
+        return ds
+    total = len(ds)  # type: ignore[arg-type]
+    if n >= total:
+        return ds
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(total, generator=g)[:n].sort().values.tolist()
+    return Subset(ds, idx)
 
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).div_(16.0).unsqueeze(1)  # (1797, 1, 8, 8)
-    y = torch.tensor(d.target, dtype=torch.long)
-    idx_train, idx_test = train_test_split(
-        list(range(len(y))), test_size=0.2, stratify=d.target, random_state=seed, shuffle=True
-    )
-    idx_train, idx_test = torch.tensor(idx_train), torch.tensor(idx_test)
-    return DatasetSplits(
-        train=TensorDataset(x[idx_train], y[idx_train]),
-        test=TensorDataset(x[idx_test], y[idx_test]),
-        input_shape=(1, 8, 8),
-        num_classes=10,
-        mean=(0.0,),
-        std=(1.0,),
-    )
+
+@dataclass
+class DataSource:
+    """A data set and how it is loaded; subclasses define :meth:`splits`.
+
+    ``eps`` is the setting's radius in pixel units (the run's ``eps`` defaults to it) and
+    ``eps_max`` the data range (a larger radius is refused). ``limit_train``/``limit_test``
+    keep a fixed random subset of that many examples (drawn with the seed, kept in dataset
+    order) for smoke runs. The training loader shuffles with its own generator seeded from the
+    seed, so the order of examples is reproducible and independent of the global RNG.
+    Augmentation draws from torch's RNG: with ``num_workers > 0`` the workers' RNGs are seeded
+    from that same generator; with ``num_workers=0`` they come from the global RNG, which the
+    training loop reseeds every epoch. The test loader does not shuffle.
+    """
+
+    root: str = "./data"
+    batch_size: int = 128
+    test_batch_size: int | None = None
+    num_workers: int = 0
+    download: bool = False
+    augment: bool = True
+    limit_train: int | None = None
+    limit_test: int | None = None
+    eps: float = 0.0
+    eps_max: float = 1.0
+
+    def __post_init__(self):
+        for key in ("batch_size", "test_batch_size", "limit_train", "limit_test"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"data.{key}={value}: must be a positive integer (or null)")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers}: must be >= 0")
+        if self.eps_max <= 0:
+            raise ValueError(f"data.eps_max={self.eps_max}: must be > 0")
+        self.root = os.path.expanduser(str(self.root))
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__.lower()
+
+    def splits(self, seed: int) -> DatasetSplits:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def load(self, seed: int = 0) -> DataBundle:
+        """Train/test loaders and the metadata of the data set."""
+        splits = self.splits(int(seed))
+        train_ds = _limit(splits.train, self.limit_train, seed, "limit_train")
+        test_ds = _limit(splits.test, self.limit_test, seed + 1, "limit_test")
+        common = dict(
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            # not persistent: workers are re-seeded every epoch from the loader's generator,
+            # which the training loop reseeds from (seed, epoch), so a resumed run augments
+            # identically
+            persistent_workers=False,
+        )
+        train = DataLoader(train_ds, batch_size=self.batch_size, shuffle=True,
+                           generator=torch.Generator().manual_seed(int(seed)), **common)
+        test = DataLoader(test_ds, batch_size=self.test_batch_size or self.batch_size,
+                          shuffle=False, **common)
+        return DataBundle(
+            train=train,
+            test=test,
+            input_shape=tuple(splits.input_shape),  # type: ignore[arg-type]
+            num_classes=int(splits.num_classes),
+            mean=torch.tensor(splits.mean, dtype=torch.float32),
+            std=torch.tensor(splits.std, dtype=torch.float32),
+            name=self.name,
+        )
+
+
+@dataclass
+class Digits(DataSource):
+    """scikit-learn's UCI digits (see the module docstring)."""
+
+    def splits(self, seed: int) -> DatasetSplits:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        d = load_digits()
+        x = torch.tensor(d.images, dtype=torch.float32).div_(16.0).unsqueeze(1)  # (1797, 1, 8, 8)
+        y = torch.tensor(d.target, dtype=torch.long)
+        idx_train, idx_test = train_test_split(
+            list(range(len(y))), test_size=0.2, stratify=d.target, random_state=seed,
+            shuffle=True)
+        idx_train, idx_test = torch.tensor(idx_train), torch.tensor(idx_test)
+        return DatasetSplits(
+            train=TensorDataset(x[idx_train], y[idx_train]),
+            test=TensorDataset(x[idx_test], y[idx_test]),
+            input_shape=(1, 8, 8),
+            num_classes=10,
+            mean=(0.0,),
+            std=(1.0,),
+        )
 
 
 _MNIST_FILES = (
@@ -230,36 +309,47 @@ _MNIST_FILES = (
 )
 
 
-@register_dataset("mnist")
-def _mnist(root: str, download: bool, seed: int, augment: bool) -> DatasetSplits:
-    from torchvision.datasets import MNIST
+@dataclass
+class MNIST(DataSource):
+    """torchvision's MNIST (see the module docstring)."""
 
-    mean, std = (0.0,), (1.0,)
-    tf, _ = _transforms(mean, std, [])
-    path = os.path.join(root, "MNIST", "raw")
-    kw = dict(name="MNIST", root=root, path=path, expected=_MNIST_FILES, download=download, transform=tf)
-    train = _load_torchvision(MNIST, train=True, **kw)
-    test = _load_torchvision(MNIST, train=False, **{**kw, "download": False})
-    return DatasetSplits(train, test, (1, 28, 28), 10, mean, std)
+    def splits(self, seed: int) -> DatasetSplits:
+        from torchvision.datasets import MNIST as TorchMNIST
+
+        mean, std = (0.0,), (1.0,)
+        tf, _ = _transforms(mean, std, [])
+        path = os.path.join(self.root, "MNIST", "raw")
+        kw = dict(name="MNIST", root=self.root, path=path, expected=_MNIST_FILES,
+                  download=self.download, transform=tf)
+        train = _load_torchvision(TorchMNIST, train=True, **kw)
+        test = _load_torchvision(TorchMNIST, train=False, **{**kw, "download": False})
+        return DatasetSplits(train, test, (1, 28, 28), 10, mean, std)
 
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
 
-@register_dataset("cifar10")
-def _cifar10(root: str, download: bool, seed: int, augment: bool) -> DatasetSplits:
-    from torchvision import transforms as T
-    from torchvision.datasets import CIFAR10
+@dataclass
+class CIFAR10(DataSource):
+    """torchvision's CIFAR-10 (see the module docstring)."""
 
-    aug = [T.RandomCrop(32, padding=4, padding_mode="edge"), T.RandomHorizontalFlip()] if augment else []
-    tf_train, tf_test = _transforms(CIFAR10_MEAN, CIFAR10_STD, aug)
-    path = os.path.join(root, CIFAR10.base_folder)
-    expected = [f for f, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
-    kw = dict(name="CIFAR-10", root=root, path=path, expected=expected)
-    train = _load_torchvision(CIFAR10, train=True, download=download, transform=tf_train, **kw)
-    test = _load_torchvision(CIFAR10, train=False, download=False, transform=tf_test, **kw)
-    return DatasetSplits(train, test, (3, 32, 32), 10, CIFAR10_MEAN, CIFAR10_STD)
+    def splits(self, seed: int) -> DatasetSplits:
+        from torchvision import transforms as T
+        from torchvision.datasets import CIFAR10 as TorchCIFAR10
+
+        aug = ([T.RandomCrop(32, padding=4, padding_mode="edge"), T.RandomHorizontalFlip()]
+               if self.augment else [])
+        tf_train, tf_test = _transforms(CIFAR10_MEAN, CIFAR10_STD, aug)
+        path = os.path.join(self.root, TorchCIFAR10.base_folder)
+        expected = ([f for f, _ in TorchCIFAR10.train_list + TorchCIFAR10.test_list]
+                    + [TorchCIFAR10.meta["filename"]])
+        kw = dict(name="CIFAR-10", root=self.root, path=path, expected=expected)
+        train = _load_torchvision(TorchCIFAR10, train=True, download=self.download,
+                                  transform=tf_train, **kw)
+        test = _load_torchvision(TorchCIFAR10, train=False, download=False, transform=tf_test,
+                                 **kw)
+        return DatasetSplits(train, test, (3, 32, 32), 10, CIFAR10_MEAN, CIFAR10_STD)
 
 
 TINYIMAGENET_MEAN = (0.4802, 0.4481, 0.3975)
@@ -275,132 +365,61 @@ def _tinyimagenet_howto(root: str) -> str:
     )
 
 
-@register_dataset("tinyimagenet")
-def _tinyimagenet(root: str, download: bool, seed: int, augment: bool) -> DatasetSplits:
-    from torchvision import transforms as T
-    from torchvision.datasets import ImageFolder
+@dataclass
+class TinyImageNet(DataSource):
+    """TinyImageNet through ImageFolder (see the module docstring)."""
 
-    base = os.path.join(root, TINYIMAGENET_DIR)
-    train_dir, val_dir = os.path.join(base, "train"), os.path.join(base, "val")
-    if download and not (os.path.isdir(train_dir) and os.path.isdir(val_dir)):
-        from fastcert import prep_tinyimagenet
+    def splits(self, seed: int) -> DatasetSplits:
+        from torchvision import transforms as T
+        from torchvision.datasets import ImageFolder
 
+        root = self.root
+        base = os.path.join(root, TINYIMAGENET_DIR)
+        train_dir, val_dir = os.path.join(base, "train"), os.path.join(base, "val")
+        if self.download and not (os.path.isdir(train_dir) and os.path.isdir(val_dir)):
+            from fastcert import prep_tinyimagenet
+
+            try:
+                prep_tinyimagenet.prepare(root)
+            except (OSError, RuntimeError) as e:
+                raise _not_found("TinyImageNet", base, _tinyimagenet_howto(root),
+                                 f"Downloading failed ({e}).") from e
+        for d in (train_dir, val_dir):
+            if not os.path.isdir(d):
+                raise _not_found("TinyImageNet", base, _tinyimagenet_howto(root),
+                                 f"Missing folder '{d}'.")
+        val_images = os.path.join(val_dir, "images")
+        if os.path.isdir(val_images) and any(f.lower().endswith(".jpeg")
+                                             for f in os.listdir(val_images)):
+            raise _not_found(
+                "TinyImageNet (validation set in class folders)",
+                val_dir,
+                _tinyimagenet_howto(root),
+                f"'{val_images}' still holds the flat validation images: the validation set has "
+                "not been reorganised into one folder per class.",
+            )
+        aug = ([T.RandomCrop(64, padding=4, padding_mode="edge"), T.RandomHorizontalFlip()]
+               if self.augment else [])
+        tf_train, tf_test = _transforms(TINYIMAGENET_MEAN, TINYIMAGENET_STD, aug)
         try:
-            prep_tinyimagenet.prepare(root)
-        except (OSError, RuntimeError) as e:
-            raise _not_found("TinyImageNet", base, _tinyimagenet_howto(root), f"Downloading failed ({e}).") from e
-    for d in (train_dir, val_dir):
-        if not os.path.isdir(d):
-            raise _not_found("TinyImageNet", base, _tinyimagenet_howto(root), f"Missing folder '{d}'.")
-    val_images = os.path.join(val_dir, "images")
-    if os.path.isdir(val_images) and any(f.lower().endswith(".jpeg") for f in os.listdir(val_images)):
-        raise _not_found(
-            "TinyImageNet (validation set in class folders)",
-            val_dir,
-            _tinyimagenet_howto(root),
-            f"'{val_images}' still holds the flat validation images: the validation set has not been "
-            "reorganised into one folder per class.",
-        )
-
-    aug = [T.RandomCrop(64, padding=4, padding_mode="edge"), T.RandomHorizontalFlip()] if augment else []
-    tf_train, tf_test = _transforms(TINYIMAGENET_MEAN, TINYIMAGENET_STD, aug)
-    try:
-        train = ImageFolder(train_dir, transform=tf_train)
-        test = ImageFolder(val_dir, transform=tf_test)
-    except FileNotFoundError as e:  # ImageFolder: no class folders / a class folder without images
-        raise _not_found("TinyImageNet", base, _tinyimagenet_howto(root), str(e)) from e
-    if train.classes != test.classes:
-        only_train = sorted(set(train.classes) - set(test.classes))
-        only_val = sorted(set(test.classes) - set(train.classes))
-        raise ValueError(
-            f"TinyImageNet train and val class folders differ under '{base}' "
-            f"(only in train: {only_train[:10]}{'...' if len(only_train) > 10 else ''}; "
-            f"only in val: {only_val[:10]}{'...' if len(only_val) > 10 else ''}); "
-            "the label indices would not match. Re-run fastcert.prep_tinyimagenet."
-        )
-    if len(train.classes) != 200:
-        warnings.warn(
-            f"TinyImageNet under '{base}' has {len(train.classes)} classes, not 200; "
-            "num_classes follows the folders found.",
-            stacklevel=3,
-        )
-    return DatasetSplits(train, test, (3, 64, 64), len(train.classes), TINYIMAGENET_MEAN, TINYIMAGENET_STD)
-
-
-# --------------------------------------------------------------------------------------------
-# entry point
-
-
-def _limit(ds: Dataset, n: int | None, seed: int, what: str) -> Dataset:
-    """A fixed subset of ``n`` examples, drawn with ``seed`` (kept in dataset order)."""
-    if n is None:
-        return ds
-    n = int(n)
-    if n <= 0:
-        raise ValueError(f"{what} must be a positive integer or null, got {n}")
-    total = len(ds)  # type: ignore[arg-type]
-    if n >= total:
-        return ds
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(total, generator=g)[:n].sort().values.tolist()
-    return Subset(ds, idx)
-
-
-def create_data(
-    name: str,
-    root: str = "./data",
-    batch_size: int = 128,
-    test_batch_size: int | None = None,
-    num_workers: int = 0,
-    download: bool = False,
-    seed: int = 0,
-    augment: bool = True,
-    limit_train: int | None = None,
-    limit_test: int | None = None,
-) -> DataBundle:
-    """Build train/test loaders for a registered dataset.
-
-    ``limit_train``/``limit_test`` keep a fixed random subset of that many examples (drawn with
-    ``seed``, kept in dataset order) for smoke runs. The training loader shuffles with its own
-    generator seeded from ``seed``, so the order of examples is reproducible and independent of the
-    global RNG. Augmentation draws from torch's RNG: with ``num_workers > 0`` the workers' RNGs are
-    seeded from that same generator (reproducible as is); with ``num_workers=0`` they come from the
-    global RNG, so seed it (``torch.manual_seed``) for reproducible augmentation. The test loader
-    does not shuffle.
-    """
-    key = str(name).lower()
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    test_batch_size = batch_size if test_batch_size is None else test_batch_size
-    root = os.path.expanduser(str(root))
-
-    splits = DATASETS[key](root=root, download=bool(download), seed=int(seed), augment=bool(augment))
-    train_ds = _limit(splits.train, limit_train, seed, "limit_train")
-    test_ds = _limit(splits.test, limit_test, seed + 1, "limit_test")
-
-    common = dict(
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        # not persistent: workers are re-seeded every epoch from the loader's generator, which
-        # the training loop reseeds from (seed, epoch), so a resumed run augments identically
-        persistent_workers=False,
-    )
-    train = DataLoader(
-        train_ds,
-        batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(int(seed)),
-        **common,
-    )
-    test = DataLoader(test_ds, batch_size=test_batch_size, shuffle=False, **common)
-    return DataBundle(
-        train=train,
-        test=test,
-        input_shape=tuple(splits.input_shape),  # type: ignore[arg-type]
-        num_classes=int(splits.num_classes),
-        mean=torch.tensor(splits.mean, dtype=torch.float32),
-        std=torch.tensor(splits.std, dtype=torch.float32),
-        name=key,
-    )
+            train = ImageFolder(train_dir, transform=tf_train)
+            test = ImageFolder(val_dir, transform=tf_test)
+        except FileNotFoundError as e:  # no class folders / a class folder without images
+            raise _not_found("TinyImageNet", base, _tinyimagenet_howto(root), str(e)) from e
+        if train.classes != test.classes:
+            only_train = sorted(set(train.classes) - set(test.classes))
+            only_val = sorted(set(test.classes) - set(train.classes))
+            raise ValueError(
+                f"TinyImageNet train and val class folders differ under '{base}' "
+                f"(only in train: {only_train[:10]}{'...' if len(only_train) > 10 else ''}; "
+                f"only in val: {only_val[:10]}{'...' if len(only_val) > 10 else ''}); "
+                "the label indices would not match. Re-run fastcert.prep_tinyimagenet."
+            )
+        if len(train.classes) != 200:
+            warnings.warn(
+                f"TinyImageNet under '{base}' has {len(train.classes)} classes, not 200; "
+                "num_classes follows the folders found.",
+                stacklevel=3,
+            )
+        return DatasetSplits(train, test, (3, 64, 64), len(train.classes), TINYIMAGENET_MEAN,
+                             TINYIMAGENET_STD)

@@ -8,7 +8,7 @@ initialisation E(Δ_i)/E(Δ_{i-1}) = (n_i/2) E|W_i| (Definition 1, Eq. 6; n_i th
 paper estimates E(Δ_i) by the mean over a batch, Ê(Δ_i), and plots log Ê(Δ_i) per layer of an
 untrained CNN whose classification layer is omitted. :func:`bound_explosion` does the same with
 auto_LiRPA's IBP (through :class:`fastcert.bounds.BoundedNet`), once per initialiser of
-:data:`fastcert.initializers.INITIALIZERS`; Δ_0 is the width of the input box.
+:func:`fastcert.config.options` of the ``init`` group; Δ_0 is the width of the input box.
 """
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from fastcert.bounds import BoundedNet
-from fastcert.initializers import INITIALIZERS, initialize
-from fastcert.models import create_model
+from fastcert.config import build_option, options
 from fastcert.train import read_metrics
 
 # --------------------------------------------------------------------------- run records
@@ -127,10 +126,10 @@ def bound_explosion(model: str = "cnn7", inits=None, input_shape=(3, 32, 32), wi
     """Ê(Δ_i) per layer of an untrained ``model`` under each initialiser (Fig. 1 of Shi et al.
     2021; see the module docstring).
 
-    The network is ``create_model(model, input_shape, 10, bn, width=width, **model_kwargs)``
-    with the classification layer removed, initialised by
-    :func:`fastcert.initializers.initialize` (``seed``; ``default`` is PyTorch's own init drawn
-    after ``torch.manual_seed(seed)`` inside ``fork_rng``, so the global RNG is untouched). Inputs are ``inputs`` (pixels in [0, 1]) or ``batch``
+    The network is ``conf/model/<model>.yaml`` with ``bn``, ``width`` and ``model_kwargs``
+    for inputs of ``input_shape`` and 10 classes, the classification layer removed, initialised
+    by each ``conf/init/<init>.yaml`` (``seed``; ``default`` is PyTorch's own init drawn after
+    ``torch.manual_seed(seed)`` inside ``fork_rng``, so the global RNG is untouched). Inputs are ``inputs`` (pixels in [0, 1]) or ``batch``
     images drawn uniformly from [0, 1]^input_shape with ``seed``; the box is
     [max(x - ε, 0), min(x + ε, 1)] (pixel units, no normalisation), so Δ_0 ≈ 2ε. IBP bounds
     come from auto_LiRPA (``compute_bounds(method="IBP")``), Δ_i = upper - lower of each
@@ -147,8 +146,8 @@ def bound_explosion(model: str = "cnn7", inits=None, input_shape=(3, 32, 32), wi
          "gain": {init: [Ê(Δ_i)/Ê(Δ_{i-1}) for i >= 1]},   # empirical difference gains
          "settings": {...}}
     """
-    inits = list(INITIALIZERS) if inits is None else list(inits)
-    kwargs = dict(model_kwargs)
+    inits = options("init") if inits is None else list(inits)
+    kwargs = dict(model_kwargs, bn=bn)
     if width is not None:
         kwargs["width"] = width
     if inputs is None:
@@ -164,8 +163,9 @@ def bound_explosion(model: str = "cnn7", inits=None, input_shape=(3, 32, 32), wi
     for name in inits:
         with torch.random.fork_rng(devices=[]):  # PyTorch's default init, seeded; global RNG kept
             torch.manual_seed(int(seed))
-            full = create_model(model, tuple(x.shape[1:]), 10, bn=bn, **kwargs)
-        initialize(full, name, seed=int(seed))
+            full = build_option("model", model, kwargs, input_shape=tuple(x.shape[1:]),
+                                num_classes=10)
+        build_option("init", name)(full, seed=int(seed))
         body = _drop_classifier(full).eval()
         net = BoundedNet(body, x[:2], num_classes=10)
         net.eval()

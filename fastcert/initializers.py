@@ -10,57 +10,40 @@ The baselines follow the **fan-in-only** variances that reproduce the printed nu
 thesis' Table 3.1 (= Table 5 of Shi et al. 2021; see shared/NOTES.md, "Reading Table 3.1"), not
 PyTorch's ``xavier_*`` (which average fan-in and fan-out):
 
-===================  ==========================  ==============================
-name                 distribution                difference gain (closed form)
-===================  ==========================  ==============================
-``xavier_uniform``   U(-1/sqrt(n), 1/sqrt(n))     sqrt(n)/4
-                     (= PyTorch's default layer init for Linear/Conv)
-``xavier_normal``    N(0, 1/n)                    sqrt(n/(2*pi))
-``kaiming_uniform``  U(-sqrt(6/n), sqrt(6/n))     sqrt(6n)/4
-``kaiming_normal``   N(0, 2/n)                    sqrt(n/pi)
-``orthogonal``       ``torch.nn.init.orthogonal_`` on the weight viewed as (fan_out, fan_in),
-                     gain 1: see :func:`closed_form_gain`
-``ibp``              N(0, 2*pi/n^2)               1
-``default``          PyTorch's own init, left untouched by :func:`initialize`
-===================  ==========================  ==============================
+===================  ==================  ==========================  ======================
+``init=``            class               distribution                gain (closed form)
+===================  ==================  ==========================  ======================
+``xavier_uniform``   XavierUniform       U(-1/sqrt(n), 1/sqrt(n))     sqrt(n)/4
+                                         (= PyTorch's default layer init for Linear/Conv)
+``xavier_normal``    XavierNormal        N(0, 1/n)                    sqrt(n/(2*pi))
+``kaiming_uniform``  KaimingUniform      U(-sqrt(6/n), sqrt(6/n))     sqrt(6n)/4
+``kaiming_normal``   KaimingNormal       N(0, 2/n)                    sqrt(n/pi)
+``orthogonal``       Orthogonal          ``torch.nn.init.orthogonal_`` on (fan_out, fan_in),
+                                         gain 1: see :meth:`Orthogonal.gain`
+``ibp``              IBPInit             N(0, 2*pi/n^2)               1
+``default``          DefaultInit         PyTorch's own init, left untouched
+===================  ==================  ==========================  ======================
 
 Every non-default initialiser also sets biases to 0.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 from torch import nn
 
 __all__ = [
-    "INITIALIZERS",
-    "register_initializer",
-    "initialize",
-    "init_weight_",
+    "Init",
+    "DefaultInit",
+    "IBPInit",
+    "XavierUniform",
+    "XavierNormal",
+    "KaimingUniform",
+    "KaimingNormal",
+    "Orthogonal",
     "difference_gain",
-    "closed_form_gain",
     "DEFAULT_MAX_FAN_OUT",
 ]
-
-Initializer = Callable[[torch.Tensor, "torch.Generator | None"], None]
-
-INITIALIZERS: dict[str, Initializer] = {}
-"""Name -> function ``fill(weight, generator)`` that fills ``weight`` in place (under no_grad).
-The fan-in of ``weight`` is ``weight[0].numel()``."""
-
-
-def register_initializer(name: str) -> Callable[[Initializer], Initializer]:
-    """Decorator registering a weight initialiser in :data:`INITIALIZERS`."""
-
-    def decorator(fn: Initializer) -> Initializer:
-        if name in INITIALIZERS:
-            raise ValueError(f"initializer {name!r} is already registered")
-        INITIALIZERS[name] = fn
-        return fn
-
-    return decorator
 
 
 def _fan_in(weight: torch.Tensor) -> int:
@@ -68,63 +51,121 @@ def _fan_in(weight: torch.Tensor) -> int:
     return weight[0].numel()
 
 
-@register_initializer("ibp")
-def _ibp(weight: torch.Tensor, generator: torch.Generator | None) -> None:
-    """IBP initialisation, Sec. 3.3.1 of Shi et al. 2021: N(0, sigma^2), sigma = sqrt(2 pi)/n,
-    so that (n/2) E|W| = (n/2) sqrt(2/pi) sigma = 1."""
-    weight.normal_(0.0, math.sqrt(2 * math.pi) / _fan_in(weight), generator=generator)
+class Init:
+    """An initialisation: ``init(model, seed)`` fills every ``Conv2d`` / ``Linear`` weight with
+    :meth:`fill` and zeroes the biases. ``conf/init/<name>.yaml`` names the class
+    (``_target_: fastcert.initializers.<Class>``). :meth:`gain` is the closed-form difference
+    gain (n/2)·E|W| (Eq. 6 of Shi et al. 2021) for fan-in ``n``."""
+
+    def fill(self, weight: torch.Tensor, generator: torch.Generator | None) -> None:
+        raise NotImplementedError  # pragma: no cover - every subclass defines it
+
+    def gain(self, fan_in: int, fan_out: int | None = None) -> float:
+        raise NotImplementedError  # pragma: no cover
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, seed: int | None = None) -> nn.Module:
+        """Initialise ``model`` in place; ``seed`` makes it reproducible without touching the
+        global RNG. Returns ``model``."""
+        generator = _generator(seed)
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                _fill(module.weight, self.fill, generator)
+                if module.bias is not None:
+                    module.bias.zero_()
+        return model
+
+    def __repr__(self) -> str:
+        return type(self).__name__
 
 
-@register_initializer("xavier_uniform")
-def _xavier_uniform(weight: torch.Tensor, generator: torch.Generator | None) -> None:
-    """U(-1/sqrt(n), 1/sqrt(n)): the "Xavier (uniform)" row of thesis Table 3.1 (= PyTorch's
-    default Linear/Conv init), difference gain sqrt(n)/4."""
-    bound = 1.0 / math.sqrt(_fan_in(weight))
-    weight.uniform_(-bound, bound, generator=generator)
+class DefaultInit(Init):
+    """PyTorch's own init, left untouched: ``kaiming_uniform_(a=sqrt(5))`` = U(-1/√n, 1/√n)
+    (:meth:`fill` samples it so :func:`difference_gain` can measure PyTorch's default)."""
+
+    def fill(self, weight, generator):
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+
+    def gain(self, fan_in, fan_out=None):
+        return math.sqrt(fan_in) / 4
+
+    def __call__(self, model, seed=None):
+        return model
 
 
-@register_initializer("xavier_normal")
-def _xavier_normal(weight: torch.Tensor, generator: torch.Generator | None) -> None:
-    """N(0, 1/n): "Xavier (Gaussian)" of thesis Table 3.1, difference gain sqrt(n/(2 pi))."""
-    weight.normal_(0.0, 1.0 / math.sqrt(_fan_in(weight)), generator=generator)
+class IBPInit(Init):
+    """IBP initialisation, Sec. 3.3.1 of Shi et al. 2021: N(0, σ²), σ = √(2π)/n, so that
+    (n/2)·E|W| = (n/2)·√(2/π)·σ = 1."""
+
+    def fill(self, weight, generator):
+        weight.normal_(0.0, math.sqrt(2 * math.pi) / _fan_in(weight), generator=generator)
+
+    def gain(self, fan_in, fan_out=None):
+        return 1.0
 
 
-@register_initializer("kaiming_uniform")
-def _kaiming_uniform(weight: torch.Tensor, generator: torch.Generator | None) -> None:
-    """U(-sqrt(6/n), sqrt(6/n)): "Kaiming (uniform)" of thesis Table 3.1 (He et al. 2015,
-    ReLU gain, fan-in mode), difference gain sqrt(6n)/4."""
-    bound = math.sqrt(6.0 / _fan_in(weight))
-    weight.uniform_(-bound, bound, generator=generator)
+class XavierUniform(Init):
+    """U(-1/√n, 1/√n): the "Xavier (uniform)" row of thesis Table 3.1 (= PyTorch's default
+    Linear/Conv init), difference gain √n/4."""
+
+    def fill(self, weight, generator):
+        bound = 1.0 / math.sqrt(_fan_in(weight))
+        weight.uniform_(-bound, bound, generator=generator)
+
+    def gain(self, fan_in, fan_out=None):
+        return math.sqrt(fan_in) / 4
 
 
-@register_initializer("kaiming_normal")
-def _kaiming_normal(weight: torch.Tensor, generator: torch.Generator | None) -> None:
-    """N(0, 2/n): "Kaiming (Gaussian)" of thesis Table 3.1, difference gain sqrt(n/pi)."""
-    weight.normal_(0.0, math.sqrt(2.0 / _fan_in(weight)), generator=generator)
+class XavierNormal(Init):
+    """N(0, 1/n): "Xavier (Gaussian)" of thesis Table 3.1, difference gain √(n/2π)."""
+
+    def fill(self, weight, generator):
+        weight.normal_(0.0, 1.0 / math.sqrt(_fan_in(weight)), generator=generator)
+
+    def gain(self, fan_in, fan_out=None):
+        return math.sqrt(fan_in / (2 * math.pi))
 
 
-@register_initializer("orthogonal")
-def _orthogonal(weight: torch.Tensor, generator: torch.Generator | None) -> None:
+class KaimingUniform(Init):
+    """U(-√(6/n), √(6/n)): "Kaiming (uniform)" of thesis Table 3.1 (He et al. 2015, ReLU
+    gain, fan-in mode), difference gain √(6n)/4."""
+
+    def fill(self, weight, generator):
+        bound = math.sqrt(6.0 / _fan_in(weight))
+        weight.uniform_(-bound, bound, generator=generator)
+
+    def gain(self, fan_in, fan_out=None):
+        return math.sqrt(6 * fan_in) / 4
+
+
+class KaimingNormal(Init):
+    """N(0, 2/n): "Kaiming (Gaussian)" of thesis Table 3.1, difference gain √(n/π)."""
+
+    def fill(self, weight, generator):
+        weight.normal_(0.0, math.sqrt(2.0 / _fan_in(weight)), generator=generator)
+
+    def gain(self, fan_in, fan_out=None):
+        return math.sqrt(fan_in / math.pi)
+
+
+class Orthogonal(Init):
     """``torch.nn.init.orthogonal_`` (Saxe et al. 2013), gain 1, on the weight viewed as a
-    (fan_out, fan_in) matrix: orthonormal rows if fan_out <= fan_in, else orthonormal columns."""
-    flat = weight.view(weight.shape[0], -1)
-    nn.init.orthogonal_(flat, gain=1.0, generator=generator)
+    (fan_out, fan_in) matrix: orthonormal rows if fan_out <= fan_in, else orthonormal columns.
 
+    Closed-form gain (ours; the thesis omits it as "non-trivial"): each row of a Haar
+    orthonormal frame (fan_out <= fan_in) is uniform on S^{n-1}, whose coordinates have
+    E|x_1| = Γ(n/2) / (√π Γ((n+1)/2)); with fan_out > fan_in the columns are uniform on
+    S^{fan_out-1} instead."""
 
-@register_initializer("default")
-def _default(weight: torch.Tensor, generator: torch.Generator | None) -> None:
-    """PyTorch's default Linear/Conv weight init, ``kaiming_uniform_(a=sqrt(5))`` =
-    U(-1/sqrt(n), 1/sqrt(n)). :func:`initialize` never calls this (``default`` leaves the
-    model untouched); it is here so :func:`difference_gain` can sample PyTorch's default."""
-    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+    def fill(self, weight, generator):
+        flat = weight.view(weight.shape[0], -1)
+        nn.init.orthogonal_(flat, gain=1.0, generator=generator)
 
-
-def _lookup(name: str) -> Initializer:
-    if name not in INITIALIZERS:
-        raise ValueError(
-            f"unknown initializer {name!r}; known: {', '.join(sorted(INITIALIZERS))}"
-        )
-    return INITIALIZERS[name]
+    def gain(self, fan_in, fan_out=None):
+        n = int(fan_in)
+        m = n if fan_out is None or fan_out <= n else int(fan_out)
+        e_abs = math.exp(math.lgamma(m / 2) - math.lgamma((m + 1) / 2)) / math.sqrt(math.pi)
+        return n / 2 * e_abs
 
 
 def _generator(seed: int | None) -> torch.Generator | None:
@@ -133,14 +174,7 @@ def _generator(seed: int | None) -> torch.Generator | None:
     return torch.Generator().manual_seed(int(seed))
 
 
-@torch.no_grad()
-def init_weight_(weight: torch.Tensor, name: str, seed: int | None = None) -> torch.Tensor:
-    """Fill one weight tensor in place with initialiser ``name``; returns it."""
-    _fill(weight, _lookup(name), _generator(seed))
-    return weight
-
-
-def _fill(weight: torch.Tensor, fill: Initializer, generator: torch.Generator | None) -> None:
+def _fill(weight: torch.Tensor, fill, generator: torch.Generator | None) -> None:
     if generator is not None and weight.device.type != "cpu":
         # A seeded torch.Generator() lives on the CPU: sample there and copy over.
         tmp = torch.empty(weight.shape, dtype=weight.dtype)
@@ -148,23 +182,6 @@ def _fill(weight: torch.Tensor, fill: Initializer, generator: torch.Generator | 
         weight.copy_(tmp)
     else:
         fill(weight, generator)
-
-
-@torch.no_grad()
-def initialize(model: nn.Module, name: str, seed: int | None = None) -> nn.Module:
-    """Initialise every ``Conv2d`` / ``Linear`` weight of ``model`` with ``name`` and zero their
-    biases (except for ``default``, which leaves PyTorch's init untouched). ``seed`` makes the
-    result reproducible without touching the global RNG. Returns ``model``."""
-    fill = _lookup(name)
-    if name == "default":
-        return model
-    generator = _generator(seed)
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            _fill(module.weight, fill, generator)
-            if module.bias is not None:
-                module.bias.zero_()
-    return model
 
 
 # ------------------------------------------------------------------------------ difference gain
@@ -189,36 +206,9 @@ Cholesky-QR) and ~0.17 s for an i.i.d. init, i.e. ~3 min for that table column a
 _INTERVAL_PAIRS = 4
 
 
-def closed_form_gain(init: str, fan_in: int, fan_out: int | None = None) -> float:
-    """Closed-form difference gain (n/2)·E|W| (Eq. 6 of Shi et al. 2021) for fan-in ``n``.
-
-    The orthogonal entry, omitted in the thesis ("non-trivial"), is ours: each row of a Haar
-    orthonormal frame (fan_out <= fan_in) is uniform on S^{n-1}, whose coordinates have
-    E|x_1| = Gamma(n/2) / (sqrt(pi) Gamma((n+1)/2)); with fan_out > fan_in the columns are
-    uniform on S^{fan_out-1} instead. ``default`` equals ``xavier_uniform``.
-    """
-    n = int(fan_in)
-    _lookup(init)
-    if init in ("xavier_uniform", "default"):
-        return math.sqrt(n) / 4
-    if init == "xavier_normal":
-        return math.sqrt(n / (2 * math.pi))
-    if init == "kaiming_uniform":
-        return math.sqrt(6 * n) / 4
-    if init == "kaiming_normal":
-        return math.sqrt(n / math.pi)
-    if init == "ibp":
-        return 1.0
-    if init == "orthogonal":
-        m = n if fan_out is None or fan_out <= n else int(fan_out)
-        e_abs = math.exp(math.lgamma(m / 2) - math.lgamma((m + 1) / 2)) / math.sqrt(math.pi)
-        return n / 2 * e_abs
-    raise ValueError(f"no closed form known for initializer {init!r}")
-
-
 @torch.no_grad()
 def difference_gain(
-    init: str,
+    init: Init,
     fan_in: int,
     fan_out: int | None = None,
     trials: int = 100,
@@ -234,12 +224,12 @@ def difference_gain(
     by each pair. Then delta = ReLU(h_up) - ReLU(h_low) and Delta_i = |W| delta (Eq. 4); the
     trial's gain is mean(Delta_i) / mean(Delta_{i-1}). Returns the mean over ``trials``
     (``seed=None``: not reproducible);
-    expected value (n/2) E|W| (Eq. 6), see :func:`closed_form_gain`.
+    expected value (n/2) E|W| (Eq. 6), see :meth:`Init.gain`.
 
     ``fan_out`` defaults to ``min(fan_in, DEFAULT_MAX_FAN_OUT)``; see
     :data:`DEFAULT_MAX_FAN_OUT` for why.
     """
-    fill = _lookup(init)
+    fill = init.fill
     n = int(fan_in)
     if n < 1:
         raise ValueError(f"fan_in must be positive, got {fan_in!r}")
@@ -254,7 +244,7 @@ def difference_gain(
     else:
         generator.manual_seed(int(seed))
     weight = torch.empty(r, n)
-    if init == "orthogonal" and max(r, n) >= 4 * min(r, n):
+    if isinstance(init, Orthogonal) and max(r, n) >= 4 * min(r, n):
         fill = _orthogonal_cholesky_qr  # same draws, same result, ~6x faster at 64x32768
     total = 0.0
     for _ in range(trials):

@@ -1,23 +1,20 @@
-"""Experiment loggers, chosen by ``logger=<name>``. The core sees only this interface.
-
-The W&B logger lives in :mod:`fastcert.wandb_logger` and is imported only when selected, so
-the training core never imports ``wandb``.
+"""Experiment loggers: ``conf/logger/<name>.yaml`` names the class (``_target_``), which the
+pipeline builds with the run's context (``run_dir``, ``run_name``, ``config``, ``resume_id``,
+``group_default``). The core sees only this interface; the W&B logger lives in
+:mod:`fastcert.wandb_logger` and is imported only when selected, so the training core never
+imports ``wandb``.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any
-
-LOGGERS = {
-    "none": "fastcert.loggers:NullLogger",
-    "wandb": "fastcert.wandb_logger:WandbLogger",
-}
 
 
 class Logger:
-    """Receives what a run produces. Every method is optional to implement."""
+    """Receives what a run produces. Every method is optional to implement. ``log_every``:
+    per-step scalars every this many batches (0: never)."""
 
     run_id: str | None = None
+    log_every: int = 0
 
     def log_config(self, config: dict[str, Any]) -> None: ...
     def log_step(self, metrics: dict[str, float], step: int) -> None: ...
@@ -31,17 +28,7 @@ class Logger:
 class NullLogger(Logger):
     """``logger=none``: the run dir's metrics.jsonl and results.json are the record."""
 
-    def __init__(self, **_: Any):
-        pass
-
-
-def create_logger(cfg: dict, **context: Any) -> Logger:
-    """Instantiate the logger named by ``cfg['name']`` with the rest of ``cfg`` and ``context``
-    (run_dir, run_name, resume_id, config)."""
-    cfg = dict(cfg)
-    name = cfg.pop("name", "none")
-    if name not in LOGGERS:
-        raise ValueError(f"unknown logger {name!r}; choose one of {sorted(LOGGERS)}")
-    module, attr = LOGGERS[name].split(":")
-    cls = getattr(importlib.import_module(module), attr)
-    return cls(**cfg, **context)
+    def __init__(self, log_every: int = 0, run_dir=None, run_name: str = "",
+                 config: dict | None = None, resume_id: str | None = None,
+                 group_default: str | None = None):
+        self.log_every = int(log_every)

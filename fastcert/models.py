@@ -16,101 +16,51 @@ BatchNorm placement is controlled by ``bn`` (Sec. 3.3.2 and Table 4 of Shi et al
 The output (classification) layer is never followed by BN. With ``bn="full"`` there is exactly
 one BN per hidden affine layer (1x1 shortcut convolutions included).
 
-Use :func:`create_model` to build a model by name; :data:`MODELS` maps names to builders. A
-builder has the signature ``builder(input_shape, num_classes, bn, *, **model_kwargs)``; its
-keyword-only parameters (with their defaults) are the model's configurable options, which are
-also the keys of ``conf/model/<name>.yaml`` besides ``name`` and ``bn``.
+Each model is a builder function ``builder(input_shape, num_classes, bn, *, **options)``
+decorated with :func:`model_builder`; ``conf/model/<name>.yaml`` names it
+(``_target_: fastcert.models.<builder>``) and sets ``bn`` and its keyword-only options. The data
+supplies ``input_shape`` and ``num_classes`` at run time.
 """
 from __future__ import annotations
 
-import inspect
+import functools
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 __all__ = [
-    "MODELS",
     "BN_MODES",
-    "register_model",
-    "create_model",
-    "model_defaults",
+    "model_builder",
     "affine_layers",
     "BasicResidualBlock",
     "ResNeXtBlock",
 ]
 
-MODELS: dict[str, Callable[..., nn.Module]] = {}
-"""Model name -> builder ``(input_shape, num_classes, bn, **kwargs) -> nn.Module``."""
-
 BN_MODES = ("full", "conv", "none")
 
 
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering a model builder in :data:`MODELS` under ``name``."""
+def model_builder(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Check a builder's common arguments (``input_shape`` (C, H, W), ``num_classes``, ``bn``)
+    and record them on the model it returns (``input_shape``, ``num_classes``, ``bn``,
+    ``arch``: the builder's name)."""
 
-    def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in MODELS:
-            raise ValueError(f"model {name!r} is already registered")
-        MODELS[name] = builder
-        return builder
+    @functools.wraps(builder)
+    def build(input_shape: Sequence[int], num_classes: int, bn: str = "full",
+              **kwargs: Any) -> nn.Module:
+        if bn not in BN_MODES:
+            raise ValueError(f"unknown bn mode {bn!r}; expected one of {BN_MODES}")
+        shape = _check_shape(input_shape)
+        if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        model = builder(shape, int(num_classes), bn, **kwargs)
+        model.input_shape = shape
+        model.num_classes = int(num_classes)
+        model.bn = bn
+        model.arch = builder.__name__
+        return model
 
-    return decorator
-
-
-def _builder_kwargs(builder: Callable[..., nn.Module]) -> dict[str, Any]:
-    """The keyword-only parameters of a builder and their defaults."""
-    return {
-        p.name: p.default
-        for p in inspect.signature(builder).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
-
-
-def _lookup(name: str) -> Callable[..., nn.Module]:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
-    return MODELS[name]
-
-
-def model_defaults(name: str) -> dict[str, Any]:
-    """Default values of the model-specific kwargs of model ``name`` (tuples for sequences)."""
-    return _builder_kwargs(_lookup(name))
-
-
-def create_model(
-    name: str,
-    input_shape: Sequence[int],
-    num_classes: int,
-    bn: str = "full",
-    **kwargs: Any,
-) -> nn.Module:
-    """Build the registered model ``name`` for inputs of shape ``(C, H, W)``.
-
-    Raises ``ValueError`` for an unknown name (listing the known ones), an unknown ``bn`` mode,
-    a bad ``input_shape`` / ``num_classes``; ``TypeError`` for kwargs the model does not take
-    (listing the ones it does). The returned module carries ``input_shape``, ``num_classes``,
-    ``bn`` and ``arch`` attributes.
-    """
-    builder = _lookup(name)
-    if bn not in BN_MODES:
-        raise ValueError(f"unknown bn mode {bn!r}; expected one of {BN_MODES}")
-    shape = _check_shape(input_shape)
-    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    accepted = _builder_kwargs(builder)
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise TypeError(
-            f"model {name!r} got unknown kwarg(s) {unknown}; it accepts: "
-            f"{', '.join(sorted(accepted)) or '(none)'}"
-        )
-    model = builder(shape, int(num_classes), bn, **kwargs)
-    model.input_shape = shape
-    model.num_classes = int(num_classes)
-    model.bn = bn
-    model.arch = name
-    return model
+    return build
 
 
 def affine_layers(model: nn.Module) -> list[nn.Module]:
@@ -212,7 +162,7 @@ def _positive_int(name: str, value: Any) -> int:
 # ------------------------------------------------------------------------- feedforward models
 
 
-@register_model("mlp")
+@model_builder
 def mlp(
     input_shape: tuple[int, int, int],
     num_classes: int,
@@ -227,7 +177,7 @@ def mlp(
     return _feedforward(input_shape, num_classes, bn, convs=(), fcs=widths)
 
 
-@register_model("cnn7")
+@model_builder
 def cnn7(
     input_shape: tuple[int, int, int],
     num_classes: int,
@@ -245,7 +195,7 @@ def cnn7(
     return _feedforward(input_shape, num_classes, bn, convs, [fc])
 
 
-@register_model("dm_small")
+@model_builder
 def dm_small(
     input_shape: tuple[int, int, int],
     num_classes: int,
@@ -261,7 +211,7 @@ def dm_small(
     return _feedforward(input_shape, num_classes, bn, convs, [_scaled(100, width)])
 
 
-@register_model("dm_medium")
+@model_builder
 def dm_medium(
     input_shape: tuple[int, int, int],
     num_classes: int,
@@ -277,7 +227,7 @@ def dm_medium(
     return _feedforward(input_shape, num_classes, bn, convs, [fc, fc])
 
 
-@register_model("dm_large")
+@model_builder
 def dm_large(
     input_shape: tuple[int, int, int],
     num_classes: int,
@@ -292,7 +242,7 @@ def dm_large(
     return cnn7(input_shape, num_classes, bn, width=width)
 
 
-@register_model("cnn_small")
+@model_builder
 def cnn_small(
     input_shape: tuple[int, int, int],
     num_classes: int,
@@ -394,7 +344,7 @@ def _residual_head(
     return nn.Sequential(*layers)
 
 
-@register_model("wide_resnet")
+@model_builder
 def wide_resnet(
     input_shape: tuple[int, int, int],
     num_classes: int,
@@ -433,7 +383,7 @@ def wide_resnet(
     return _residual_head(layers, c * h * w, fc_width, num_classes, bn_fc)
 
 
-@register_model("resnext")
+@model_builder
 def resnext(
     input_shape: tuple[int, int, int],
     num_classes: int,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,19 +20,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastcert.bounds import BoundedNet
 from fastcert.checkpoint import write_text_atomic
-from fastcert.config import (EvalConfig, OptimConfig, ScheduleConfig, check_epochs,
-                             check_eps, typed)
-from fastcert.data import DataBundle, create_data
+from fastcert.config import (CONF_DIR, ConfigError, check_keys, check_node, coerce, instantiate,
+                             parse_number)
+from fastcert.data import DataBundle
 from fastcert.devices import acquire_device, release_device
-from fastcert.evaluate import EvalResult, evaluate
-from fastcert.initializers import initialize
-from fastcert.loggers import create_logger
-from fastcert.methods import create_method
-from fastcert.models import create_model
+from fastcert.evaluate import EvalConfig, EvalResult, evaluate
+from fastcert.methods import Method
+from fastcert.optim import Optimizer
 from fastcert.schedules import EpsSchedule
 from fastcert.train import TrainSetup, epoch_times_by_phase, fit, seed_everything
 
-DATA_ONLY_KEYS = ("eps", "eps_max")
+#: What the code supplies to each group's target (not settable from the config).
+RUNTIME = {
+    "model": ("input_shape", "num_classes"),
+    "schedule": ("eps_target", "steps_per_epoch"),
+    "logger": ("run_dir", "run_name", "config", "resume_id", "group_default"),
+}
 
 
 def resolve_device(name: str | None, devices=None) -> torch.device:
@@ -45,51 +49,108 @@ def run_name(cfg: DictConfig) -> str:
     return f"{cfg.method.name}-{cfg.model.name}-{cfg.data.name}-s{cfg.seed}"
 
 
+def top_level_keys() -> list[str]:
+    """The keys a run config may have: conf/config.yaml's own keys and its groups."""
+    primary = OmegaConf.load(CONF_DIR / "config.yaml")
+    groups = [next(iter(d)) for d in primary.defaults if isinstance(d, DictConfig)]
+    return sorted({k for k in primary if k not in ("defaults", "hydra")} |
+                  {g for g in groups if not g.startswith(("hydra", "experiment", "debug",
+                                                           "hparams_search"))})
+
+
+def check_eps(eps: float, eps_max: float, key: str = "eps") -> None:
+    """ε must lie in [0, eps_max], eps_max being the data range in pixel units."""
+    if eps < 0:
+        raise ConfigError(f"{key}={eps}: the perturbation radius must be >= 0 (pixel units)")
+    if eps > eps_max:
+        raise ConfigError(f"{key}={eps} exceeds the data range [0, {eps_max}]: every input "
+                          f"would be perturbable to every other; use {key} <= {eps_max}")
+
+
+def check_epochs(epochs: int, start: int, length: int) -> None:
+    if epochs < 1:
+        raise ConfigError(f"epochs={epochs}: train for at least one epoch")
+    if epochs < start + length:
+        warnings.warn(f"epochs={epochs} is shorter than the warmup ({start}+{length} epochs): "
+                      f"eps_target is never reached during training", stacklevel=2)
+
+
+@dataclass
+class Settings:
+    """The run's checked top-level values and the small objects built from its config."""
+
+    seed: int
+    epochs: int
+    eps: float          # training radius (pixel units)
+    eval_eps: float     # test radius
+    method: Method
+    optim: Optimizer
+    eval: EvalConfig
+    data: Any           # a fastcert.data.DataSource
+    init: Any           # a fastcert.initializers.Init
+
+
+def validate(cfg: DictConfig) -> Settings:
+    """Every check that needs no data or model: unknown keys anywhere (top level included),
+    each value against its type, ε against the data range, the epochs against the warmup."""
+    check_keys([k for k in cfg if k != "hydra"], top_level_keys(), "top-level")
+    seed = coerce(cfg.seed, int, "seed")
+    epochs = coerce(cfg.epochs, int, "epochs")
+    threads = coerce(cfg.get("cpu_threads", 0), int, "cpu_threads")
+    if threads < 0:
+        raise ConfigError(f"cpu_threads={threads}: use 0 (torch's default) or a positive count")
+    data = instantiate(cfg.data, "data")
+    eps = parse_number(cfg.eps, "eps")
+    check_eps(eps, data.eps_max)
+    eval_cfg = instantiate(cfg.eval, "eval")
+    eval_eps = eps if eval_cfg.eps is None else eval_cfg.eps
+    check_eps(eval_eps, data.eps_max, "eval.eps")
+    for group, runtime in RUNTIME.items():
+        check_node(cfg[group], group, runtime)
+    sched = check_node(cfg.schedule, "schedule", RUNTIME["schedule"])
+    check_epochs(epochs, sched.get("start", 0), sched.get("length", 0))
+    return Settings(seed=seed, epochs=epochs, eps=eps, eval_eps=eval_eps,
+                    method=instantiate(cfg.method, "method"),
+                    optim=instantiate(cfg.optim, "optim"), eval=eval_cfg, data=data,
+                    init=instantiate(cfg.init, "init"))
+
+
 @dataclass
 class Built:
     """Everything a run needs, built and checked before the first batch."""
 
+    settings: Settings
     data: DataBundle
     net: BoundedNet
-    method: Any
     schedule: EpsSchedule
-    optim: OptimConfig
-    eval: EvalConfig
     device: torch.device
+
+    @property
+    def method(self) -> Method:
+        return self.settings.method
 
 
 def build(cfg: DictConfig, device: torch.device | None = None) -> Built:
     """Validate ``cfg`` and build data, model, bounded network, method and schedule."""
-    eps = float(cfg.eps)
-    check_eps(eps, float(cfg.data.eps_max))
-    sched_cfg = typed(ScheduleConfig, cfg.schedule, "schedule")
-    check_epochs(int(cfg.epochs), sched_cfg)
-    optim = typed(OptimConfig, cfg.optim, "optim")
-    eval_cfg = typed(EvalConfig, cfg.eval, "eval")
-    method = create_method(OmegaConf.to_container(cfg.method, resolve=True))
+    s = validate(cfg)
     device = device or resolve_device(cfg.device, cfg.get("devices"))
     threads = int(cfg.get("cpu_threads", 0))  # configs saved before this key existed: torch's default
     if threads > 0:
         torch.set_num_threads(threads)  # process-wide: a run owns its process
 
-    seed_everything(int(cfg.seed))
-    data_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
-                   if k not in DATA_ONLY_KEYS}
-    data = create_data(seed=int(cfg.seed), **data_kwargs)
-    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
-    model = create_model(model_kwargs.pop("name"), data.input_shape, data.num_classes,
-                         **model_kwargs)
-    initialize(model, cfg.init.name, seed=int(cfg.seed))
+    seed_everything(s.seed)
+    data = s.data.load(seed=s.seed)
+    model = instantiate(cfg.model, "model", input_shape=data.input_shape,
+                        num_classes=data.num_classes)
+    s.init(model, seed=s.seed)
     model.to(device)
     # two test images to trace the graph (not a whole loader batch: no workers, no 512 images)
     test_set = data.test.dataset
     example = torch.stack([test_set[i][0] for i in range(min(2, len(test_set)))]).to(device)
     net = BoundedNet(model, example, data.num_classes)
-
-    schedule = EpsSchedule(eps_target=eps, steps_per_epoch=len(data.train),
-                           **{k: getattr(sched_cfg, k) for k in
-                              ("kind", "start", "length", "mid", "exponent")})
-    return Built(data, net, method, schedule, optim, eval_cfg, device)
+    schedule = instantiate(cfg.schedule, "schedule", eps_target=s.eps,
+                           steps_per_epoch=len(data.train))
+    return Built(s, data, net, schedule, device)
 
 
 def format_table(results: dict) -> str:
@@ -117,7 +178,8 @@ def results_dict(cfg: DictConfig, result: EvalResult, history: list[dict],
         "ibp_verified_acc": summary.get("ibp_verified_acc"),
         "crown_verified_acc": summary.get("crown_verified_acc"),
         "any_verified_acc": summary.get("any_verified_acc"),
-        "eps": float(cfg.eps),
+        "eps": result.eps,
+        "train_eps": parse_number(cfg.eps, "eps"),
         "epochs": int(cfg.epochs),
         "method": cfg.method.name,
         "model": cfg.model.name,
@@ -151,22 +213,23 @@ def _run(cfg: DictConfig, run_dir: Path, resume, device: torch.device, group: st
          t0: float) -> dict:
     built = build(cfg, device)
     resume_state = _resume_state(run_dir, resume, built.device)
-    logger = create_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir=run_dir,
-                           run_name=run_name(cfg), config=OmegaConf.to_container(cfg, resolve=True),
-                           resume_id=(resume_state or {}).get("logger_run_id"),
-                           group_default=group)
+    logger = instantiate(cfg.logger, "logger", run_dir=run_dir, run_name=run_name(cfg),
+                         config=OmegaConf.to_container(cfg, resolve=True),
+                         resume_id=(resume_state or {}).get("logger_run_id"),
+                         group_default=group)
     try:
         setup = TrainSetup(
             net=built.net, method=built.method, train_loader=built.data.train,
-            box_fn=built.data.eps_box, schedule=built.schedule, optim=built.optim,
-            epochs=int(cfg.epochs), seed=int(cfg.seed), device=built.device, run_dir=run_dir,
-            logger=logger, log_every=int(cfg.logger.get("log_every", 50) or 0),
+            box_fn=built.data.eps_box, schedule=built.schedule, optim=built.settings.optim,
+            epochs=built.settings.epochs, seed=built.settings.seed, device=built.device,
+            run_dir=run_dir, logger=logger,
             checkpoint_extra=lambda: {"config": OmegaConf.to_container(cfg, resolve=True),
                                       "logger_run_id": logger.run_id})
         history = fit(setup, resume_state=resume_state)
-        result = evaluate(built.net, built.data.test, built.data.eps_box, float(cfg.eps),
-                          verifiers=built.eval.verifiers, pgd=built.eval.pgd,
-                          device=built.device, seed=int(cfg.seed))
+        ev = built.settings.eval
+        result = evaluate(built.net, built.data.test, built.data.eps_box, built.settings.eval_eps,
+                          verifiers=ev.bounds, pgd=ev.pgd, device=built.device,
+                          seed=built.settings.seed)
         results = results_dict(cfg, result, history, time.perf_counter() - t0)
         write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         logger.log_summary(results)

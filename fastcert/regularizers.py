@@ -21,27 +21,24 @@ def tightness_loss(input_width: torch.Tensor, relus: list[ReluBounds], tau: floa
     if not relus:
         return input_width.new_zeros(())
     delta0 = input_width.mean()
-    if delta0 <= 0:
-        return input_width.new_zeros(())
     terms = [torch.relu(tau - delta0 / (r.upper - r.lower).mean().clamp_min(1e-12)) for r in relus]
-    return torch.stack(terms).sum() / (tau * len(relus))
+    loss = torch.stack(terms).sum() / (tau * len(relus))
+    return torch.where(delta0 > 0, loss, torch.zeros_like(loss))  # no host read of delta0
 
 
 def _balance_ratios(lower: torch.Tensor, upper: torch.Tensor):
-    """α_i and β_i of Sec. 3.3.3: contribution of active vs inactive neurons to Ê(c) and Var(c).
-
-    c = (h̲ + h̄)/2; active neurons have h̲ > 0, inactive ones h̄ < 0. Returns None when the
-    layer lacks an active or an inactive neuron (the regulariser is then not applied).
-    """
+    """α_i and β_i of Sec. 3.3.3: contribution of active vs inactive neurons to Ê(c) and Var(c),
+    and whether the layer has both an active and an inactive neuron (else the regulariser is
+    not applied). c = (h̲ + h̄)/2; active neurons have h̲ > 0, inactive ones h̄ < 0. All three
+    are tensors: nothing is read on the host."""
     c = (lower + upper) / 2
     active = lower > 0
     inactive = upper < 0
-    if not active.any() or not inactive.any():
-        return None
-    alpha = (c * active).sum() / (-(c * inactive).sum()).clamp_min(1e-12)
+    both = active.any() & inactive.any()
+    alpha = (c * active).sum().clamp_min(1e-12) / (-(c * inactive).sum()).clamp_min(1e-12)
     dev = (c - c.mean()) ** 2
-    beta = (dev * active).sum() / (dev * inactive).sum().clamp_min(1e-12)
-    return alpha, beta
+    beta = (dev * active).sum().clamp_min(1e-12) / (dev * inactive).sum().clamp_min(1e-12)
+    return alpha, beta, both
 
 
 def relu_loss(relus: list[ReluBounds], tau: float) -> torch.Tensor:
@@ -53,12 +50,9 @@ def relu_loss(relus: list[ReluBounds], tau: float) -> torch.Tensor:
         return torch.zeros(())
     terms = []
     for r in relus:
-        ratios = _balance_ratios(r.lower, r.upper)
-        if ratios is None:
-            terms.append(r.lower.new_zeros(()))
-            continue
-        for q in ratios:
-            terms.append(torch.relu(tau - torch.minimum(q, 1 / q.clamp_min(1e-12))))
+        alpha, beta, both = _balance_ratios(r.lower, r.upper)
+        term = sum(torch.relu(tau - torch.minimum(q, 1 / q)) for q in (alpha, beta))
+        terms.append(torch.where(both, term, torch.zeros_like(term)))
     return torch.stack(terms).sum() / (tau * len(relus))
 
 

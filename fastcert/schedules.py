@@ -14,25 +14,18 @@ PHASES = ("eps0", "ramp", "final")
 
 @dataclass(frozen=True)
 class EpsSchedule:
-    """ε as a function of the global batch index.
-
-    kind="linear":   ε grows linearly over the ramp.
-    kind="smoothed": ε(t) = a·t^p up to ``mid`` of the ramp, then linear to ε_target with the
-                     same slope at the joint (continuous first derivative); the shape of
-                     auto_LiRPA's ``SmoothedScheduler`` (Xu et al. 2020), p = ``exponent``.
+    """ε as a function of the global batch index: ``start`` epochs at 0, a ramp over ``length``
+    epochs (updated every batch), then ``eps_target``. Subclasses give the ramp's shape
+    ``shape(t)`` for t in [0, 1]. ``eps_target`` and ``steps_per_epoch`` are supplied by the
+    run (the radius and the training loader), not by the config.
     """
 
-    eps_target: float
-    start: int
-    length: int
-    steps_per_epoch: int
-    kind: str = "linear"
-    mid: float = 0.25
-    exponent: float = 4.0
+    start: int = 0
+    length: int = 0
+    eps_target: float = 0.0
+    steps_per_epoch: int = 1
 
     def __post_init__(self):
-        if self.kind not in ("linear", "smoothed"):
-            raise ValueError(f"schedule.kind must be 'linear' or 'smoothed', got {self.kind!r}")
         if self.eps_target < 0:
             raise ValueError(f"eps must be >= 0, got {self.eps_target}")
         if self.start < 0 or self.length < 0:
@@ -40,8 +33,9 @@ class EpsSchedule:
                              f"{self.start} and {self.length}")
         if self.steps_per_epoch < 1:
             raise ValueError("steps_per_epoch must be >= 1")
-        if not 0 < self.mid < 1 or self.exponent < 1:
-            raise ValueError("schedule.mid must be in (0, 1) and schedule.exponent >= 1")
+
+    def shape(self, t: float) -> float:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
 
     @property
     def ramp_steps(self) -> tuple[int, int]:
@@ -61,15 +55,9 @@ class EpsSchedule:
     def eps(self, step: int) -> float:
         """ε used for global batch ``step``."""
         t = self.progress(step)
-        if self.kind == "linear" or t in (0.0, 1.0):
+        if t in (0.0, 1.0):
             return self.eps_target * t
-        p, m = self.exponent, self.mid
-        # a·m^p + a·p·m^(p-1)·(1-m) = 1 (C¹ joint at m, reaching 1 at t=1)
-        a = 1.0 / (m ** (p - 1) * (m + p * (1 - m)))
-        if t < m:
-            return self.eps_target * a * t ** p
-        slope = a * p * m ** (p - 1)
-        return self.eps_target * min(1.0, a * m ** p + slope * (t - m))
+        return self.eps_target * min(1.0, self.shape(t))
 
     def phase(self, epoch: int) -> str:
         """Which of the three phases epoch ``epoch`` (0-based) belongs to (Table 3)."""
@@ -82,6 +70,37 @@ class EpsSchedule:
     @property
     def warmup_epochs(self) -> int:
         return self.start + self.length
+
+
+@dataclass(frozen=True)
+class LinearSchedule(EpsSchedule):
+    """ε grows linearly over the ramp: shape(t) = t."""
+
+    def shape(self, t: float) -> float:
+        return t
+
+
+@dataclass(frozen=True)
+class SmoothedSchedule(EpsSchedule):
+    """ε(t) = a·t^p up to ``mid`` of the ramp, then linear to ε_target with the same slope at
+    the joint (continuous first derivative); the shape of auto_LiRPA's ``SmoothedScheduler``
+    (Xu et al. 2020), p = ``exponent``."""
+
+    mid: float = 0.25
+    exponent: float = 4.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.mid < 1 or self.exponent < 1:
+            raise ValueError("schedule.mid must be in (0, 1) and schedule.exponent >= 1")
+
+    def shape(self, t: float) -> float:
+        p, m = self.exponent, self.mid
+        # a·m^p + a·p·m^(p-1)·(1-m) = 1 (C¹ joint at m, reaching 1 at t=1)
+        a = 1.0 / (m ** (p - 1) * (m + p * (1 - m)))
+        if t < m:
+            return a * t ** p
+        return a * m ** p + a * p * m ** (p - 1) * (t - m)
 
 
 def linear_coefficient(start: float, end: float, ratio: float) -> float:

@@ -18,11 +18,16 @@ from tqdm.auto import tqdm
 
 from fastcert import checkpoint
 from fastcert.bounds import BoundedNet
-from fastcert.config import OptimConfig
 from fastcert.loggers import Logger
-from fastcert.methods import Batch, Method
+from fastcert.methods import Batch, Method, StepOutput
+from fastcert.optim import Optimizer
 from fastcert.regularizers import relu_states
 from fastcert.schedules import EpsSchedule
+
+
+#: Evenly spaced steps per epoch whose plot-only values (ReLU states, regularisers) the epoch's
+#: record averages (fewer when an epoch has fewer steps).
+RECORD_STEPS = 8
 
 
 def seed_everything(seed: int) -> None:
@@ -46,64 +51,89 @@ class TrainSetup:
     train_loader: object
     box_fn: Callable  # (x, eps) -> (lower, upper)
     schedule: EpsSchedule
-    optim: OptimConfig
+    optim: Optimizer
     epochs: int
     seed: int
     device: torch.device
     run_dir: Path
     logger: Logger
-    log_every: int = 50
     checkpoint_extra: Callable[[], dict] | None = None  # more state to save (config, W&B id)
 
 
-def make_optimizer(net: BoundedNet, cfg: OptimConfig):
-    opt = torch.optim.Adam(net.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones),
-                                                 gamma=cfg.gamma)
-    return opt, sched
-
-
 class _EpochStats:
-    """Running means of the per-step numbers of one epoch."""
+    """Running sums of one epoch's per-step numbers, kept as tensors on the device and read
+    once (:meth:`record`): no host-device synchronisation per step."""
 
     def __init__(self):
         self.n = 0
         self.correct = 0
         self.verified = 0
         self.verified_n = 0
-        self.sums = defaultdict(float)
-        self.counts = defaultdict(int)
+        self.sums: dict = defaultdict(float)
+        self.counts: dict = defaultdict(int)
         self.relu = defaultdict(list)
 
-    def add(self, out, y, loss: float):
+    def add(self, out: StepOutput, y: torch.Tensor, loss: torch.Tensor, diagnostics: bool):
+        """One step; its plot-only values (regularisers, ReLU states) when ``diagnostics``."""
         b = len(y)
         self.n += b
-        self.correct += (out.logits.argmax(1) == y).sum().item()
+        self.correct = self.correct + (out.logits.argmax(1) == y).sum()
         if out.verified is not None:
-            self.verified += out.verified.sum().item()
+            self.verified = self.verified + out.verified.sum()
             self.verified_n += b
-        for k, v in {"loss": loss, **out.stats}.items():
-            self.sums[k] += v * b
+        values = {"loss": loss, **out.stats, **(out.diagnostics if diagnostics else {})}
+        for k, v in values.items():
+            self.sums[k] = self.sums[k] + v * b
             self.counts[k] += b
-        if out.relus:
+        if diagnostics and out.relus:
             for k, per_layer in relu_states(out.relus).items():
                 self.relu[k].append(per_layer)
 
     def record(self) -> dict:
-        rec = {k: self.sums[k] / self.counts[k] for k in self.sums}
-        rec["train_clean_acc"] = self.correct / max(self.n, 1)
+        rec = {k: _number(self.sums[k]) / self.counts[k] for k in self.sums}
+        rec["train_clean_acc"] = _number(self.correct) / max(self.n, 1)
         if self.verified_n:
-            rec["train_verified_acc"] = self.verified / self.verified_n
+            rec["train_verified_acc"] = _number(self.verified) / self.verified_n
         for k, rows in self.relu.items():
             rec[f"relu_{k}"] = [sum(col) / len(col) for col in zip(*rows)]
         return rec
 
 
+def _number(v) -> float:
+    return v.item() if isinstance(v, torch.Tensor) else float(v)
+
+
+def _merge(outs: list[StepOutput]) -> StepOutput:
+    """One StepOutput (loss detached) for a batch processed in chunks (``optim.grad_acc_steps``):
+    means of the chunks' losses and statistics."""
+    k = len(outs)
+    if k == 1:
+        return StepOutput(outs[0].loss.detach(), outs[0].logits, outs[0].stats,
+                          outs[0].verified, outs[0].relus, outs[0].diagnostics)
+    stats = {key: sum(o.stats[key] for o in outs) / k for key in outs[0].stats}
+    diagnostics = {key: sum(o.diagnostics[key] for o in outs) / k for key in outs[0].diagnostics}
+    verified = None if outs[0].verified is None else torch.cat([o.verified for o in outs])
+    relus = next((o.relus for o in outs if o.relus), None)
+    return StepOutput(sum(o.loss.detach() for o in outs) / k,
+                      torch.cat([o.logits for o in outs]), stats, verified, relus, diagnostics)
+
+
 def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
     """Train for ``s.epochs`` epochs, appending to metrics.jsonl and writing last.pt atomically
     after each. With ``resume_state`` (a loaded checkpoint), continue after the epoch it
-    recorded."""
-    optimizer, lr_sched = make_optimizer(s.net, s.optim)
+    recorded.
+
+    Each batch is one optimiser step; ``optim.grad_acc_steps = k`` splits it into k chunks
+    whose gradients accumulate (the meaning in the released code of Shi et al. 2021: the
+    batch size, hence the schedule, is kept while memory falls about k-fold).
+
+    Plot-only values (regularisers, ReLU states) are computed on diagnostic steps only: the
+    epoch's record averages them over :data:`RECORD_STEPS` evenly spaced steps (the last one
+    included), the same whatever the logger; W&B's per-step logs (every ``logger.log_every``
+    steps) compute them for their own steps.
+    """
+    params = [p for p in s.net.model.parameters() if p.requires_grad]
+    optimizer, lr_sched = s.optim.build(params)
     metrics_path = s.run_dir / "metrics.jsonl"
     ckpt_path = s.run_dir / "last.pt"
     start_epoch = 0
@@ -119,7 +149,8 @@ def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
     # first checkpoint (the pipeline refuses a fresh start where a last.pt exists).
     history = _truncate_metrics(metrics_path, start_epoch)
     steps = len(s.train_loader)
-    params = [p for p in s.net.model.parameters() if p.requires_grad]
+    log_every = int(s.logger.log_every or 0)
+    record_every = max(1, steps // RECORD_STEPS)
     for epoch in range(start_epoch, s.epochs):
         seed_everything(epoch_seed(s.seed, epoch))
         generator = getattr(s.train_loader, "generator", None)
@@ -130,37 +161,42 @@ def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
         t0 = time.perf_counter()
         bar = tqdm(s.train_loader, desc=f"epoch {epoch + 1}/{s.epochs}", leave=False,
                    dynamic_ncols=True, mininterval=1.0)
-        optimizer.zero_grad(set_to_none=True)
         eps = 0.0
         for i, (x, y) in enumerate(bar):
             step = epoch * steps + i
             x, y = x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True)
             eps = s.schedule.eps(step)
-            lower, upper = s.box_fn(x, eps)
-            out = s.method.step(s.net, Batch(x, y, lower, upper, eps, s.schedule.eps_target))
-            loss = out.loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, batch {i} "
-                                         f"(eps={eps:.4g}); lower optim.lr or check the model")
-            (loss / s.optim.grad_acc_steps).backward()
-            grad_norm = None
-            if (i + 1) % s.optim.grad_acc_steps == 0 or i + 1 == steps:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, s.optim.grad_clip).item()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            stats.add(out, y, loss.item())
-            if s.log_every and step % s.log_every == 0:
-                s.logger.log_step({"train/loss": loss.item(), "train/eps": eps,
-                                   "train/lr": optimizer.param_groups[0]["lr"],
-                                   **({"train/grad_norm": grad_norm} if grad_norm is not None
-                                      else {}),
-                                   **{f"train/{k}": v for k, v in out.stats.items()}}, step)
-            bar.set_postfix(eps=f"{eps:.4f}", loss=f"{loss.item():.3f}", refresh=False)
+            log_now = log_every > 0 and step % log_every == 0
+            record_now = i % record_every == 0 or i + 1 == steps
+            diagnose = log_now or record_now
+            optimizer.zero_grad(set_to_none=True)
+            chunks = list(zip(x.chunk(s.optim.grad_acc_steps), y.chunk(s.optim.grad_acc_steps)))
+            outs = []
+            for xc, yc in chunks:
+                lower, upper = s.box_fn(xc, eps)
+                out = s.method.step(s.net, Batch(xc, yc, lower, upper, eps,
+                                                 s.schedule.eps_target, s.box_fn, diagnose))
+                (out.loss / len(chunks)).backward()
+                outs.append(out)
+            out = _merge(outs)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.optim.grad_clip)
+            optimizer.step()
+            stats.add(out, y, out.loss, record_now)
+            if diagnose:
+                _check_finite(out.loss, epoch, i, eps)
+                if log_now:
+                    s.logger.log_step({"train/loss": out.loss.item(), "train/eps": eps,
+                                       "train/lr": optimizer.param_groups[0]["lr"],
+                                       "train/grad_norm": grad_norm.item(),
+                                       **{f"train/{k}": _number(v) for k, v in
+                                          {**out.stats, **out.diagnostics}.items()}}, step)
+                bar.set_postfix(eps=f"{eps:.4f}", loss=f"{out.loss.item():.3f}", refresh=False)
         bar.close()
         lr_sched.step()
         record = {"epoch": epoch + 1, "phase": s.schedule.phase(epoch), "eps": eps,
                   "lr": optimizer.param_groups[0]["lr"], **stats.record(),
                   "epoch_time_s": time.perf_counter() - t0}
+        _check_finite(torch.tensor(record["loss"]), epoch, steps - 1, eps)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         history.append(record)
@@ -172,6 +208,14 @@ def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
         s.logger.log_epoch(record, epoch + 1)
         tqdm.write(_epoch_line(record))
     return history
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, batch: int, eps: float) -> None:
+    """Read on diagnostic steps and once per epoch (a per-step check would wait on the device
+    every step); an epoch's record is never written with a non-finite loss."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} (by batch "
+                                 f"{batch}, eps={eps:.4g}); lower optim.lr or check the model")
 
 
 def _epoch_line(r: dict) -> str:

@@ -61,13 +61,10 @@ def flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
 
 class WandbLogger(Logger):
     def __init__(self, *, run_dir, run_name: str, config: dict, project: str = "fastcert",
-                 entity: str | None = None, group: str | None = None, tags=(),
+                 entity: str | None = None, group: str | None = None,
+                 tags: list[str] | None = None,
                  mode: str | None = None, log_every: int = 50, log_checkpoints: bool = False,
-                 resume_id: str | None = None, group_default: str | None = None,
-                 **unknown: Any):
-        if unknown:
-            raise ValueError(f"logger=wandb has no option(s) {sorted(unknown)}; its options are "
-                             f"project, entity, group, tags, mode, log_every, log_checkpoints")
+                 resume_id: str | None = None, group_default: str | None = None):
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         mode = resolve_mode(mode)

@@ -26,6 +26,26 @@ TINY_MODELS: dict[str, dict] = {
     "resnext": {"cardinality": 2, "bottleneck_width": 2, "stem_width": 4, "fc_width": 16},
 }
 
+MODEL_NAMES = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+
+
+def tiny_kwargs(name: str) -> dict:
+    """Tiny options of a model family (a newly added model falls back to width=0.125 when it
+    takes a width multiplier)."""
+    from fastcert.config import option_node
+
+    if name in TINY_MODELS:
+        return dict(TINY_MODELS[name])
+    return {"width": 0.125} if "width" in option_node("model", name) else {}
+
+
+def build_model(name: str, input_shape, num_classes: int, **options):
+    """conf/model/<name>.yaml with ``options`` (bn, width ...) for the given data shape."""
+    from fastcert.config import build_option
+
+    return build_option("model", name, options, input_shape=input_shape, num_classes=num_classes)
+
+
 # Smallest settings that still go through every stage of a run.
 TINY = ["debug=smoke", "device=cpu", "data.limit_train=96", "data.limit_test=48"]
 

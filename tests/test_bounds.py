@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastcert.attacks import PGDConfig, margin_loss, pgd_attack
-from fastcert.bounds import BoundedNet, margin_spec, robust_ce_from_margins
+from fastcert.bounds import (Bound, BoundedNet, Mix, beta_mix, margin_spec,
+                             robust_ce_from_margins)
 
 METHODS = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "crown": "CROWN"}
 
@@ -107,7 +108,7 @@ def test_robust_ce_equals_ce_at_zero_radius():
     model = _mlp().eval()
     net = BoundedNet(model, torch.zeros(2, 1, 8, 8), 10).eval()
     x, y = torch.rand(5, 1, 8, 8), torch.randint(0, 10, (5,))
-    logits, lb = net.margin_bounds(x, y, x, x, "ibp")
+    logits, lb = net.margin_bounds(x, y, x, x, Bound.IBP)
     torch.testing.assert_close(robust_ce_from_margins(lb, "none"),
                                F.cross_entropy(logits, y, reduction="none"), atol=1e-5, rtol=0)
 
@@ -122,12 +123,12 @@ def test_loss_fusion_bound_is_above_the_natural_loss(training):
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
     lower, upper = (x - 0.03).clamp(0, 1), (x + 0.03).clamp(0, 1)
     for beta in (0.0, 0.5, 1.0):
-        natural, robust, logits = net.fused_ce(x, y, lower, upper, beta=beta)
+        natural, robust, logits = net.fused_ce(x, y, lower, upper, Mix(beta))
         assert (robust >= natural - 1e-5).all(), beta
         torch.testing.assert_close(natural, F.cross_entropy(logits, y, reduction="none"),
                                    atol=1e-4, rtol=0)
     net.eval()
-    natural, robust, _ = net.fused_ce(x, y, lower, upper, beta=0.5)
+    natural, robust, _ = net.fused_ce(x, y, lower, upper, Mix(0.5))
     _, adv = pgd_attack(model, x, y, lower, upper, PGDConfig(steps=10))
     with torch.no_grad():
         adv_ce = F.cross_entropy(model(adv), y, reduction="none")
@@ -142,10 +143,10 @@ def test_views_share_batchnorm_statistics():
     net = BoundedNet(model, torch.zeros(2, 1, 8, 8), 10).train()
     x, y = torch.rand(8, 1, 8, 8) + 2.0, torch.randint(0, 10, (8,))
     before = model[1].running_mean.clone()
-    net.margin_bounds(x, y, x - 0.01, x + 0.01, "ibp")
+    net.margin_bounds(x, y, x - 0.01, x + 0.01, Bound.IBP)
     after_margin = model[1].running_mean.clone()
     assert not torch.allclose(before, after_margin)
-    net.fused_ce(x, y, x - 0.01, x + 0.01, beta=0.0)
+    net.fused_ce(x, y, x - 0.01, x + 0.01, Mix(0.0))
     assert not torch.allclose(after_margin, model[1].running_mean)
     net.eval()
     with torch.no_grad():
@@ -156,3 +157,32 @@ def test_pgd_margin_loss_sign():
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
     y = torch.tensor([0, 0])
     assert margin_loss(logits, y).tolist() == [-1.0, 3.0]
+
+
+def test_bound_choice_is_typed_and_parsed_from_config_names():
+    assert [b.key for b in Bound] == ["ibp", "crown_ibp", "crown", "alpha_crown"]
+    assert Bound.parse("crown_ibp") is Bound.CROWN_IBP and Bound.parse(Bound.CROWN) is Bound.CROWN
+    with pytest.raises(ValueError, match="unknown verifier 'foo'.*crown_ibp"):
+        Bound.parse("foo")
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_mix_is_the_convex_combination_of_crown_ibp_and_ibp(beta):
+    """Mix(β) = β·CROWN-IBP + (1-β)·IBP on the margins (Eq. 9 of Zhang et al. 2020), computed
+    by the one mixing function for both the margin and the loss-fusion paths."""
+    torch.manual_seed(1)
+    net = BoundedNet(_cnn(), torch.zeros(2, 1, 8, 8), 10).eval()
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    lower, upper = (x - 0.02).clamp(0, 1), (x + 0.02).clamp(0, 1)
+    with torch.no_grad():
+        _, ibp = net.margin_bounds(x, y, lower, upper, Bound.IBP)
+        _, cibp = net.margin_bounds(x, y, lower, upper, Bound.CROWN_IBP)
+        _, mixed = net.margin_bounds(x, y, lower, upper, Mix(beta))
+        _, fused_ibp, _ = net.fused_ce(x, y, lower, upper, Bound.IBP)
+        _, fused_cibp, _ = net.fused_ce(x, y, lower, upper, Bound.CROWN_IBP)
+        _, fused_mixed, _ = net.fused_ce(x, y, lower, upper, Mix(beta))
+    torch.testing.assert_close(mixed, beta_mix(cibp, ibp, beta), rtol=0, atol=1e-5)
+    # loss fusion mixes the bounds of s = Σ exp(f_j - f_y) before the log
+    torch.testing.assert_close(fused_mixed.exp(),
+                               beta_mix(fused_cibp.exp(), fused_ibp.exp(), beta), rtol=1e-4,
+                               atol=1e-6)

@@ -17,11 +17,10 @@ from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from conftest import CONF, ROOT, TINY
+from conftest import CONF, ROOT, TINY, build_model
 from fastcert.certify import _precheck, certify
 from fastcert.checkpoint import CheckpointError
 from fastcert.diagnostics import crown_cost, relu_sizes
-from fastcert.models import create_model
 from fastcert.pipeline import run
 
 # A run that verifies some test examples in seconds: small MLP, ε=0.05, a few epochs.
@@ -165,7 +164,7 @@ def test_crown_skipped_over_memory_budget(trained, tmp_path, capsys):
 
 
 def test_crown_cost_rule():
-    model = create_model("mlp", (1, 8, 8), 10, bn="none", widths=[32, 16])
+    model = build_model("mlp", (1, 8, 8), 10, bn="none", widths=[32, 16])
     sizes = relu_sizes(model, (1, 8, 8))
     assert sizes == [32, 16]
     # B·(Σ n_i + K)·max(d_in, max n_i) = 4·(48+10)·64

@@ -15,23 +15,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from fastcert import prep_tinyimagenet
+from fastcert.config import ConfigError, build_option, instantiate, option_node, options
 from fastcert.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
-    DATASETS,
     DataBundle,
     DatasetNotFoundError,
-    create_data,
-    register_dataset,
+    DatasetSplits,
+    DataSource,
 )
 
 from conftest import WNIDS, make_tiny_imagenet
 
-REPO = Path(__file__).resolve().parents[1]
+
+def create_data(name: str, seed: int = 0, **settings) -> DataBundle:
+    """``data=<name>`` with ``settings`` overriding its keys, loaded with ``seed``."""
+    return build_option("data", name, settings).load(seed=seed)
 
 
 # ------------------------------------------------------------------------------- fixtures
@@ -40,28 +42,25 @@ REPO = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------- registry / eps
 
 
-def test_registry_and_unknown_name():
-    assert {"digits", "mnist", "cifar10", "tinyimagenet"} <= set(DATASETS)
-    with pytest.raises(ValueError) as e:
+def test_options_and_unknown_name():
+    assert {"digits", "mnist", "cifar10", "tinyimagenet"} <= set(options("data"))
+    with pytest.raises(ConfigError) as e:
         create_data("svhn")
     for n in ("digits", "mnist", "cifar10", "tinyimagenet"):
         assert n in str(e.value)
 
 
-def test_register_dataset_decorator():
-    from fastcert.data import DatasetSplits
-    from torch.utils.data import TensorDataset
+class _Toy(DataSource):
+    def splits(self, seed):
+        from torch.utils.data import TensorDataset
 
-    @register_dataset("_toy")
-    def _toy(root, download, seed, augment):
         ds = TensorDataset(torch.rand(10, 1, 2, 2), torch.zeros(10, dtype=torch.long))
         return DatasetSplits(ds, ds, (1, 2, 2), 2, (0.5,), (0.25,))
 
-    try:
-        b = create_data("_toy", batch_size=4)
-        assert DATASETS["_toy"] is _toy and b.num_classes == 2 and len(b.train) == 3
-    finally:
-        DATASETS.pop("_toy")
+
+def test_a_new_data_set_is_a_data_source_subclass_named_by_target():
+    b = instantiate({"_target_": f"{__name__}._Toy", "batch_size": 4}, "data").load(seed=0)
+    assert b.num_classes == 2 and len(b.train) == 3 and b.train.batch_size == 4
 
 
 def _bundle(mean, std) -> DataBundle:
@@ -142,7 +141,7 @@ def test_limits():
     d2 = create_data("digits", limit_train=100, limit_test=30, batch_size=32, seed=3)
     assert d.train.dataset.indices == d2.train.dataset.indices
     assert len(create_data("digits", limit_train=10**6).train.dataset) == 1437
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="data.limit_train=0: must be a positive integer"):
         create_data("digits", limit_train=0)
 
 
@@ -303,16 +302,14 @@ def test_prep_download_without_network(tmp_path, capsys):
     [("digits", 0.1, 64), ("mnist", 0.4, 256), ("cifar10", 8 / 255, 128), ("tinyimagenet", 1 / 255, 128)],
 )
 def test_yaml_configs(name, eps, bs):
-    import inspect
-
-    cfg = OmegaConf.load(REPO / "conf" / "data" / f"{name}.yaml")
-    assert cfg.name == name and cfg.eps == pytest.approx(eps, rel=1e-12) and cfg.eps_max == 1.0
-    assert cfg.batch_size == bs and cfg.download is False
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("name", "eps", "eps_max")}
-    params = set(inspect.signature(create_data).parameters)
-    assert set(kwargs) <= params, set(kwargs) - params
+    node = option_node("data", name)
+    assert node["name"] == name and node["_target_"].startswith("fastcert.data.")
+    source = build_option("data", name)
+    assert isinstance(source, DataSource)
+    assert source.eps == pytest.approx(eps, rel=1e-12) and source.eps_max == 1.0
+    assert source.batch_size == bs and source.download is False
     if name == "digits":
-        b = create_data(cfg.name, **kwargs)
+        b = source.load(seed=0)
         assert b.train.batch_size == 64 and b.test.batch_size == 512
 
 

@@ -3,26 +3,40 @@ difference gains of thesis Table 3.1 (= Table 5 of Shi et al. 2021)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from experiments.init_gain import PAPER_FAN_INS, PAPER_TABLE_3_1, ROWS, gain_table, main
+from fastcert.config import ConfigError, build_option, option_node, options
 from fastcert.initializers import (
     DEFAULT_MAX_FAN_OUT,
-    INITIALIZERS,
     _orthogonal_cholesky_qr,
-    closed_form_gain,
     difference_gain,
-    init_weight_,
-    initialize,
 )
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "init"
-NON_DEFAULT = sorted(set(INITIALIZERS) - {"default"})
+INITS = options("init")
+NON_DEFAULT = sorted(set(INITS) - {"default"})
+
+
+def _init(name: str):
+    """The initialisation ``init=<name>`` selects (conf/init/<name>.yaml)."""
+    return build_option("init", name)
+
+
+def closed_form_gain(name: str, n: int, fan_out: int | None = None) -> float:
+    return _init(name).gain(n, fan_out)
+
+
+def initialize(model: nn.Module, name: str, seed: int | None = None) -> nn.Module:
+    return _init(name)(model, seed=seed)
+
+
+@torch.no_grad()
+def init_weight_(weight: torch.Tensor, name: str, seed: int) -> torch.Tensor:
+    _init(name).fill(weight, torch.Generator().manual_seed(seed))
+    return weight
 
 
 def _net() -> nn.Module:
@@ -47,7 +61,7 @@ def test_difference_gain_reproduces_table_3_1(init, n):
     # 100 trials as in the thesis where cheap; 10 at n = 32768 (per-trial noise there is
     # ~1/sqrt(64*32768) relative, so 10 trials are plenty). The experiment script uses 100.
     trials = 100 if n < 32768 else 10
-    measured = difference_gain(init, n, trials=trials, seed=0)
+    measured = difference_gain(_init(init), n, trials=trials, seed=0)
     paper = PAPER_TABLE_3_1[init][n]
     assert measured == pytest.approx(paper, rel=0.10)
     # in fact much closer than 10%: within 2% of the printed value, 1% of the closed form
@@ -57,7 +71,7 @@ def test_difference_gain_reproduces_table_3_1(init, n):
 
 @pytest.mark.parametrize("n", [9, 27, 576, 1152, 4608])
 def test_ibp_init_gain_is_one(n):
-    assert difference_gain("ibp", n, trials=50, seed=1) == pytest.approx(1.0, abs=0.05)
+    assert difference_gain(_init("ibp"), n, trials=50, seed=1) == pytest.approx(1.0, abs=0.05)
 
 
 def test_closed_forms():
@@ -76,7 +90,7 @@ def test_closed_forms():
     assert closed_form_gain("xavier_uniform", 32768) == pytest.approx(45.25, abs=0.01)  # Sec 3.2.1
 
 
-@pytest.mark.parametrize("init", sorted(INITIALIZERS))
+@pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("n", [64, 300])
 def test_closed_form_is_half_n_times_mean_abs_weight(init, n):
     """Eq. 6: gain = (n/2) E|W|, checked on a large sample of the init's weights."""
@@ -84,7 +98,7 @@ def test_closed_form_is_half_n_times_mean_abs_weight(init, n):
     assert (n / 2) * weight.abs().mean().item() == pytest.approx(
         closed_form_gain(init, n), rel=0.03
     )
-    assert difference_gain(init, n, trials=40, seed=4) == pytest.approx(
+    assert difference_gain(_init(init), n, trials=40, seed=4) == pytest.approx(
         closed_form_gain(init, n), rel=0.03
     )
 
@@ -92,7 +106,7 @@ def test_closed_form_is_half_n_times_mean_abs_weight(init, n):
 def test_orthogonal_gain_depends_on_shape():
     # fan_out > fan_in: torch makes the columns orthonormal and the gain shrinks (see the
     # DEFAULT_MAX_FAN_OUT docstring); our closed form covers both cases.
-    tall = difference_gain("orthogonal", 27, fan_out=64, trials=50)
+    tall = difference_gain(_init("orthogonal"), 27, fan_out=64, trials=50)
     assert tall == pytest.approx(closed_form_gain("orthogonal", 27, fan_out=64), rel=0.03)
     assert tall < 0.7 * PAPER_TABLE_3_1["orthogonal"][27]
     assert DEFAULT_MAX_FAN_OUT <= 512
@@ -107,8 +121,8 @@ def test_fast_orthogonal_equals_torch(shape):
 
 
 def test_difference_gain_is_reproducible():
-    assert difference_gain("xavier_normal", 576, trials=5, seed=7) == difference_gain(
-        "xavier_normal", 576, trials=5, seed=7
+    assert difference_gain(_init("xavier_normal"), 576, trials=5, seed=7) == difference_gain(
+        _init("xavier_normal"), 576, trials=5, seed=7
     )
 
 
@@ -195,19 +209,18 @@ def test_seed_is_reproducible_and_local():
 
 
 def test_unknown_init_lists_options():
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ConfigError) as info:
         initialize(_net(), "lecun")
-    for name in INITIALIZERS:
+    for name in INITS:
         assert name in str(info.value)
-    with pytest.raises(ValueError):
-        difference_gain("lecun", 27)
 
 
-def test_conf_init_files_match_registry():
-    files = {p.stem: p for p in CONF_DIR.glob("*.yaml")}
-    assert set(files) == set(INITIALIZERS)
-    for name, path in files.items():
-        assert yaml.safe_load(path.read_text()) == {"name": name}
+def test_conf_init_files_name_their_class():
+    assert set(INITS) == {"default", "ibp", "xavier_uniform", "xavier_normal", "kaiming_uniform",
+                          "kaiming_normal", "orthogonal"}
+    for name in INITS:
+        node = option_node("init", name)
+        assert node["name"] == name and set(node) == {"name", "_target_"}
 
 
 def test_experiment_script_prints_markdown(capsys):

@@ -3,12 +3,9 @@ mode promises (Sec. 3.3.2 / Table 4 of Shi et al. 2021), and traces into auto_Li
 sound bounds."""
 from __future__ import annotations
 
-from pathlib import Path
-
+import hydra.utils
 import pytest
 import torch
-import yaml
-from omegaconf import OmegaConf
 from torch import nn
 
 from fastcert import compat
@@ -16,19 +13,16 @@ from fastcert import compat
 compat.apply()
 from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm  # noqa: E402
 
+from fastcert.config import ConfigError, build_option, option_node, parameters  # noqa: E402
 from fastcert.models import (  # noqa: E402
     BN_MODES,
-    MODELS,
     BasicResidualBlock,
     ResNeXtBlock,
     affine_layers,
-    create_model,
-    model_defaults,
 )
 
-from conftest import TINY_MODELS  # noqa: E402
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
+from conftest import MODEL_NAMES, tiny_kwargs  # noqa: E402
+from conftest import build_model as create_model  # noqa: E402
 
 
 SHAPES = [(1, 8, 8), (3, 32, 32)]
@@ -38,15 +32,9 @@ ALLOWED = (
 )
 
 
-def _tiny_kwargs(name: str) -> dict:
-    if name in TINY_MODELS:
-        return dict(TINY_MODELS[name])
-    return {"width": 0.125} if "width" in model_defaults(name) else {}
-
-
 def _tiny(name: str, shape, bn: str, num_classes: int = 10) -> nn.Module:
     torch.manual_seed(0)
-    model = create_model(name, shape, num_classes, bn=bn, **_tiny_kwargs(name))
+    model = create_model(name, shape, num_classes, bn=bn, **tiny_kwargs(name))
     if bn != "none":  # give BN non-trivial running statistics
         model.train()
         with torch.no_grad():
@@ -76,7 +64,7 @@ def _execution_order(model: nn.Module, shape) -> list[nn.Module]:
 
 @pytest.mark.parametrize("bn", ["full", "none"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_builds_and_ibp_bounds_are_sound(name, shape, bn):
     model = _tiny(name, shape, bn)
     assert all(isinstance(m, ALLOWED) for m in model.modules()), {
@@ -106,7 +94,7 @@ def test_builds_and_ibp_bounds_are_sound(name, shape, bn):
             assert (lower <= y_pert + tol).all() and (y_pert <= upper + tol).all()
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_crown_bounds_sound_on_digits(name):
     """CROWN (full backward bounds) on 1x8x8 inputs. auto_LiRPA 0.3's default "patches" conv
     mode fails on grouped convolutions (ResNeXt, cardinality > 1: shape mismatch in
@@ -132,7 +120,7 @@ def test_crown_bounds_sound_on_digits(name):
     assert (upper - lower).mean() < (ibp_u - ibp_l).mean()
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", MODEL_NAMES)
 @pytest.mark.parametrize("bn", BN_MODES)
 def test_bn_layout(name, bn):
     """full: BN after every conv and every hidden linear (Shi et al. 2021, Sec. 3.3.2); conv:
@@ -160,7 +148,7 @@ def test_bn_layout(name, bn):
         assert not bns
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_affine_layers_in_forward_order(name):
     shape = (3, 32, 32)
     model = _tiny(name, shape, "full")
@@ -242,18 +230,18 @@ def test_mlp_widths():
         (64, 32), (32, 16), (16, 8), (8, 10)]
 
 
-# ----------------------------------------------------------------------- registry and configs
+# ----------------------------------------------------------------------- configs
 
 
 def test_unknown_name_lists_options():
-    with pytest.raises(ValueError) as info:
-        create_model("resnet9000", (3, 32, 32), 10)
-    for name in MODELS:
+    with pytest.raises(ConfigError) as info:
+        build_option("model", "resnet9000")
+    for name in MODEL_NAMES:
         assert name in str(info.value)
 
 
-def test_unknown_kwarg_and_bad_values():
-    with pytest.raises(TypeError, match="widen_factor"):
+def test_unknown_option_and_bad_values():
+    with pytest.raises(ConfigError, match="model.widen_factor is not a key of model"):
         create_model("cnn7", (3, 32, 32), 10, widen_factor=2)
     with pytest.raises(ValueError, match="bn"):
         create_model("cnn7", (3, 32, 32), 10, bn="fc")
@@ -269,28 +257,26 @@ def test_model_attributes():
     assert model.bn == "conv" and model.arch == "cnn_small"
 
 
-def test_conf_model_files_match_registry():
-    files = {p.stem: p for p in CONF_DIR.glob("*.yaml")}
-    assert set(files) == set(MODELS)
-    for name, path in files.items():
-        cfg = yaml.safe_load(path.read_text())
-        assert cfg["name"] == name
-        assert cfg["bn"] in BN_MODES
-        kwargs = {k: v for k, v in cfg.items() if k not in ("name", "bn")}
-        defaults = model_defaults(name)
-        assert set(kwargs) == set(defaults), name
-        for key, value in kwargs.items():
-            default = defaults[key]
-            assert (list(default) if isinstance(default, tuple) else default) == value, (name, key)
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_conf_model_file_sets_every_option_of_its_builder(name):
+    """conf/model/<name>.yaml names its builder and sets each of its options to the builder's
+    default (the file documents the defaults; nothing hides in code)."""
+    node = option_node("model", name)
+    assert node["name"] == name and node["bn"] in BN_MODES
+    builder = hydra.utils.get_object(node["_target_"])
+    params = {k: d for k, (_, d) in parameters(builder).items()
+              if k not in ("input_shape", "num_classes")}
+    kwargs = {k: v for k, v in node.items() if k not in ("name", "_target_")}
+    assert set(kwargs) == set(params), name
+    for key, value in kwargs.items():
+        default = params[key]
+        assert (list(default) if isinstance(default, tuple) else default) == value, (name, key)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_conf_kwargs_build_through_create_model(name):
-    """As Hydra passes them: OmegaConf values (ListConfig for sequences), shapes as lists."""
-    cfg = OmegaConf.load(CONF_DIR / f"{name}.yaml")
-    kwargs = {k: v for k, v in cfg.items() if k not in ("name", "bn")}
-    kwargs.update(_tiny_kwargs(name))  # keep it small; the keys are what matters here
-    model = create_model(cfg.name, OmegaConf.create([1, 8, 8]), 10, bn=cfg.bn, **kwargs)
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_conf_options_build_the_model(name):
+    """As the pipeline builds it: the config node, shapes given as lists."""
+    model = build_option("model", name, tiny_kwargs(name), input_shape=[1, 8, 8], num_classes=10)
     assert model.bn == "full" and model.input_shape == (1, 8, 8)
     with torch.no_grad():
         assert model.eval()(torch.rand(2, 1, 8, 8)).shape == (2, 10)

@@ -17,7 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 from conftest import CONF, TINY
 from fastcert import plots
 from fastcert.diagnostics import bound_explosion, find_runs, read_metrics, read_run
-from fastcert.initializers import INITIALIZERS
+from fastcert.config import options
 from fastcert.pipeline import run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -151,7 +151,7 @@ def test_bound_explosion_data_and_figure(tmp_path):
     the input's (difference gain 1, Sec. 3.3.1); under every other init it grows by orders of
     magnitude over six layers (the gains √n/4 ... of Table 5 exceed 1)."""
     data = bound_explosion(model="cnn7", width=0.125, input_shape=(3, 16, 16), batch=2)
-    assert set(data["mean_width"]) == set(INITIALIZERS)
+    assert set(data["mean_width"]) == set(options("init"))
     assert data["layers"] == ["input"] + [f"layer {i}" for i in range(1, 7)]
     assert data["fan_in"] == [None, 27, 72, 72, 144, 144, 16 * 8 * 8]
     d0 = data["mean_width"]["ibp"][0]
@@ -174,7 +174,7 @@ def test_bound_explosion_cli(tmp_path):
     path, data = written["bound_explosion"]
     assert_png(path)
     assert data["settings"]["input_shape"] == [3, 8, 8]
-    assert set(data["mean_width"]) == set(INITIALIZERS)
+    assert set(data["mean_width"]) == set(options("init"))
 
 
 def test_cli_needs_something_to_do(capsys):

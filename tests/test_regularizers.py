@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fastcert.bounds import BoundedNet, ReluBounds
+from fastcert.bounds import Bound, BoundedNet, ReluBounds
 from fastcert.regularizers import relu_loss, relu_states, tightness_loss
 
 
@@ -53,7 +53,7 @@ def test_regularisers_on_a_tiny_net_with_known_bounds():
     net = BoundedNet(nn.Sequential(lin1, nn.ReLU(), lin2), torch.zeros(2, 2), 2).eval()
     x = torch.tensor([[1.0, 1.0]])
     lower, upper = x - 0.1, x + 0.1
-    net.margin_bounds(x, torch.tensor([0]), lower, upper, "ibp")
+    net.margin_bounds(x, torch.tensor([0]), lower, upper, Bound.IBP)
     (h,) = net.relu_bounds()
     # h = [x1, 2 x2, -x1-x2]: bounds [0.9,1.1], [1.8,2.2], [-2.2,-1.8]; widths 0.2, 0.4, 0.4
     torch.testing.assert_close(h.lower, torch.tensor([[0.9, 1.8, -2.2]]))

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from fastcert.checkpoint import CheckpointError, save_atomic
-from fastcert.data import DATASETS, register_dataset
+from fastcert.data import Digits
 from fastcert.pipeline import run
 
 from conftest import ROOT, TINY
@@ -254,24 +254,18 @@ class _Jittered(torch.utils.data.Dataset):
         return (x + 0.1 * torch.rand_like(x)).clamp(0, 1), y
 
 
-def _digits_jitter(root, download, seed, augment):
-    splits = DATASETS["digits"](root=root, download=download, seed=seed, augment=augment)
-    splits.train = _Jittered(splits.train)
-    return splits
+class DigitsJitter(Digits):
+    """digits with random jitter as augmentation (a data set of this test only)."""
 
-
-@pytest.fixture
-def digits_jitter():
-    """digits with random jitter as augmentation, registered for this test only."""
-    register_dataset("digits_jitter")(_digits_jitter)
-    yield "digits_jitter"
-    DATASETS.pop("digits_jitter")
+    def splits(self, seed):
+        splits = super().splits(seed)
+        splits.train = _Jittered(splits.train)
+        return splits
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_augmentation_randomness_survives_resume(compose, tmp_path, monkeypatch, workers,
-                                                  digits_jitter):
-    over = TINY + ["data.name=digits_jitter", f"data.num_workers={workers}"]
+def test_augmentation_randomness_survives_resume(compose, tmp_path, monkeypatch, workers):
+    over = TINY + [f"data._target_={__name__}.DigitsJitter", f"data.num_workers={workers}"]
     want = run(compose(over), tmp_path / "ref")
     with monkeypatch.context() as m:
         _interrupt_at(m, "mid_epoch")

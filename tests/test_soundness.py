@@ -1,6 +1,6 @@
 """Soundness suite: no input inside the L∞ box ever leaves auto_LiRPA's bounds.
 
-For every architecture family of ``fastcert.models.MODELS`` (tiny widths), random and briefly
+For every architecture family of ``conf/model/`` (tiny widths), random and briefly
 IBP-trained, with BatchNorm in eval mode on non-trivial running statistics (residual blocks
 and grouped convolutions included), and for IBP, CROWN-IBP and CROWN:
 
@@ -22,19 +22,16 @@ import torch
 from torch import nn
 
 from fastcert.attacks import PGDConfig, pgd_attack
-from fastcert.bounds import VERIFIERS, BoundedNet, margin_spec, robust_ce_from_margins
-from fastcert.models import MODELS, create_model, model_defaults
+from fastcert.bounds import Bound, BoundedNet, margin_spec, robust_ce_from_margins
 
-from conftest import TINY_MODELS
+from conftest import MODEL_NAMES, tiny_kwargs
+from conftest import build_model as create_model
+
+#: the verifiers checked here (α-CROWN optimises under autograd: tests/test_compat.py)
+VERIFIERS = (Bound.IBP, Bound.CROWN_IBP, Bound.CROWN)
 
 NUM_CLASSES = 10
 RTOL = 1e-5
-
-
-def tiny_kwargs(name: str) -> dict:
-    if name in TINY_MODELS:
-        return dict(TINY_MODELS[name])
-    return {"width": 0.125} if "width" in model_defaults(name) else {}
 
 
 def _randomize_bn(model: nn.Module, g: torch.Generator) -> None:
@@ -75,7 +72,7 @@ def make_net(name: str, shape, bn: str, trained: bool, seed: int = 0, steps: int
         net.train()
         for _ in range(steps):
             lo, up = (x - 0.05).clamp(0, 1), (x + 0.05).clamp(0, 1)
-            logits, lb = net.margin_bounds(x, y, lo, up, "ibp")
+            logits, lb = net.margin_bounds(x, y, lo, up, Bound.IBP)
             loss = nn.functional.cross_entropy(logits, y) + robust_ce_from_margins(lb)
             opt.zero_grad()
             loss.backward()
@@ -123,10 +120,10 @@ def check_soundness(net: BoundedNet, x, lower, upper, n_samples: int, pgd_steps:
     C = margin_spec(y, NUM_CLASSES)                                    # (B, K-1, K)
     margins = torch.einsum("bjk,sbk->sbj", C, f)                       # (S, B, K-1)
     certified = 0
-    for method, lirpa in VERIFIERS.items():
+    for method in VERIFIERS:
         with torch.no_grad():
             lb, ub = net.bounded.compute_bounds(x=(BoundedNet.perturbed(x, lower, upper),),
-                                                method=lirpa)
+                                                method=method.value)
             _, mlb = net.margin_bounds(x, y, lower, upper, method)
         assert bool(torch.isfinite(lb).all() and torch.isfinite(ub).all()), method
         tol_l = RTOL * lb.abs().clamp_min(1.0)
@@ -162,7 +159,7 @@ FAST_EPS = [0.002, 0.01, 0.05, 0.2]
 
 
 @pytest.mark.parametrize("trained", [False, True], ids=["random", "trained"])
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_bounds_contain_sampled_and_attacked_outputs(name, trained):
     net = make_net(name, FAST_SHAPE, "full", trained)
     x, _, lower, upper = _inputs(FAST_SHAPE, FAST_EPS)
@@ -193,7 +190,7 @@ def test_soundness_check_catches_an_unsound_bound(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("bn", ["full", "conv", "none"])
 @pytest.mark.parametrize("trained", [False, True], ids=["random", "trained"])
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_bounds_sound_large(name, trained, bn):
     shape = (3, 16, 16)
     net = make_net(name, shape, bn, trained, seed=3, steps=10)

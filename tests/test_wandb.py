@@ -297,8 +297,10 @@ def test_modes_are_checked_and_wandb_mode_is_respected(monkeypatch):
 
 
 def test_unknown_logger_option_is_an_error(wandb_tmp):
-    from fastcert.loggers import create_logger
+    from fastcert.config import ConfigError, build_option
 
-    with pytest.raises(ValueError, match="projct"):
-        create_logger({"name": "wandb", "projct": "x", "mode": "disabled"},
-                      run_dir=wandb_tmp, run_name="r", config={}, resume_id=None)
+    with pytest.raises(ConfigError, match="logger.projct is not a key.*did you mean "
+                                          "logger.project"):
+        build_option("logger", "wandb", {"projct": "x", "mode": "disabled"},
+                     run_dir=wandb_tmp, run_name="r", config={}, resume_id=None,
+                     group_default=None)

@@ -1,0 +1,67 @@
+"""What every training method sees and returns: a :class:`Batch` in, a :class:`StepOutput` out.
+
+A method is a dataclass whose fields are the keys of its config node
+(``conf/method/<name>.yaml``: ``_target_: fastcert.methods.<Class>``); the training loop knows
+none by name. ``step`` turns one batch into a loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fastcert.bounds import BoundedNet, ReluBounds
+from fastcert.schedules import eps_ratio
+
+#: (centre, radius in pixel units) -> the L∞ box clipped to the data range (``DataBundle.eps_box``)
+BoxFn = Callable[[torch.Tensor, "float | torch.Tensor"], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+@dataclass
+class Batch:
+    """One training batch and where it sits on the ε schedule."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    lower: torch.Tensor  # L∞ box at the current ε, already clipped to the data range
+    upper: torch.Tensor
+    eps: float
+    eps_target: float
+    box: BoxFn | None = None   # boxes of other centres / radii (SABR's small box, attacks)
+    diagnostics: bool = False  # compute plot-only values (regularisers, ReLU states) this step
+
+    @property
+    def ratio(self) -> float:
+        return eps_ratio(self.eps, self.eps_target)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    logits: torch.Tensor                            # clean logits, detached
+    stats: dict[str, torch.Tensor | float] = field(default_factory=dict)  # detached scalars
+    verified: torch.Tensor | None = None            # per example, under the training bound
+    relus: list[ReluBounds] | None = None           # ReLU-input bounds (diagnostic steps only)
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)  # plot-only scalars
+
+
+class Method:
+    """Base of the training methods (each a dataclass; see the module docstring)."""
+
+    def step(self, net: BoundedNet, batch: Batch) -> StepOutput:  # pragma: no cover
+        raise NotImplementedError
+
+
+def mix(natural: torch.Tensor, robust: torch.Tensor, kappa: float) -> torch.Tensor:
+    """κ·L_natural + (1-κ)·L_robust (Eq. 4 of Zhang et al. 2020; κ=0 is pure robust)."""
+    return kappa * natural + (1 - kappa) * robust if kappa > 0 else robust
+
+
+def natural_step(net: BoundedNet, batch: Batch) -> StepOutput:
+    """Cross entropy on clean inputs through the plain ``nn.Module`` (its BatchNorm buffers are
+    the BoundedModule's, so both views stay one network state)."""
+    logits = net.model(batch.x)
+    loss = F.cross_entropy(logits, batch.y)
+    return StepOutput(loss, logits.detach(), {"loss/natural": loss.detach()})

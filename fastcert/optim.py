@@ -1,0 +1,59 @@
+"""Optimisers with their step-wise LR decay, gradient clipping and accumulation; one dataclass
+per ``conf/optim/<name>.yaml`` (``_target_: fastcert.optim.<Class>``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """LR × ``gamma`` at each of ``milestones`` (epochs), gradient-norm clipping at
+    ``grad_clip``, and ``grad_acc_steps`` accumulation steps per optimiser step."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.2
+    grad_clip: float = 10.0
+    grad_acc_steps: int = 1
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr}: the learning rate must be > 0")
+        if self.grad_clip <= 0:
+            raise ValueError(f"optim.grad_clip={self.grad_clip}: must be > 0")
+        if self.grad_acc_steps < 1:
+            raise ValueError(f"optim.grad_acc_steps={self.grad_acc_steps}: must be >= 1")
+        if self.weight_decay < 0 or not 0 < self.gamma <= 1:
+            raise ValueError("optim.weight_decay must be >= 0 and optim.gamma in (0, 1]")
+
+    def make(self, params) -> torch.optim.Optimizer:  # pragma: no cover - subclasses
+        raise NotImplementedError
+
+    def build(self, params):
+        """(optimiser, LR scheduler stepped once per epoch)."""
+        opt = self.make(params)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(self.milestones),
+                                                     gamma=self.gamma)
+        return opt, sched
+
+
+@dataclass(frozen=True)
+class Adam(Optimizer):
+    """Adam (Kingma & Ba 2015); Shi et al. 2021: lr 5e-4, ×0.2 decays, clip 10."""
+
+    def make(self, params):
+        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+@dataclass(frozen=True)
+class SGD(Optimizer):
+    """SGD with momentum (plain SGD at momentum 0)."""
+
+    momentum: float = 0.0
+
+    def make(self, params):
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
+                               weight_decay=self.weight_decay)

@@ -1,0 +1,102 @@
+"""The method plug-in interface (fastcert.methods): every conf/method option builds its class,
+unknown keys are refused with the valid ones, and the shared behaviour of the IBP family
+(natural phase through the plain module, plot-only values only where they are used)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastcert.bounds import Bound, BoundedNet, robust_ce_from_margins
+from fastcert.config import ConfigError, build_option, options
+from fastcert.methods import Batch, Method
+
+METHODS = options("method")
+
+
+def _net(seed: int = 0) -> BoundedNet:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                          nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    return BoundedNet(model, torch.zeros(2, 1, 8, 8), 10).train()
+
+
+def _batch(eps: float, eps_target: float = 0.1, diagnostics: bool = False, n: int = 8) -> Batch:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, 1, 8, 8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+
+    def box(center, radius):
+        return (center - radius).clamp(0, 1), (center + radius).clamp(0, 1)
+
+    lower, upper = box(x, eps)
+    return Batch(x, y, lower, upper, eps, eps_target, box, diagnostics)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_option_builds_its_class_and_takes_a_step(name):
+    method = build_option("method", name)
+    assert isinstance(method, Method)
+    out = method.step(_net(), _batch(0.05))
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss) and out.loss.requires_grad
+    assert out.logits.shape == (8, 10) and not out.logits.requires_grad
+    out.loss.backward()
+
+
+def test_unknown_method_key_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"method.lamda0 is not a key of method: did you mean "
+                                          r"method.lambda0\? valid keys: .*relu.*tightness"):
+        build_option("method", "fast", {"lamda0": 0.1})
+
+
+@pytest.mark.parametrize("name", ["ibp", "crown_ibp"])
+def test_eps0_phase_trains_naturally_through_the_plain_module(name):
+    """At ε = 0 vanilla IBP and CROWN-IBP are natural training, run through the nn.Module (not
+    the BoundedModule, which would cost a traced forward for nothing)."""
+    net = _net()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the BoundedModule ran in the natural phase")
+
+    net.bounded.forward = refuse
+    out = build_option("method", name).step(net, _batch(0.0))
+    b = _batch(0.0)
+    torch.testing.assert_close(out.loss, F.cross_entropy(net.model(b.x), b.y))
+
+
+def test_vanilla_ibp_computes_no_regulariser_unless_diagnosing():
+    """Vanilla IBP's loss is the robust CE alone; L_tightness / L_relu are computed, without
+    gradient, only on diagnostic steps (for the plots)."""
+    method = build_option("method", "ibp")
+    net = _net()
+    out = method.step(net, _batch(0.05))
+    assert out.diagnostics == {} and out.relus is None
+    b = _batch(0.05)
+    net.eval()
+    with torch.no_grad():
+        _, lb = net.margin_bounds(b.x, b.y, b.lower, b.upper, Bound.IBP)
+    diag = method.step(net, _batch(0.05, diagnostics=True))
+    torch.testing.assert_close(diag.loss, robust_ce_from_margins(lb))
+    assert set(diag.diagnostics) == {"reg/tightness", "reg/relu"} and diag.relus
+    assert not any(v.requires_grad for v in diag.diagnostics.values())
+
+
+def test_fast_optimises_the_regularisers_only_while_lambda_is_positive():
+    """Eq. 10 of Shi et al. 2021: L = L_rob + λ(L_tightness + L_relu) with λ = λ0(1 - ε/ε_t);
+    after the warmup (λ = 0) the regularisers are not computed on ordinary steps."""
+    method = build_option("method", "fast", {"lambda0": 0.5})
+    net = _net().eval()
+    ramp = method.step(net, _batch(0.05, eps_target=0.1))
+    assert ramp.stats["lambda"] == pytest.approx(0.25)
+    b = _batch(0.05)
+    with torch.no_grad():
+        _, lb = net.margin_bounds(b.x, b.y, b.lower, b.upper, Bound.IBP)
+    robust = robust_ce_from_margins(lb)
+    assert ramp.loss.item() > robust.item()           # the regularisers add to the loss
+    done = method.step(net, _batch(0.1, eps_target=0.1))
+    assert done.stats["lambda"] == 0.0 and done.diagnostics == {} and done.relus is None
+    b = _batch(0.1)
+    with torch.no_grad():
+        _, lb = net.margin_bounds(b.x, b.y, b.lower, b.upper, Bound.IBP)
+    torch.testing.assert_close(done.loss, robust_ce_from_margins(lb))

@@ -1,0 +1,115 @@
+"""The training loop (fastcert.train.fit): gradient accumulation splits a batch, per-step
+numbers stay on the device, and an epoch's record does not depend on the logger."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastcert.pipeline import run
+
+from conftest import TINY
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grad_acc_steps_splits_each_batch_into_chunks(compose, tmp_path, monkeypatch):
+    """``optim.grad_acc_steps = k`` (the released code of Shi et al. 2021): each batch is one
+    optimiser step over k chunks of batch/k examples, so the batch size and the number of
+    optimiser steps per epoch stay those of k = 1."""
+    steps, chunk_sizes = [], []
+    original = torch.optim.Adam.step
+
+    def counting_step(self, *args, **kwargs):
+        steps.append(1)
+        return original(self, *args, **kwargs)
+
+    import fastcert.methods.ibp as ibp_module
+
+    bounded_step = ibp_module.IBP._bounded_step
+
+    def recording(self, net, batch):
+        chunk_sizes.append(len(batch.y))
+        return bounded_step(self, net, batch)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counting_step)
+    monkeypatch.setattr(ibp_module.IBP, "_bounded_step", recording)
+    over = TINY + ["data.batch_size=32", "optim.grad_acc_steps=4", "epochs=1", "data.limit_train=64"]
+    run(compose(over), tmp_path / "acc")
+    assert len(steps) == 2                        # 64 examples / batch 32: two optimiser steps
+    assert chunk_sizes == [8] * 8                 # each batch in 4 chunks of 8
+
+
+def test_grad_acc_gives_the_full_batch_gradient_without_batchnorm(compose, tmp_path):
+    """Without BatchNorm (whose statistics are per chunk) k chunks give exactly the gradient of
+    the whole batch: the trained weights equal those of k = 1."""
+    base = TINY + ["model.bn=none", "epochs=1", "data.batch_size=32", "data.limit_train=64",
+                   "eval.verifiers=[ibp]"]
+    run(compose(base), tmp_path / "one")
+    run(compose(base + ["optim.grad_acc_steps=4"]), tmp_path / "four")
+    a = torch.load(tmp_path / "one" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "four" / "last.pt", weights_only=False)["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
+
+
+def _count_host_reads(monkeypatch) -> list:
+    """Record every ``tensor.item()`` / ``bool(tensor)`` made by fastcert's own code (torch's
+    optimisers read their CPU step counters, which never wait on a device)."""
+    import sys
+    from pathlib import Path
+
+    package = str(Path(__file__).resolve().parents[1] / "fastcert")
+    calls = []
+
+    def counted(original):
+        def read(self):
+            if sys._getframe(1).f_code.co_filename.startswith(package):
+                calls.append(sys._getframe(1).f_code.co_name)
+            return original(self)
+        return read
+
+    monkeypatch.setattr(torch.Tensor, "item", counted(torch.Tensor.item))
+    monkeypatch.setattr(torch.Tensor, "__bool__", counted(torch.Tensor.__bool__))
+    return calls
+
+
+class _Trained(Exception):
+    """Raised instead of the final evaluation: only training is counted."""
+
+
+@pytest.mark.parametrize("method", ["ibp", "fast", "crown_ibp"])
+def test_no_host_read_per_training_step(compose, tmp_path, monkeypatch, method):
+    """Per-step numbers accumulate as device tensors and are read at log points: the number of
+    host reads in training does not grow with the number of steps (16 vs 32 per epoch)."""
+    import fastcert.pipeline as pipeline
+
+    def stop(*args, **kwargs):
+        raise _Trained
+
+    counts = {}
+    for n in (16, 32):
+        with monkeypatch.context() as m:
+            m.setattr(pipeline, "evaluate", stop)
+            calls = _count_host_reads(m)
+            over = TINY + [f"method={method}", "data.batch_size=4", f"data.limit_train={4 * n}",
+                           "epochs=1", "schedule.start=0", "schedule.length=1"]
+            with pytest.raises(_Trained):
+                run(compose(over), tmp_path / f"n{n}")
+            counts[n] = len(calls)
+    assert counts[16] == counts[32], counts
+
+
+def test_epoch_records_do_not_depend_on_the_logging_cadence(compose, tmp_path):
+    """ReLU states and regulariser values in metrics.jsonl come from a fixed set of steps, so a
+    run with per-step logging records exactly what one without records."""
+    over = TINY + ["method=fast", "data.batch_size=8", "epochs=2", "eval.verifiers=[ibp]"]
+    run(compose(over), tmp_path / "quiet")
+    run(compose(over + ["logger.log_every=3"]), tmp_path / "logged")
+    for a, b in zip(_records(tmp_path / "quiet"), _records(tmp_path / "logged"), strict=True):
+        a.pop("epoch_time_s"), b.pop("epoch_time_s")
+        assert a == b
+    assert "relu_unstable" in a and "reg/tightness" in a
