@@ -7,15 +7,23 @@ means an unsound bound.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
 class PGDConfig:
+    """L∞ PGD: ``restarts`` runs of ``steps`` signed-gradient steps of ``step_size`` × the box
+    half-width, maximising ``loss`` (``margin``: max_{j≠y} f_j - f_y; ``ce``: cross entropy),
+    each from a uniformly random point of the box (``random_start``) or from x."""
+
     steps: int = 20
     restarts: int = 1
     step_size: float = 0.25  # fraction of the box half-width per step (2.5·ε/steps is common)
+    loss: Literal["margin", "ce"] = "margin"
+    random_start: bool = True
 
     def __post_init__(self):
         if self.steps < 0 or self.restarts < 1 or self.step_size <= 0:
@@ -31,25 +39,39 @@ def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return other.max(1).values - true
 
 
+def _objective(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    if loss == "ce":
+        return F.cross_entropy(logits, y, reduction="none")
+    return margin_loss(logits, y)
+
+
 def pgd_attack(model, x, y, lower, upper, cfg: PGDConfig = PGDConfig(),
                generator: torch.Generator | None = None):
     """Search the box for misclassified inputs. Returns (robust, x_adv).
 
     ``robust[i]`` is True iff the clean input and every restart's iterates were classified
-    correctly; ``x_adv`` holds the worst point found (largest margin loss) per example.
-    The model must be in eval mode (BatchNorm on running statistics).
+    correctly; ``x_adv`` holds the point of largest ``cfg.loss`` found per example (the clean
+    input when nothing beat it). The caller chooses the model's mode (eval: BatchNorm on
+    running statistics, as evaluation requires).
     """
     with torch.no_grad():
-        best_loss = margin_loss(model(x), y)
+        clean_logits = model(x)
+        best_loss = _objective(clean_logits, y, cfg.loss)
+        broken = margin_loss(clean_logits, y) > 0
     best_x = x.clone()
     half = (upper - lower) / 2
     for _ in range(cfg.restarts):
-        noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device)
-        adv = (lower + noise * (upper - lower)).detach()
+        if cfg.random_start:
+            noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device)
+            adv = (lower + noise * (upper - lower)).detach()
+        else:
+            adv = x.detach().clone()
         for step in range(cfg.steps + 1):  # evaluate every iterate, the last one included
             adv.requires_grad_(True)
-            loss = margin_loss(model(adv), y)
+            logits = model(adv)
+            loss = _objective(logits, y, cfg.loss)
             with torch.no_grad():
+                broken |= margin_loss(logits, y) > 0
                 better = loss > best_loss
                 best_loss = torch.where(better, loss, best_loss)
                 best_x[better] = adv[better].detach()
@@ -59,4 +81,4 @@ def pgd_attack(model, x, y, lower, upper, cfg: PGDConfig = PGDConfig(),
             with torch.no_grad():
                 adv = adv + cfg.step_size * half * grad.sign()
                 adv = torch.max(torch.min(adv, upper), lower).detach()
-    return best_loss <= 0, best_x
+    return ~broken, best_x
