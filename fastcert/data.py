@@ -26,20 +26,30 @@ image range).
     ``python -m fastcert.prep_tinyimagenet``), 3x64x64, 200 classes; training augmentation: random
     crop 64 with 4 pixels of edge padding + horizontal flip.
 
+On the device (``on_device``): a split that fits is moved to the device once, as one tensor of
+normalised images, and :class:`DeviceBatches` draws the batches there: the same example order as
+the ``DataLoader`` for the same seed (its generator draws the workers' base seed, then the
+permutation), and the random crop (edge padding) + horizontal flip applied on the device by
+:class:`CropFlip`, drawn from a device generator seeded by that base seed, so an epoch's batches
+depend only on (seed, epoch). ``on_device: auto`` uses it on CUDA when both splits take at most
+a quarter of the GPU's memory (MNIST, CIFAR-10, digits; TinyImageNet's config says false).
+
 Missing files raise :class:`DatasetNotFoundError` (a ``FileNotFoundError``) whose message names
 the expected path and how to obtain the data. A new data set is a subclass of
 :class:`DataSource` defining ``splits(seed)`` and a ``conf/data/<name>.yaml`` naming it.
 """
 from __future__ import annotations
 
+import copy
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Literal, Sequence
 from urllib.error import URLError
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 
 __all__ = [
     "DataBundle",
@@ -50,6 +60,9 @@ __all__ = [
     "MNIST",
     "CIFAR10",
     "TinyImageNet",
+    "CropFlip",
+    "DeviceBatches",
+    "Shard",
 ]
 
 
@@ -73,8 +86,8 @@ class DatasetSplits:
 class DataBundle:
     """Loaders plus everything needed to reason about the input domain."""
 
-    train: DataLoader
-    test: DataLoader
+    train: DataLoader | DeviceBatches
+    test: DataLoader | DeviceBatches
     input_shape: tuple[int, int, int]  # C, H, W
     num_classes: int
     mean: torch.Tensor  # (C,), normalisation applied by the loaders
@@ -217,6 +230,9 @@ class DataSource:
     Augmentation draws from torch's RNG: with ``num_workers > 0`` the workers' RNGs are seeded
     from that same generator; with ``num_workers=0`` they come from the global RNG, which the
     training loop reseeds every epoch. The test loader does not shuffle.
+
+    ``on_device`` (auto | true | false): hold both splits on the run's device and draw batches
+    there (:class:`DeviceBatches`; the module docstring says when ``auto`` chooses it).
     """
 
     root: str = "./data"
@@ -229,6 +245,7 @@ class DataSource:
     limit_test: int | None = None
     eps: float = 0.0
     eps_max: float = 1.0
+    on_device: Literal["auto"] | bool = "auto"
 
     def __post_init__(self):
         for key in ("batch_size", "test_batch_size", "limit_train", "limit_test"):
@@ -248,23 +265,44 @@ class DataSource:
     def splits(self, seed: int) -> DatasetSplits:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
 
-    def load(self, seed: int = 0) -> DataBundle:
-        """Train/test loaders and the metadata of the data set."""
+    def load(self, seed: int = 0, device: torch.device | str | None = None,
+             shard: Shard | None = None) -> DataBundle:
+        """Train/test loaders and the metadata of the data set. ``device``: where the run
+        trains (the on-device path's device); ``shard``: this rank's part of every training
+        batch and its block of test batches (a data-parallel run, :class:`Shard`)."""
         splits = self.splits(int(seed))
         train_ds = _limit(splits.train, self.limit_train, seed, "limit_train")
         test_ds = _limit(splits.test, self.limit_test, seed + 1, "limit_test")
-        common = dict(
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            # not persistent: workers are re-seeded every epoch from the loader's generator,
-            # which the training loop reseeds from (seed, epoch), so a resumed run augments
-            # identically
-            persistent_workers=False,
-        )
-        train = DataLoader(train_ds, batch_size=self.batch_size, shuffle=True,
-                           generator=torch.Generator().manual_seed(int(seed)), **common)
-        test = DataLoader(test_ds, batch_size=self.test_batch_size or self.batch_size,
-                          shuffle=False, **common)
+        device = torch.device(device or "cpu")
+        generator = torch.Generator().manual_seed(int(seed))
+        test_batch = self.test_batch_size or self.batch_size
+        if self.uses_device(len(train_ds) + len(test_ds), splits.input_shape, device):
+            train = DeviceBatches.of(train_ds, device, self.batch_size, shuffle=True,
+                                     generator=generator, shard=shard, workers=self.num_workers)
+            test = DeviceBatches.of(test_ds, device, test_batch, shuffle=False, shard=shard,
+                                    workers=self.num_workers)
+        else:
+            common = dict(
+                num_workers=self.num_workers,
+                pin_memory=torch.cuda.is_available(),
+                # not persistent: workers are re-seeded every epoch from the loader's
+                # generator, which the training loop reseeds from (seed, epoch), so a resumed
+                # run augments identically
+                persistent_workers=False,
+            )
+            if shard is None:
+                train = DataLoader(train_ds, batch_size=self.batch_size, shuffle=True,
+                                   generator=generator, **common)
+                test = DataLoader(test_ds, batch_size=test_batch, shuffle=False, **common)
+            else:  # the same global batches as one process, this rank's share of each
+                batches = _ShardedBatches(BatchSampler(RandomSampler(train_ds, generator=generator),
+                                                       self.batch_size, drop_last=False), shard)
+                train = DataLoader(train_ds, batch_sampler=batches, generator=generator, **common)
+                train.global_sizes = batches.global_sizes
+                first, start, stop = shard.block(len(test_ds), test_batch)
+                test = DataLoader(test_ds, batch_size=test_batch, sampler=range(start, stop),
+                                  **common)
+                test.first_batch = first
         return DataBundle(
             train=train,
             test=test,
@@ -274,6 +312,16 @@ class DataSource:
             std=torch.tensor(splits.std, dtype=torch.float32),
             name=self.name,
         )
+
+    def uses_device(self, n_examples: int, input_shape, device: torch.device) -> bool:
+        """Whether the splits go to the device (``on_device``; ``auto``: on CUDA when
+        ``n_examples`` float32 images take at most :data:`DEVICE_SHARE` of its memory)."""
+        if self.on_device != "auto":
+            return bool(self.on_device)
+        if device.type != "cuda":
+            return False
+        size = n_examples * math.prod(input_shape) * 4
+        return size <= DEVICE_SHARE * torch.cuda.get_device_properties(device).total_memory
 
 
 @dataclass
@@ -423,3 +471,220 @@ class TinyImageNet(DataSource):
             )
         return DatasetSplits(train, test, (3, 64, 64), len(train.classes), TINYIMAGENET_MEAN,
                              TINYIMAGENET_STD)
+
+
+# --------------------------------------------------------------------------------------------
+# data-parallel shards and the on-device path
+
+#: ``on_device: auto`` moves the splits to a CUDA device when they take at most this share of
+#: its memory (the rest is for the model, its bounds and cuDNN's workspaces).
+DEVICE_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rank ``rank`` of ``world`` data-parallel processes.
+
+    Training: every rank walks the same global batches as a one-process run (the same seeded
+    permutation) and takes examples ``rank, rank + world, ...`` of each, so the ranks' shares
+    of a batch are disjoint and together are the batch. A last batch with fewer examples than
+    ranks is skipped (a rank would get none). Test: a contiguous block of whole test batches,
+    so the gathered results are in the test set's order."""
+
+    rank: int
+    world: int
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank {self.rank} is not among the {self.world} ranks")
+
+    def batch_sizes(self, n: int, batch_size: int) -> list[int]:
+        """Global sizes of an epoch's batches (those with an example for every rank)."""
+        sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+        if sizes and sizes[-1] < self.world:
+            warnings.warn(f"the last training batch ({sizes[-1]} examples) is skipped every "
+                          f"epoch: fewer examples than the {self.world} ranks", stacklevel=3)
+            sizes.pop()
+        return sizes
+
+    def share(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch[self.rank::self.world]
+
+    def block(self, n: int, batch_size: int) -> tuple[int, int, int]:
+        """(index of the first test batch, first example, end) of this rank's test block."""
+        batches = math.ceil(n / batch_size)
+        per_rank = math.ceil(batches / self.world)
+        first = min(self.rank * per_rank, batches)
+        last = min(first + per_rank, batches)
+        return first, first * batch_size, min(last * batch_size, n)
+
+
+class _ShardedBatches:
+    """A batch sampler giving this rank's share (:class:`Shard`) of each global batch."""
+
+    def __init__(self, batches: BatchSampler, shard: Shard):
+        self.batches, self.shard = batches, shard
+        self.global_sizes = shard.batch_sizes(len(batches.sampler), batches.batch_size)
+
+    def __len__(self) -> int:
+        return len(self.global_sizes)
+
+    def __iter__(self):
+        for batch in self.batches:
+            if len(batch) >= self.shard.world:
+                yield batch[self.shard.rank::self.shard.world]
+
+
+@dataclass(frozen=True)
+class CropFlip:
+    """torchvision's ``RandomCrop(size, padding=pad, padding_mode="edge")`` followed by
+    ``RandomHorizontalFlip(flip_p)``, per example of a batch, on the batch's device.
+
+    Crop offsets (i, j) are uniform in [0, 2·pad] (``RandomCrop.get_params`` on the padded
+    image); output pixel (h, w) is padded pixel (i + h, j + w), i.e. input pixel
+    (clamp(i + h - pad), clamp(j + w - pad)) clamped to the image (edge padding), and a flipped
+    example reads column W-1-w of its crop. Both move values only, so they commute with the
+    per-channel normalisation and apply to normalised images exactly."""
+
+    pad: int = 0
+    flip_p: float = 0.0
+
+    def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Offsets (n, 2) in [0, 2·pad] and flips (n,) for ``n`` examples."""
+        offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=generator,
+                                device=generator.device)
+        flips = torch.rand(n, generator=generator, device=generator.device) < self.flip_p
+        return offsets, flips
+
+    def __call__(self, x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor):
+        b, c, h, w = x.shape
+        rows = torch.arange(h, device=x.device)
+        cols = torch.arange(w, device=x.device)
+        cols = torch.where(flips[:, None], w - 1 - cols, cols)                  # (B, W)
+        rows = (offsets[:, :1] - self.pad + rows).clamp_(0, h - 1)              # (B, H)
+        cols = (offsets[:, 1:] - self.pad + cols).clamp_(0, w - 1)
+        index = (rows[:, :, None] * w + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+        return x.reshape(b, c, h * w).gather(2, index).view(b, c, h, w)
+
+
+def _device_form(dataset: Dataset) -> tuple[Dataset, CropFlip | None]:
+    """``dataset`` without its random transforms, and those transforms as a :class:`CropFlip`
+    (None when it has none). Raises ``ValueError`` for a transform with no device form."""
+    from torchvision import transforms as T
+
+    chain, base = [], dataset
+    while isinstance(base, Subset):
+        chain.append(base.indices)
+        base = base.dataset
+    transform = getattr(base, "transform", None)
+    if transform is None:
+        return dataset, None
+    steps = transform.transforms if isinstance(transform, T.Compose) else [transform]
+    pad, flip_p, keep = 0, 0.0, []
+    for t in steps:
+        if isinstance(t, T.RandomCrop):
+            padding = {t.padding} if isinstance(t.padding, int) else set(t.padding or [0])
+            if t.padding_mode != "edge" or t.pad_if_needed or len(padding) != 1:
+                raise ValueError(f"{t} has no on-device form (edge padding, the same on every "
+                                 f"side, only)")
+            pad = padding.pop()
+        elif isinstance(t, T.RandomHorizontalFlip):
+            flip_p = float(t.p)
+        elif isinstance(t, (T.ToTensor, T.Normalize, T.PILToTensor, T.ConvertImageDtype)):
+            keep.append(t)
+        else:
+            raise ValueError(f"{t} has no on-device form")
+    plain = copy.copy(base)
+    plain.transform = T.Compose(keep)
+    for indices in reversed(chain):
+        plain = Subset(plain, indices)
+    return plain, (CropFlip(pad, flip_p) if pad or flip_p else None)
+
+
+def _materialise(dataset: Dataset, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every example of ``dataset`` (through its transform) stacked: images (N, C, H, W) and
+    labels (N,)."""
+    xs, ys = [], []
+    for x, y in DataLoader(dataset, batch_size=1024, shuffle=False, num_workers=workers):
+        xs.append(x)
+        ys.append(torch.as_tensor(y))
+    return torch.cat(xs).float(), torch.cat(ys).long()
+
+
+class DeviceBatches:
+    """Batches of a split held in one tensor on ``x``'s device (the ``on_device`` path).
+
+    Shuffled (training): each pass draws, from ``generator``, first a base seed and then the
+    permutation of the examples — the draws a ``DataLoader(shuffle=True, generator=...)``
+    makes, so the order of examples is the DataLoader's — and the augmentation (``augment``)
+    from a generator on the device seeded with that base seed: the batches of a pass depend
+    only on ``generator``'s state, which the training loop sets from (seed, epoch). With a
+    :class:`Shard`, the augmentation is drawn for the whole global batch and each rank keeps
+    its share, so the ranks together see exactly a one-process run's batches. Not shuffled
+    (test): consecutive batches of the split (a shard holds its block of them; its first
+    batch's index in the whole test set is ``first_batch``).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool,
+                 generator: torch.Generator | None = None, augment: CropFlip | None = None,
+                 shard: Shard | None = None, dataset: Dataset | None = None,
+                 first_batch: int = 0):
+        if shuffle and generator is None:
+            raise ValueError("a shuffled DeviceBatches needs a generator")
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.shuffle, self.generator, self.augment = shuffle, generator, augment
+        self.shard = shard if shuffle else None
+        self.dataset = dataset if dataset is not None else TensorDataset(x, y)
+        self.first_batch = first_batch
+        n = len(y)
+        self.global_sizes = (self.shard.batch_sizes(n, batch_size) if self.shard is not None
+                             else [min(batch_size, n - s) for s in range(0, n, batch_size)])
+
+    @classmethod
+    def of(cls, dataset: Dataset, device: torch.device, batch_size: int, *, shuffle: bool,
+           generator: torch.Generator | None = None, shard: Shard | None = None,
+           workers: int = 0) -> "DeviceBatches":
+        """``dataset`` moved to ``device`` once (through its deterministic transforms; its
+        random crop/flip become the batches' :class:`CropFlip`). A test split with a shard
+        keeps that rank's block."""
+        plain, augment = _device_form(dataset)
+        x, y = _materialise(plain, workers)
+        first = 0
+        if not shuffle and shard is not None:
+            first, start, stop = shard.block(len(y), batch_size)
+            x, y = x[start:stop], y[start:stop]
+        return cls(x.to(device), y.to(device), batch_size, shuffle=shuffle, generator=generator,
+                   augment=augment if shuffle else None, shard=shard, dataset=dataset,
+                   first_batch=first)
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def __len__(self) -> int:
+        return len(self.global_sizes)
+
+    def __iter__(self):
+        if not self.shuffle:
+            for start in range(0, len(self.y), self.batch_size):
+                yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+            return
+        base = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
+        order = torch.randperm(len(self.y), generator=self.generator).to(self.device)
+        aug = (torch.Generator(device=self.device).manual_seed(base)
+               if self.augment is not None else None)
+        start = 0
+        for size in self.global_sizes:
+            index = order[start:start + size]
+            start += size
+            if aug is not None:
+                offsets, flips = self.augment.draw(size, aug)
+            if self.shard is not None:
+                index = self.shard.share(index)
+                if aug is not None:
+                    offsets, flips = self.shard.share(offsets), self.shard.share(flips)
+            x = self.x.index_select(0, index)
+            if aug is not None:
+                x = self.augment(x, offsets, flips)
+            yield x, self.y.index_select(0, index)

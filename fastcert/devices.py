@@ -22,6 +22,10 @@ Device spec (the ``device`` config value):
 * ``pool``: always the pool (CPU when CUDA is unavailable).
 * ``cpu``, ``cuda``, ``cuda:1``: used as given, without a lock.
 
+A data-parallel run of N ranks (``nproc=N``) leases N devices at once
+(:func:`acquire_devices`): all or none, so two such jobs never deadlock holding half each;
+with ``hydra.launcher.n_jobs`` = pool size / N no job waits.
+
 ``devices`` (a list of indices or null) restricts the pool. Indices count within the devices
 the process can see, so with ``CUDA_VISIBLE_DEVICES=2,3`` the pool is ``[0, 1]`` and
 ``devices=[1]`` means physical GPU 3. Lock files are named by the physical id (the
@@ -132,11 +136,12 @@ def _safe(key: str) -> str:
 
 
 class DevicePool:
-    """Exclusive use of one of ``indices`` per holder, by ``flock`` on ``lock_dir`` files.
+    """Exclusive use of ``count`` of ``indices`` per holder, by ``flock`` on ``lock_dir`` files.
 
     ``keys`` name the lock files (default: the indices); give the physical device ids so that
     processes with different ``CUDA_VISIBLE_DEVICES`` agree. One pool object holds at most one
-    device; separate objects (threads, processes) exclude each other.
+    lease (one device, or ``count`` taken together); separate objects (threads, processes)
+    exclude each other.
     """
 
     def __init__(self, indices: Iterable[int], lock_dir: str | os.PathLike | None = None,
@@ -149,47 +154,68 @@ class DevicePool:
             raise ValueError("DevicePool: one lock key per index")
         self.lock_dir = Path(lock_dir) if lock_dir is not None else default_lock_dir()
         self.host = socket.gethostname()
-        self.index: int | None = None
-        self._fd: int | None = None
+        self._held: list[tuple[int, int]] = []  # (index, lock fd) of the lease
 
     def lock_path(self, key: str) -> Path:
         return self.lock_dir / f"{_safe(self.host)}-cuda{_safe(key)}.lock"
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return bool(self._held)
 
-    def try_acquire(self, prefer: int | None = None, label: str = "") -> int | None:
-        """Lock the first free device (``prefer`` first when given); its index, or None."""
-        if self._fd is not None:
+    @property
+    def index(self) -> int | None:
+        """The (first) leased device, or None."""
+        return self._held[0][0] if self._held else None
+
+    @property
+    def leased(self) -> list[int]:
+        """Every leased device, in the order they were taken."""
+        return [index for index, _ in self._held]
+
+    def _lock(self, key: str, label: str) -> int | None:
+        fd = os.open(self.lock_path(key), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return None
+            raise
+        info = f"pid={os.getpid()} host={self.host} since={time.strftime('%F %T')} {label}\n"
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info.encode(), 0)
+        except OSError:
+            pass  # the note is only for messages; the lock is what counts
+        return fd
+
+    def try_acquire(self, prefer: int | None = None, label: str = "",
+                    count: int = 1) -> int | None:
+        """Lock the first free device (``prefer`` first when given); its index, or None.
+        ``count`` > 1: lock that many free devices together or none (the lease's first index,
+        or None; :attr:`leased` lists them)."""
+        if self._held:
             return self.index
+        if not 1 <= count <= len(self.indices):
+            raise ValueError(f"a lease of {count} devices from a pool of {len(self.indices)}")
         self.lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         slots = list(zip(self.indices, self.keys))
         slots.sort(key=lambda s: s[0] != prefer)  # stable: prefer first, then pool order
         for index, key in slots:
-            fd = os.open(self.lock_path(key), os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                os.close(fd)
-                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    continue
-                raise
-            info = f"pid={os.getpid()} host={self.host} since={time.strftime('%F %T')} {label}\n"
-            try:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, info.encode(), 0)
-            except OSError:
-                pass  # the note is only for messages; the lock is what counts
-            self._fd, self.index = fd, index
-            return index
+            fd = self._lock(key, label)
+            if fd is not None:
+                self._held.append((index, fd))
+                if len(self._held) == count:
+                    return self.index
+        self.release()  # fewer than count free: hold none (no job waits holding a part)
         return None
 
     def holders(self) -> dict[int, str]:
         """Who holds each busy device, as its lock file notes (for messages)."""
         out = {}
         for index, key in zip(self.indices, self.keys):
-            if index == self.index and self.held:
+            if index in self.leased:
                 continue
             try:
                 note = self.lock_path(key).read_text().strip()
@@ -200,41 +226,43 @@ class DevicePool:
         return out
 
     def acquire(self, timeout: float | None = None, poll: float = 1.0,
-                prefer: int | None = None, label: str = "") -> int:
-        """Wait (polling every ``poll`` s, up to ``timeout`` s; None: forever) for a free device
-        and lock it. Raises :class:`DeviceBusyError` when none frees up in time."""
-        index = self.try_acquire(prefer, label)
+                prefer: int | None = None, label: str = "", count: int = 1) -> int:
+        """Wait (polling every ``poll`` s, up to ``timeout`` s; None: forever) for ``count``
+        free devices and lock them; the (first) index. Raises :class:`DeviceBusyError` when
+        they do not free up in time."""
+        index = self.try_acquire(prefer, label, count)
         if index is not None:
             return index
         start = time.monotonic()
-        log.warning("all %d device(s) %s are busy; waiting up to %s for one to free up "
-                    "(set hydra.launcher.n_jobs to at most the number of devices to avoid "
-                    "waiting). Holders: %s", len(self.indices), self.indices,
-                    "ever" if timeout is None else f"{timeout:.0f} s", self.holders())
+        wanted = "one" if count == 1 else f"{count} at once"
+        log.warning("all %d device(s) %s are busy; waiting up to %s for %s to free up "
+                    "(set hydra.launcher.n_jobs to at most the number of devices / nproc to "
+                    "avoid waiting). Holders: %s", len(self.indices), self.indices,
+                    "ever" if timeout is None else f"{timeout:.0f} s", wanted, self.holders())
         while True:
             if timeout is not None and time.monotonic() - start >= timeout:
                 held = "; ".join(f"cuda:{i}: {n}" for i, n in self.holders().items())
                 raise DeviceBusyError(
-                    f"no free device among {self.indices} after {timeout:.0f} s (lock dir "
+                    f"no {'' if count == 1 else f'{count} '}free device{'' if count == 1 else 's'} among {self.indices} after {timeout:.0f} s (lock dir "
                     f"{self.lock_dir}; held by {held or 'unknown'}). Run fewer parallel jobs "
                     f"(hydra.launcher.n_jobs), widen devices=[...], or raise "
                     f"{TIMEOUT_ENV}.")
             time.sleep(poll if timeout is None else
                        max(0.0, min(poll, timeout - (time.monotonic() - start))))
-            index = self.try_acquire(prefer, label)
+            index = self.try_acquire(prefer, label, count)
             if index is not None:
-                log.info("acquired device %d after %.1f s", index, time.monotonic() - start)
+                log.info("acquired device(s) %s after %.1f s", self.leased,
+                         time.monotonic() - start)
                 return index
 
     def release(self) -> None:
-        """Unlock the held device (no-op when none is held)."""
-        fd, self._fd, self.index = self._fd, None, None
-        if fd is None:
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+        """Unlock the leased device(s) (no-op when none is held)."""
+        held, self._held = self._held, []
+        for _, fd in held:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
 
     def __enter__(self) -> int:
         return self.acquire()
@@ -364,6 +392,47 @@ def acquire_device(spec: str | None = "auto", devices: Any = None, *,
     return device
 
 
+def acquire_devices(spec: str | None = "auto", devices: Any = None, count: int = 1, *,
+                    timeout: float | None | str = "env", poll: float = 1.0,
+                    lock_dir: str | os.PathLike | None = None) -> list:
+    """``count`` devices for the ranks of one data-parallel run (``nproc=count``), rank r on
+    the r-th. ``spec`` as for :func:`acquire_device`: ``cpu``, or no CUDA: the CPU ``count``
+    times (gloo); ``cuda`` / ``cuda:i``: devices i .. i+count-1 as given; ``auto`` / ``pool``:
+    a lease of ``count`` devices of the pool taken together (all or none), held until
+    :func:`release_device`."""
+    import torch
+
+    if count == 1:
+        return [acquire_device(spec, devices, timeout=timeout, poll=poll, lock_dir=lock_dir)]
+    spec = "auto" if spec is None else str(spec).strip()
+    if spec not in POOL_SPECS:
+        first = acquire_device(spec, None)
+        if first.type != "cuda":
+            return [first] * count
+        start, visible = first.index or 0, torch.cuda.device_count()
+        if start + count > visible:
+            raise _config_error(f"nproc={count} from device={spec}: only {visible} CUDA "
+                                f"device(s) visible")
+        return [torch.device("cuda", start + r) for r in range(count)]
+    lease = getattr(_local, "lease", None)
+    if lease is not None:
+        return [torch.device("cuda", i) for i in lease[1].leased]
+    if not torch.cuda.is_available():
+        return [torch.device("cpu")] * count
+    slots = pool_slots(torch.cuda.device_count(), parse_devices(devices),
+                       os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if count > len(slots):
+        raise _config_error(f"nproc={count} but the device pool has {len(slots)} GPU(s) "
+                            f"{[i for i, _ in slots]}: use nproc <= {len(slots)}")
+    pool = DevicePool([i for i, _ in slots], lock_dir=lock_dir, keys=[k for _, k in slots])
+    pool.acquire(timeout=_timeout_default() if timeout == "env" else timeout, poll=poll,
+                 label=_job_label(), count=count)
+    out = [torch.device("cuda", i) for i in pool.leased]
+    _local.lease = (out[0], pool)
+    log.info("using %s (pool %s)", out, pool.indices)
+    return out
+
+
 def release_device() -> None:
     """Free the pool device held by this job, if any (the pipeline calls it when a run ends),
     returning this process's cached CUDA memory first so the next holder gets the whole GPU."""
@@ -393,28 +462,30 @@ def held_device():
 # --------------------------------------------------------------------------- launcher default
 
 
-def default_n_jobs(devices: Any = None, cpu_jobs: int = 2) -> int:
-    """Parallel jobs for the joblib launcher: the pool size (``devices`` or every visible GPU),
-    or ``cpu_jobs`` without CUDA."""
+def default_n_jobs(devices: Any = None, cpu_jobs: int = 2, nproc: int = 1) -> int:
+    """Parallel jobs for the joblib launcher: the pool size (``devices`` or every visible GPU)
+    divided by the devices a job takes (``nproc``, at least one job), or ``cpu_jobs`` without
+    CUDA."""
     chosen = parse_devices(devices)
     if chosen:
-        return len(chosen)
-    try:
-        import torch
+        n = len(chosen)
+    else:
+        try:
+            import torch
 
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:
-        n = 0
-    return n or int(cpu_jobs)
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        except Exception:
+            n = 0
+    return max(1, n // max(1, int(nproc))) if n else int(cpu_jobs)
 
 
 def register_resolvers() -> None:
-    """``${fastcert.n_jobs:<devices>}`` (used by conf/hydra/launcher/joblib.yaml)."""
+    """``${fastcert.n_jobs:<devices>,<cpu jobs>,<nproc>}`` (conf/hydra/launcher/joblib.yaml)."""
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver(
-        "fastcert.n_jobs", lambda devices=None, cpu_jobs=2: default_n_jobs(devices, cpu_jobs),
-        replace=True)
+        "fastcert.n_jobs", lambda devices=None, cpu_jobs=2, nproc=1: default_n_jobs(
+            devices, cpu_jobs, nproc), replace=True)
 
 
 register_resolvers()
@@ -426,6 +497,7 @@ warnings.filterwarnings(
     "ignore", message=r"\s*'hydra/launcher/joblib' is validated against ConfigStore schema")
 
 
-__all__ = ["DevicePool", "DeviceBusyError", "acquire_device", "release_device", "held_device",
+__all__ = ["DevicePool", "DeviceBusyError", "acquire_device", "acquire_devices",
+           "release_device", "held_device",
            "pool_slots", "visible_device_keys", "parse_devices", "default_lock_dir",
            "default_n_jobs", "multirun_active", "register_resolvers"]

@@ -93,15 +93,20 @@ def evaluate(net: BoundedNet, loader, box_fn, eps: float, verifiers=("ibp", "cro
 
     ``box_fn(x, eps) -> (lower, upper)`` maps a pixel-space ε to the input box (see
     ``DataBundle.eps_box``). ``verifiers`` are :class:`fastcert.bounds.Bound` values or their
-    keys (ibp, crown_ibp, crown, alpha_crown); results are keyed by those names.
+    keys (ibp, crown_ibp, crown, alpha_crown); results are keyed by those names. PGD's random
+    starts of test batch b come from a generator seeded with (``seed``, b), b counted in the
+    whole test set (``loader.first_batch`` is a shard's first): the same whether the test set
+    is evaluated in one process or in blocks by several.
     """
     verifiers = [Bound.parse(v) for v in verifiers]
     net.eval()
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator()
+    first = getattr(loader, "first_batch", 0)
     labels, preds, robust = [], [], []
     verified = {v.key: [] for v in verifiers}
     margins = {v.key: [] for v in verifiers}
-    for x, y in loader:
+    for b, (x, y) in enumerate(loader, start=first):
+        gen.manual_seed(seed * 1_000_003 + b)
         x, y = x.to(device), y.to(device)
         lower, upper = box_fn(x, eps)
         with torch.no_grad():

@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import os
 import time
+import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fastcert import distributed, memory
 from fastcert.bounds import BoundedNet
 from fastcert.checkpoint import write_text_atomic
 from fastcert.config import (CONF_DIR, ConfigError, check_keys, check_node, coerce, instantiate,
@@ -25,6 +27,7 @@ from fastcert.config import (CONF_DIR, ConfigError, check_keys, check_node, coer
 from fastcert.data import DataBundle
 from fastcert.devices import acquire_device, release_device
 from fastcert.evaluate import EvalConfig, EvalResult, evaluate
+from fastcert.loggers import NullLogger
 from fastcert.methods import Method
 from fastcert.optim import Optimizer
 from fastcert.schedules import EpsSchedule
@@ -88,6 +91,31 @@ class Settings:
     eval: EvalConfig
     data: Any           # a fastcert.data.DataSource
     init: Any           # a fastcert.initializers.Init
+    speed: "Speed"
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How this machine runs the training (top-level keys; none changes what is computed)."""
+
+    nproc: int = 1                           # data-parallel processes of the run
+    keep_freed_memory: bool = True           # CPU: glibc keeps freed memory (fastcert.memory)
+    channels_last: Literal["auto"] | bool = "auto"  # auto: on CUDA
+    cudnn_benchmark: bool = True             # CUDA: cuDNN picks the fastest convolution
+
+
+def speed_settings(cfg: DictConfig) -> Speed:
+    """The checked :class:`Speed` keys of ``cfg`` (a config saved before a key existed gets
+    its default). ``nproc`` under torchrun must be 1 or torchrun's process count."""
+    hints = typing.get_type_hints(Speed)
+    speed = Speed(**{key: coerce(cfg[key], hints[key], key) for key in hints if key in cfg})
+    if speed.nproc < 1:
+        raise ConfigError(f"nproc={speed.nproc}: use 1 (one process) or more")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and speed.nproc not in (1, world):
+        raise ConfigError(f"nproc={speed.nproc} under torchrun with {world} processes: "
+                          f"torchrun already runs the ranks; drop nproc (or nproc={world})")
+    return speed
 
 
 def validate(cfg: DictConfig) -> Settings:
@@ -99,6 +127,7 @@ def validate(cfg: DictConfig) -> Settings:
     threads = coerce(cfg.get("cpu_threads", 0), int, "cpu_threads")
     if threads < 0:
         raise ConfigError(f"cpu_threads={threads}: use 0 (torch's default) or a positive count")
+    speed = speed_settings(cfg)
     data = instantiate(cfg.data, "data")
     eps = parse_number(cfg.eps, "eps")
     check_eps(eps, data.eps_max)
@@ -112,7 +141,7 @@ def validate(cfg: DictConfig) -> Settings:
     return Settings(seed=seed, epochs=epochs, eps=eps, eval_eps=eval_eps,
                     method=instantiate(cfg.method, "method"),
                     optim=instantiate(cfg.optim, "optim"), eval=eval_cfg, data=data,
-                    init=instantiate(cfg.init, "init"))
+                    init=instantiate(cfg.init, "init"), speed=speed)
 
 
 @dataclass
@@ -124,6 +153,7 @@ class Built:
     net: BoundedNet
     schedule: EpsSchedule
     device: torch.device
+    channels_last: bool = False
 
     @property
     def method(self) -> Method:
@@ -131,26 +161,44 @@ class Built:
 
 
 def build(cfg: DictConfig, device: torch.device | None = None) -> Built:
-    """Validate ``cfg`` and build data, model, bounded network, method and schedule."""
+    """Validate ``cfg`` and build data, model, bounded network, method and schedule (in a
+    data-parallel rank: this rank's shard of the data, BatchNorm on global statistics)."""
     s = validate(cfg)
-    device = device or resolve_device(cfg.device, cfg.get("devices"))
-    threads = int(cfg.get("cpu_threads", 0))  # configs saved before this key existed: torch's default
-    if threads > 0:
-        torch.set_num_threads(threads)  # process-wide: a run owns its process
+    ctx = distributed.current()
+    device = device or (ctx.device if ctx else resolve_device(cfg.device, cfg.get("devices")))
+    set_process(cfg, s.speed, device)
+    channels_last = (device.type == "cuda" if s.speed.channels_last == "auto"
+                     else s.speed.channels_last)
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
 
     seed_everything(s.seed)
-    data = s.data.load(seed=s.seed)
+    data = s.data.load(seed=s.seed, device=device, shard=ctx.shard if ctx else None)
     model = instantiate(cfg.model, "model", input_shape=data.input_shape,
                         num_classes=data.num_classes)
     s.init(model, seed=s.seed)
-    model.to(device)
+    model.to(device, memory_format=memory_format)
+    if ctx is not None:
+        distributed.sync_batchnorm(model)
     # two test images to trace the graph (not a whole loader batch: no workers, no 512 images)
     test_set = data.test.dataset
-    example = torch.stack([test_set[i][0] for i in range(min(2, len(test_set)))]).to(device)
-    net = BoundedNet(model, example, data.num_classes)
+    example = torch.stack([test_set[i][0] for i in range(min(2, len(test_set)))])
+    net = BoundedNet(model, example.to(device, memory_format=memory_format), data.num_classes)
     schedule = instantiate(cfg.schedule, "schedule", eps_target=s.eps,
                            steps_per_epoch=len(data.train))
-    return Built(s, data, net, schedule, device)
+    return Built(s, data, net, schedule, device, channels_last)
+
+
+def set_process(cfg: DictConfig, speed: Speed, device: torch.device) -> None:
+    """Process-wide settings of a run (a run owns its process): torch's CPU threads
+    (``cpu_threads``; 0 or absent: torch's default), the allocator on CPU
+    (``keep_freed_memory``) and cuDNN's autotuner on CUDA (``cudnn_benchmark``)."""
+    threads = int(cfg.get("cpu_threads", 0))
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if device.type == "cpu" and speed.keep_freed_memory:
+        memory.keep_freed_memory()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = speed.cudnn_benchmark
 
 
 def format_table(results: dict) -> str:
@@ -195,12 +243,20 @@ def results_dict(cfg: DictConfig, result: EvalResult, history: list[dict],
 def run(cfg: DictConfig, run_dir: str | os.PathLike, resume: str | os.PathLike | None = None,
         device: torch.device | None = None, group: str | None = None) -> dict:
     """Train and evaluate as ``cfg`` says, writing metrics.jsonl, last.pt and results.json
-    into ``run_dir``. ``group`` names the sweep/preset for loggers. Returns the results dict."""
+    into ``run_dir``. ``group`` names the sweep/preset for loggers. Returns the results dict.
+    With ``nproc`` > 1 (outside torchrun) it spawns that many data-parallel ranks on devices
+    of the pool (:func:`run_parallel`)."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    owns_device = device is None
-    if owns_device:
+    nproc = speed_settings(cfg).nproc
+    if nproc > 1 and distributed.current() is None:
+        return run_parallel(cfg, run_dir, nproc, resume, group)
+    ctx = distributed.current()
+    owns_device = device is None and ctx is None
+    if ctx is not None:
+        device = device or ctx.device
+    elif owns_device:
         device = resolve_device(cfg.device, cfg.get("devices"))
     try:
         return _run(cfg, run_dir, resume, device, group, t0)
@@ -209,14 +265,39 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, resume: str | os.PathLike |
             release_device()  # a reused worker process's next job may take another GPU
 
 
+def run_parallel(cfg: DictConfig, run_dir: Path, nproc: int, resume=None,
+                 group: str | None = None) -> dict:
+    """``nproc`` data-parallel ranks of one run, spawned here on ``nproc`` devices leased
+    together from the pool (fastcert.devices; the CPU, with gloo, without CUDA); rank 0's
+    results."""
+    from fastcert.devices import acquire_devices, release_device
+
+    devices = acquire_devices(cfg.device, cfg.get("devices"), nproc)
+    try:
+        distributed.spawn(_rank_run, (OmegaConf.to_container(cfg, resolve=True), str(run_dir),
+                                      resume, group),
+                          devices)
+    finally:
+        release_device()
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def _rank_run(ctx, cfg: dict, run_dir: str, resume, group) -> None:
+    run(OmegaConf.create(cfg), run_dir, resume, ctx.device, group)
+
+
 def _run(cfg: DictConfig, run_dir: Path, resume, device: torch.device, group: str | None,
          t0: float) -> dict:
     built = build(cfg, device)
+    ctx = distributed.current()
+    main = ctx is None or ctx.main
     resume_state = _resume_state(run_dir, resume, built.device)
+    if ctx is not None:
+        distributed.barrier()  # every rank checked the run dir before rank 0 writes to it
     logger = instantiate(cfg.logger, "logger", run_dir=run_dir, run_name=run_name(cfg),
                          config=OmegaConf.to_container(cfg, resolve=True),
                          resume_id=(resume_state or {}).get("logger_run_id"),
-                         group_default=group)
+                         group_default=group) if main else NullLogger()
     try:
         setup = TrainSetup(
             net=built.net, method=built.method, train_loader=built.data.train,
@@ -224,20 +305,40 @@ def _run(cfg: DictConfig, run_dir: Path, resume, device: torch.device, group: st
             epochs=built.settings.epochs, seed=built.settings.seed, device=built.device,
             run_dir=run_dir, logger=logger,
             checkpoint_extra=lambda: {"config": OmegaConf.to_container(cfg, resolve=True),
-                                      "logger_run_id": logger.run_id})
+                                      "logger_run_id": logger.run_id},
+            dist=ctx, channels_last=built.channels_last)
         history = fit(setup, resume_state=resume_state)
-        ev = built.settings.eval
-        result = evaluate(built.net, built.data.test, built.data.eps_box, built.settings.eval_eps,
-                          verifiers=ev.bounds, pgd=ev.pgd, device=built.device,
-                          seed=built.settings.seed)
+        result = _evaluate(built)
         results = results_dict(cfg, result, history, time.perf_counter() - t0)
-        write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
-        logger.log_summary(results)
-        logger.log_checkpoint(str(run_dir / "last.pt"))
-        print(format_table(results), flush=True)
+        if main:
+            write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+            logger.log_summary(results)
+            logger.log_checkpoint(str(run_dir / "last.pt"))
+            print(format_table(results), flush=True)
         return results
     finally:
         logger.finish()
+
+
+def _evaluate(built: Built) -> EvalResult:
+    """The final test evaluation; in a data-parallel run each rank evaluates its block of
+    test batches and every rank gets the whole result, in test-set order."""
+    ev, data = built.settings.eval, built.data
+    ctx = distributed.current()
+    part = (evaluate(built.net, data.test, data.eps_box, built.settings.eval_eps,
+                     verifiers=ev.bounds, pgd=ev.pgd, device=built.device,
+                     seed=built.settings.seed) if len(data.test) else None)
+    if ctx is None:
+        return part
+    parts = [p for p in distributed.gather(part) if p is not None]
+    result = EvalResult(
+        eps=parts[0].eps, label=torch.cat([p.label for p in parts]),
+        pred=torch.cat([p.pred for p in parts]),
+        pgd_robust=torch.cat([p.pgd_robust for p in parts]),
+        verified={k: torch.cat([p.verified[k] for p in parts]) for k in parts[0].verified},
+        margin_lb={k: torch.cat([p.margin_lb[k] for p in parts]) for k in parts[0].margin_lb})
+    result.check_invariants()
+    return result
 
 
 def _resume_state(run_dir: Path, resume, device: torch.device) -> dict | None:

@@ -5,10 +5,13 @@ minutes. ``-m`` sweeps, e.g. ``python -m fastcert.run -m method=ibp,fast seed=0,
 """
 from __future__ import annotations
 
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from fastcert import distributed
 from fastcert.pipeline import run
 
 
@@ -21,5 +24,18 @@ def main(cfg: DictConfig):
     return results[metric] if metric else None
 
 
+def _join_torchrun() -> None:
+    """Under ``torchrun``: join the process group before Hydra resolves the run dir (so every
+    rank resolves the same one); ranks > 0 leave Hydra's own files (.hydra/, the job log) to
+    rank 0."""
+    ctx = distributed.init_from_env()
+    if ctx is not None and not ctx.main:
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+
+
 if __name__ == "__main__":
-    main()
+    _join_torchrun()
+    try:
+        main()
+    finally:
+        distributed.shutdown()

@@ -2,7 +2,9 @@
 
 It knows no method by name: whatever :class:`fastcert.methods.Method` is given turns a batch
 into a loss. Each epoch reseeds the RNGs from (seed, epoch), so an epoch's data order and
-augmentation are the same whether the run was resumed or not.
+augmentation are the same whether the run was resumed or not. In a data-parallel run
+(:mod:`fastcert.distributed`) each rank trains on its share of every batch through DDP, the
+epoch's numbers are summed over ranks, and only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from fastcert import checkpoint
+from fastcert import checkpoint, distributed
 from fastcert.bounds import BoundedNet
 from fastcert.loggers import Logger
 from fastcert.methods import Batch, Method, StepOutput
@@ -58,6 +60,8 @@ class TrainSetup:
     run_dir: Path
     logger: Logger
     checkpoint_extra: Callable[[], dict] | None = None  # more state to save (config, W&B id)
+    dist: distributed.Dist | None = None  # a data-parallel run: this rank
+    channels_last: bool = False           # batches in channels-last memory format (CUDA)
 
 
 class _EpochStats:
@@ -89,7 +93,10 @@ class _EpochStats:
             for k, per_layer in relu_states(out.relus).items():
                 self.relu[k].append(per_layer)
 
-    def record(self) -> dict:
+    def record(self, dist: distributed.Dist | None = None) -> dict:
+        """The epoch's means; in a data-parallel run, of every rank's steps together."""
+        if dist is not None:
+            self._sum_over_ranks(dist.device)
         rec = {k: _number(self.sums[k]) / self.counts[k] for k in self.sums}
         rec["train_clean_acc"] = _number(self.correct) / max(self.n, 1)
         if self.verified_n:
@@ -97,6 +104,28 @@ class _EpochStats:
         for k, rows in self.relu.items():
             rec[f"relu_{k}"] = [sum(col) / len(col) for col in zip(*rows)]
         return rec
+
+    def _sum_over_ranks(self, device: torch.device) -> None:
+        """Replace every sum and count by its sum over ranks (one all-reduce; ReLU states as
+        per-layer sums over the recorded steps of all ranks)."""
+        keys, relu_keys = sorted(self.sums), sorted(self.relu)
+        values = ([self.sums[k] for k in keys] + [self.counts[k] for k in keys]
+                  + [self.correct, self.verified, self.n, self.verified_n]
+                  + [v for k in relu_keys for v in map(sum, zip(*self.relu[k]))]
+                  + [len(self.relu[k]) for k in relu_keys])
+        flat = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                            for v in values])
+        total = distributed.all_reduce_(flat).tolist()
+        it = iter(total)
+        for k in keys:
+            self.sums[k] = next(it)
+        for k in keys:
+            self.counts[k] = next(it)
+        self.correct, self.verified, self.n, self.verified_n = (next(it) for _ in range(4))
+        layers = {k: [next(it) for _ in self.relu[k][0]] for k in relu_keys}
+        for k in relu_keys:
+            steps = next(it)
+            self.relu[k] = [[v / steps for v in layers[k]]]
 
 
 def _number(v) -> float:
@@ -134,6 +163,20 @@ def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
     """
     params = [p for p in s.net.model.parameters() if p.requires_grad]
     optimizer, lr_sched = s.optim.build(params)
+    main = s.dist is None or s.dist.main  # the process that writes and prints
+    if s.dist is None:
+        def method_step(batch: Batch, sync: bool) -> StepOutput:
+            return s.method.step(s.net, batch)
+    else:
+        ddp = distributed.data_parallel(s.net, s.method, s.dist)
+
+        def method_step(batch: Batch, sync: bool) -> StepOutput:  # sync: reduce this backward's grads
+            if sync:
+                return ddp(batch)
+            with ddp.no_sync():
+                return ddp(batch)
+    global_sizes = getattr(s.train_loader, "global_sizes", None)
+    memory_format = torch.channels_last if s.channels_last else torch.preserve_format
     metrics_path = s.run_dir / "metrics.jsonl"
     ckpt_path = s.run_dir / "last.pt"
     start_epoch = 0
@@ -147,7 +190,7 @@ def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
     # metrics.jsonl describes the run that wrote last.pt: drop epochs after the checkpoint
     # (written before a kill), or, on a fresh start, the record of a run killed before its
     # first checkpoint (the pipeline refuses a fresh start where a last.pt exists).
-    history = _truncate_metrics(metrics_path, start_epoch)
+    history = _truncate_metrics(metrics_path, start_epoch, write=main)
     steps = len(s.train_loader)
     log_every = int(s.logger.log_every or 0)
     record_every = max(1, steps // RECORD_STEPS)
@@ -160,11 +203,13 @@ def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
         stats = _EpochStats()
         t0 = time.perf_counter()
         bar = tqdm(s.train_loader, desc=f"epoch {epoch + 1}/{s.epochs}", leave=False,
-                   dynamic_ncols=True, mininterval=1.0)
+                   dynamic_ncols=True, mininterval=1.0, disable=not main)
         eps = 0.0
         for i, (x, y) in enumerate(bar):
             step = epoch * steps + i
-            x, y = x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True)
+            x = x.to(s.device, non_blocking=True, memory_format=memory_format)
+            y = y.to(s.device, non_blocking=True)
+            weight = 1.0 if s.dist is None else s.dist.loss_weight(len(y), global_sizes[i])
             eps = s.schedule.eps(step)
             log_now = log_every > 0 and step % log_every == 0
             record_now = i % record_every == 0 or i + 1 == steps
@@ -172,11 +217,11 @@ def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
             optimizer.zero_grad(set_to_none=True)
             chunks = list(zip(x.chunk(s.optim.grad_acc_steps), y.chunk(s.optim.grad_acc_steps)))
             outs = []
-            for xc, yc in chunks:
+            for k, (xc, yc) in enumerate(chunks):
                 lower, upper = s.box_fn(xc, eps)
-                out = s.method.step(s.net, Batch(xc, yc, lower, upper, eps,
-                                                 s.schedule.eps_target, s.box_fn, diagnose))
-                (out.loss / len(chunks)).backward()
+                out = method_step(Batch(xc, yc, lower, upper, eps, s.schedule.eps_target, s.box_fn,
+                                 diagnose), sync=k + 1 == len(chunks))
+                (out.loss * (weight / len(chunks))).backward()
                 outs.append(out)
             out = _merge(outs)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, s.optim.grad_clip)
@@ -194,19 +239,20 @@ def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
         bar.close()
         lr_sched.step()
         record = {"epoch": epoch + 1, "phase": s.schedule.phase(epoch), "eps": eps,
-                  "lr": optimizer.param_groups[0]["lr"], **stats.record(),
+                  "lr": optimizer.param_groups[0]["lr"], **stats.record(s.dist),
                   "epoch_time_s": time.perf_counter() - t0}
         _check_finite(torch.tensor(record["loss"]), epoch, steps - 1, eps)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
         history.append(record)
-        state = {"model": s.net.model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "lr_scheduler": lr_sched.state_dict(), "epoch": epoch + 1,
-                 "rng": checkpoint.rng_state(), **(s.checkpoint_extra() if s.checkpoint_extra
-                                                    else {})}
-        checkpoint.save_atomic(state, ckpt_path)
-        s.logger.log_epoch(record, epoch + 1)
-        tqdm.write(_epoch_line(record))
+        if main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            state = {"model": s.net.model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "lr_scheduler": lr_sched.state_dict(), "epoch": epoch + 1,
+                     "rng": checkpoint.rng_state(), **(s.checkpoint_extra() if s.checkpoint_extra
+                                                        else {})}
+            checkpoint.save_atomic(state, ckpt_path)
+            s.logger.log_epoch(record, epoch + 1)
+            tqdm.write(_epoch_line(record))
     return history
 
 
@@ -244,11 +290,11 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
-def _truncate_metrics(path: Path, last_epoch: int) -> list[dict]:
+def _truncate_metrics(path: Path, last_epoch: int, write: bool = True) -> list[dict]:
     """Keep only the records of epochs up to ``last_epoch`` (the checkpoint's) and a torn last
-    line's removal, rewriting the file atomically; returns the kept records."""
+    line's removal, rewriting the file atomically (when ``write``); returns the kept records."""
     keep = [r for r in read_metrics(path) if r["epoch"] <= last_epoch]
-    if path.exists():
+    if write and path.exists():
         checkpoint.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
     return keep
 
