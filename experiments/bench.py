@@ -1,98 +1,556 @@
-"""Time one training step per method: natural, IBP, CROWN-IBP (loss fusion) and fast IBP.
+"""Speed of one training step per method against its floor: ``make bench`` (issue #14).
 
-    python -m experiments.bench [--model cnn7] [--batch 32] [--steps 5] [--device auto]
+    python -m experiments.bench [--device auto|cpu|cuda] [--batch N] [--reps 7] [--quick]
 
-CNN-7 (full BN) on CIFAR-shaped random data, in the ramp phase (ε = ε_target/2, so the warmup
-regularisers and the CROWN-IBP/IBP mix are active). Prints the median step time of each method
-and its ratio to natural training, and the overhead of the fast method over vanilla IBP (Shi et
-al. 2021, Sec. 4.3 / Table 3 report 9-13%). Speed goals live here, never in unit tests.
+Every row trains the same model (CNN-7, full BN, CIFAR shapes; batch 32 on the CPU, 128 on a
+GPU) on one batch of random images at ε = ε_target/2 (the ramp's midpoint, where the warmup
+regularisers and CROWN-IBP's β mix are active), in one process, the rows interleaved: each
+repetition times one step of every row, in alternating order. Rows:
+
+* ``torch natural``: plain PyTorch: forward, cross entropy, backward, Adam step.
+* ``floor ibp``: a bare auto_LiRPA IBP step written here (the floor of the IBP family):
+  clean CE + IBP robust CE of the margins through a BoundedModule, backward, Adam step.
+* ``floor loss fusion``: a bare auto_LiRPA loss-fusion step (Xu et al. 2020) with the bound of
+  fastcert's CROWN-IBP at this ε: natural CE and the upper bound of the CE, β·CROWN-IBP +
+  (1-β)·IBP, β = 1 - ε/ε_target; backward, Adam step.
+* ``fit <method>`` for every ``conf/method`` option: the real training step, i.e. the loop of
+  :func:`fastcert.train.fit` (box, Batch, ``method.step``, backward, gradient clipping, Adam,
+  per-step statistics) over a loader that repeats the batch; a step is the time between two
+  batches the loop asks for. The first step of each call (a diagnostic step with a fresh
+  optimiser) is not timed; the loader reports a CIFAR-10 epoch's length, so the diagnostic
+  cadence is a real epoch's.
+
+Each row: median and min over ``--reps`` repetitions (wall clock; on the CPU also CPU time),
+ratios to ``torch natural`` and to its floor, and peak memory: max_memory_allocated on a GPU;
+on the CPU the peak RSS of a process that runs only that row (one fresh process per row).
+Goals (issue #14): ``fit natural`` <= 1.05x torch natural, the IBP-family steps <= 1.05x the
+IBP floor, CROWN-IBP loss fusion <= 1.1x the bare loss-fusion step.
+
+On a GPU (or with ``--phases`` / ``--fit-check``) it also reports s/epoch in each ε phase for
+IBP, CROWN-IBP and fast on CNN-7 with CIFAR-10's 50k images (batches drawn and augmented on
+the device; the columns of Table 3 of Shi et al. 2021, 30.0 / 54.8 / 64.0 / 78.5 s/epoch on a
+2080 Ti), and whether one fast-IBP step of the TinyImageNet ResNeXt fits at batch 128.
+``--quick``: a tiny CNN-7 at batch 4, 2 repetitions (the test suite's setting).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import contextlib
+import resource
 import statistics
+import sys
+import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from fastcert.bounds import BoundedNet
-from fastcert.config import build_option
-from fastcert.methods import Batch
+from fastcert.bounds import BoundedNet, margin_spec, robust_ce_from_margins
+from fastcert.config import build_option, options
+from fastcert.data import CIFAR10_MEAN, CIFAR10_STD, CropFlip, DataBundle, DeviceBatches
+from fastcert.loggers import NullLogger
+from fastcert.memory import keep_freed_memory
 from fastcert.pipeline import resolve_device
+from fastcert.schedules import PHASES
+from fastcert.train import TrainSetup, fit
 
-METHODS = ["natural", "ibp", "crown_ibp", "fast"]
+#: (row, floor row, goal ratio) checked in the report; other methods get ratios only
+GOALS = {"fit natural": ("torch natural", 1.05), "fit ibp": ("floor ibp", 1.05),
+         "fit fast": ("floor ibp", 1.05), "fit crown_ibp": ("floor loss fusion", 1.10)}
+CIFAR_TRAIN = 50_000
+#: Table 3 of Shi et al. 2021 (s/epoch, CNN-7, CIFAR-10, one RTX 2080 Ti): method -> phase
+TABLE3 = {"ibp": {"eps0": 30.0, "ramp": 54.8, "final": 54.8},
+          "crown_ibp": {"eps0": 30.0, "ramp": 78.5, "final": 54.8},
+          "fast": {"eps0": 64.0, "ramp": 64.0, "final": 54.8}}
 
 
-def _sync(device):
+@dataclass
+class Setting:
+    model: str
+    model_options: dict
+    input_shape: tuple
+    num_classes: int
+    batch: int
+    eps_target: float
+    device: torch.device
+
+    @property
+    def eps(self) -> float:
+        return self.eps_target / 2
+
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_method(name, model_name, batch, steps, device, eps=8 / 255, seed=0):
+def _cifar_box() -> DataBundle:
+    """CIFAR-10's normalisation and ε-box (no loaders)."""
+    return DataBundle(None, None, (3, 32, 32), 10, torch.tensor(CIFAR10_MEAN),
+                      torch.tensor(CIFAR10_STD), "cifar10")
+
+
+def _batch(s: Setting, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    box = _cifar_box()
+    x = box.from_pixels(torch.rand(s.batch, *s.input_shape, generator=g))
+    y = torch.randint(0, s.num_classes, (s.batch,), generator=g)
+    return x.to(s.device), y.to(s.device), box
+
+
+def _model(s: Setting, seed: int = 0):
     torch.manual_seed(seed)
-    model = build_option("model", model_name, input_shape=(3, 32, 32), num_classes=10)
-    build_option("init", "ibp" if name == "fast" else "default")(model, seed=seed)
-    model.to(device)
-    x = torch.rand(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    net = BoundedNet(model, x[:2], 10).train()
-    method = build_option("method", name)
-    opt = torch.optim.Adam(model.parameters(), lr=5e-4)
-    step_batch = Batch(x, y, (x - eps).clamp(0, 1), (x + eps).clamp(0, 1), eps / 2, eps)
-    times = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for i in range(steps + 1):  # the first step warms up (lazy loss-fusion graph, allocator)
-        _sync(device)
-        t0 = time.perf_counter()
-        out = method.step(net, step_batch)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        opt.step()
-        _sync(device)
-        if i:
-            times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return statistics.median(times), peak
+    model = build_option("model", s.model, s.model_options, input_shape=s.input_shape,
+                         num_classes=s.num_classes)
+    return model.to(s.device).train()
+
+
+# --------------------------------------------------------------------------- rows
+
+
+class TorchNatural:
+    """Plain PyTorch natural training."""
+
+    def __init__(self, model, x, y):
+        self.model, self.x, self.y, self.device = model, x, y, x.device
+        self.opt = torch.optim.Adam(model.parameters(), lr=5e-4)
+
+    def step(self):
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+
+class FloorIBP:
+    """The bare auto_LiRPA IBP step: CE(f(x), y) + CE(-m̲, y) with m̲ the IBP lower bounds of
+    the margins (Eq. 9 of Shi et al. 2021) through a BoundedModule built here."""
+
+    def __init__(self, model, x, y, box, eps, num_classes):
+        from auto_LiRPA import BoundedModule, BoundedTensor
+        from auto_LiRPA.perturbations import PerturbationLpNorm
+
+        model.eval()
+        self.bounded = BoundedModule(model, x[:2], bound_opts={"relu": "adaptive"},
+                                     device=x.device)
+        self.bounded.train()
+        model.train()
+        lower, upper = box.eps_box(x, eps)
+        self.x_in = BoundedTensor(x, PerturbationLpNorm(norm=float("inf"), eps=eps,
+                                                        x_L=lower, x_U=upper))
+        self.y, self.C, self.device = y, margin_spec(y, num_classes), x.device
+        self.opt = torch.optim.Adam(model.parameters(), lr=5e-4)
+
+    def step(self):
+        logits = self.bounded(self.x_in)
+        lb, _ = self.bounded.compute_bounds(x=None, method="IBP", C=self.C, bound_upper=False)
+        loss = F.cross_entropy(logits, self.y) + robust_ce_from_margins(lb)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+
+class FloorLossFusion:
+    """The bare auto_LiRPA loss-fusion step (Xu et al. 2020): the BoundedModule of
+    CrossEntropyWrapper(model), natural CE and the upper bound of the CE, β·CROWN-IBP +
+    (1-β)·IBP with β = 1 - ε/ε_target (fastcert's CROWN-IBP defaults)."""
+
+    def __init__(self, model, x, y, box, eps, beta):
+        from auto_LiRPA import BoundedModule, BoundedTensor, CrossEntropyWrapper
+        from auto_LiRPA.operators import BoundExp
+        from auto_LiRPA.perturbations import PerturbationLpNorm
+
+        model.eval()
+        wrapper = CrossEntropyWrapper(model).eval()
+        self.fused = BoundedModule(wrapper, (x[:2], y[:2]),
+                                   bound_opts={"relu": "adaptive", "loss_fusion": True},
+                                   device=x.device)
+        self.fused.train()
+        model.train()
+        self.exp = next(n for n in self.fused.modules() if isinstance(n, BoundExp))
+        lower, upper = box.eps_box(x, eps)
+        self.x_in = BoundedTensor(x, PerturbationLpNorm(norm=float("inf"), eps=eps,
+                                                        x_L=lower, x_U=upper))
+        self.y, self.beta, self.device = y, beta, x.device
+        self.opt = torch.optim.Adam(model.parameters(), lr=5e-4)
+
+    def step(self):
+        s = self.fused(self.x_in, self.y)
+        natural = (torch.log(s) + self.exp.max_input).mean()
+        _, ub = self.fused.compute_bounds(x=None, method="IBP", bound_lower=False)
+        robust = torch.log(ub) + self.exp.max_input
+        if self.beta > 0:
+            _, cub = self.fused.compute_bounds(x=None, method="CROWN-IBP", bound_lower=False)
+            tight = torch.log(cub) + self.exp.max_input
+            robust = self.beta * tight + (1 - self.beta) * robust
+        loss = natural + robust.mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+
+class _FixedEps:
+    """A schedule holding ε constant (fit asks it for ε, ε_target and the phase)."""
+
+    def __init__(self, eps, eps_target):
+        self.eps_value, self.eps_target = eps, eps_target
+
+    def eps(self, step):
+        return self.eps_value
+
+    def phase(self, epoch):
+        return ("eps0" if self.eps_value == 0 else
+                "final" if self.eps_value >= self.eps_target else "ramp")
+
+
+class _TimedBatches:
+    """A training loader for fit: ``steps`` batches from ``source`` (a callable giving an
+    iterator), claiming ``length`` batches per epoch (the diagnostic cadence of a real
+    epoch); records when each batch is asked for, after the device finished the last step."""
+
+    def __init__(self, source, steps: int, length: int, device):
+        self.source, self.steps, self.length, self.device = source, steps, length, device
+        self.marks: list[float] = []
+        self.cpu_marks: list[float] = []
+        self.generator = None
+
+    def __len__(self):
+        return self.length
+
+    def __iter__(self):
+        self.marks, self.cpu_marks = [], []
+        it = self.source()
+        for _ in range(self.steps):
+            batch = next(it)
+            self._mark()
+            yield batch
+        self._mark()
+
+    def _mark(self):
+        _sync(self.device)
+        self.marks.append(time.perf_counter())
+        self.cpu_marks.append(time.process_time())
+
+    def step_times(self, cpu: bool = False) -> list[float]:
+        """Seconds (wall, or CPU) of each step after the first (untimed: a diagnostic step
+        with a fresh optimiser)."""
+        marks = self.cpu_marks if cpu else self.marks
+        return [b - a for a, b in zip(marks[1:], marks[2:])]
+
+
+class FitRow:
+    """``fastcert.train.fit`` with method ``name``: one call per repetition, the first step
+    untimed, then ``timed`` steps."""
+
+    def __init__(self, name, net, x, y, box, eps, eps_target, run_dir, timed=1,
+                 length=math.ceil(CIFAR_TRAIN / 128), source=None):
+        self.method = build_option("method", name)
+        self.net, self.box, self.eps, self.eps_target = net, box, eps, eps_target
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        device = x.device
+        source = source or (lambda: iter(lambda: (x, y), None))
+        self.loader = _TimedBatches(source, 1 + timed, length, device)
+        self.optim = build_option("optim", "adam")
+        self.device = device
+
+    def run(self) -> list[float]:
+        setup = TrainSetup(net=self.net, method=self.method, train_loader=self.loader,
+                           box_fn=self.box.eps_box,
+                           schedule=_FixedEps(self.eps, self.eps_target), optim=self.optim,
+                           epochs=1, seed=0, device=self.device, run_dir=self.run_dir,
+                           logger=NullLogger())
+        with _quiet():  # fit's epoch line and progress bar
+            fit(setup)
+        return self.loader.step_times()
+
+    def cpu_times(self) -> list[float]:
+        return self.loader.step_times(cpu=True)
+
+
+@contextlib.contextmanager
+def _quiet():
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), \
+            contextlib.redirect_stderr(null):
+        yield
+
+
+# --------------------------------------------------------------------------- building rows
+
+
+def row_names(methods) -> list[str]:
+    return ["torch natural", "floor ibp", "floor loss fusion", *(f"fit {m}" for m in methods)]
+
+
+def build_row(name: str, s: Setting, run_dir: Path, shared: dict):
+    """The row ``name`` on its own model (rows never share optimiser or BN state)."""
+    x, y, box = shared.setdefault("batch", _batch(s))
+    model = _model(s)
+    if name == "torch natural":
+        return TorchNatural(model, x, y)
+    if name == "floor ibp":
+        return FloorIBP(model, x, y, box, s.eps, s.num_classes)
+    if name == "floor loss fusion":
+        return FloorLossFusion(model, x, y, box, s.eps, 1 - s.eps / s.eps_target)
+    method = name.split(" ", 1)[1]
+    net = BoundedNet(model, x[:2], s.num_classes).train()
+    return FitRow(method, net, x, y, box, s.eps, s.eps_target, run_dir / method)
+
+
+def time_row(row) -> tuple[float, float | None]:
+    """Wall and CPU seconds of one step of ``row``."""
+    if isinstance(row, FitRow):
+        return row.run()[0], row.cpu_times()[0]
+    _sync(row.device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    row.step()
+    _sync(row.device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def interleaved(names, s: Setting, reps: int, run_dir: Path) -> dict:
+    """{row: {"wall": [...], "cpu": [...]}}: ``reps`` timed steps per row after one warm-up
+    repetition, rows in alternating order."""
+    shared: dict = {}
+    rows = {n: build_row(n, s, run_dir, shared) for n in names}
+    out = {n: {"wall": [], "cpu": []} for n in names}
+    for rep in range(reps + 1):
+        order = names if rep % 2 == 0 else names[::-1]
+        for n in order:
+            wall, cpu = time_row(rows[n])
+            if rep:
+                out[n]["wall"].append(wall)
+                if s.device.type == "cpu":
+                    out[n]["cpu"].append(cpu)
+        print(f"  repetition {rep}/{reps} done", file=sys.stderr, flush=True)
+    if s.device.type == "cuda":
+        for n, row in rows.items():  # peak memory of one more step of each row
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(s.device)
+            time_row(row)
+            out[n]["peak_mib"] = torch.cuda.max_memory_allocated(s.device) / 2**20
+    return out
+
+
+# --------------------------------------------------------------------------- CPU memory
+
+
+def rss_of_row(name: str, s: Setting, run_dir: Path) -> float:
+    """Peak RSS (MiB) of a process that runs only the row ``name``: a child forked from this
+    one (before any row is built here; it inherits the imports) builds the row and runs two
+    steps."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 1
+        try:
+            os.close(read)
+            with _quiet():
+                row = build_row(name, s, run_dir, {})
+                for _ in range(2):
+                    time_row(row)
+            os.write(write, str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as f:
+        text = f.read()
+    _, status = os.waitpid(pid, 0)
+    if status or not text:
+        raise RuntimeError(f"the memory run of {name!r} failed (status {status})")
+    return int(text) / 1024
+
+
+# --------------------------------------------------------------------------- GPU reports
+
+
+def phase_table(s: Setting, reps: int, run_dir: Path, n_train: int = CIFAR_TRAIN,
+                methods=("ibp", "crown_ibp", "fast")) -> dict:
+    """s/epoch of each method in each ε phase: the median step of fit over batches drawn and
+    augmented on the device from ``n_train`` CIFAR-shaped images (random crop 4 + flip),
+    times the batches of an epoch."""
+    g = torch.Generator().manual_seed(0)
+    box = _cifar_box()
+    xs = box.from_pixels(torch.rand(n_train, *s.input_shape, generator=g)).to(s.device)
+    ys = torch.randint(0, s.num_classes, (n_train,), generator=g).to(s.device)
+    data = DeviceBatches(xs, ys, s.batch, shuffle=True,
+                         generator=torch.Generator().manual_seed(0), augment=CropFlip(4, 0.5))
+    steps_per_epoch = len(data)
+    out = {}
+    for method in methods:
+        for phase, eps in (("eps0", 0.0), ("ramp", s.eps), ("final", s.eps_target)):
+            net = BoundedNet(_model(s), xs[:2], s.num_classes).train()
+            row = FitRow(method, net, xs[:2], ys[:2], box, eps, s.eps_target,
+                         run_dir / f"{method}-{phase}", timed=reps, length=steps_per_epoch,
+                         source=lambda: iter(data))
+            times = row.run()
+            out.setdefault(method, {})[phase] = statistics.median(times) * steps_per_epoch
+            del net, row
+            if s.device.type == "cuda":
+                torch.cuda.empty_cache()
+    return out
+
+
+def fits_step(s: Setting, run_dir: Path, model: str = "resnext", model_options=None,
+              input_shape=(3, 64, 64), num_classes=200, method: str = "fast") -> dict:
+    """Whether one ``method`` training step of ``model`` on TinyImageNet shapes fits (no
+    out-of-memory error), and its peak memory on a GPU."""
+    t = Setting(model, dict(model_options or {}), input_shape, num_classes, s.batch,
+                s.eps_target, s.device)
+    try:
+        x, y, box = _batch(t)
+        net = BoundedNet(_model(t), x[:2], num_classes).train()
+        if s.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(s.device)
+        FitRow(method, net, x, y, box, t.eps, t.eps_target, run_dir / "fit-check").run()
+    except torch.OutOfMemoryError as e:
+        return {"model": model, "batch": s.batch, "fits": False, "error": str(e).splitlines()[0]}
+    peak = torch.cuda.max_memory_allocated(s.device) / 2**20 if s.device.type == "cuda" else None
+    return {"model": model, "batch": s.batch, "fits": True, "peak_mib": peak}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def summarise(times: dict) -> dict:
+    rows = {}
+    for n, t in times.items():
+        rows[n] = {"median_s": statistics.median(t["wall"]), "min_s": min(t["wall"]),
+                   "cpu_median_s": statistics.median(t["cpu"]) if t["cpu"] else None,
+                   "peak_mib": t.get("peak_mib")}
+    nat = rows.get("torch natural", {}).get("median_s")
+    for n, r in rows.items():
+        r["x_natural"] = r["median_s"] / nat if nat else None
+        floor, goal = GOALS.get(n, ("floor ibp", None))
+        if floor in rows and n != floor:
+            r["floor"] = floor
+            r["x_floor"] = r["median_s"] / rows[floor]["median_s"]
+            r["x_floor_min"] = r["min_s"] / rows[floor]["min_s"]
+            if r["cpu_median_s"] and rows[floor]["cpu_median_s"]:
+                r["x_floor_cpu"] = r["cpu_median_s"] / rows[floor]["cpu_median_s"]
+            if goal is not None:
+                r["goal"] = goal
+                r["meets_goal"] = r["x_floor"] <= goal
+    return rows
+
+
+def markdown(rows: dict, cpu: bool) -> str:
+    head = ["row", "median s", "min s"] + (["CPU s (median)"] if cpu else []) + [
+        "× torch natural", "× floor (median / min" + (" / CPU)" if cpu else ")"), "floor",
+        "goal (median)", "peak MiB " +
+        ("(RSS)" if cpu else "(allocated)")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n, r in rows.items():
+        cells = [n, f"{r['median_s']:.4f}", f"{r['min_s']:.4f}"]
+        if cpu:
+            cells.append(f"{r['cpu_median_s']:.4f}" if r["cpu_median_s"] else "-")
+        cells.append(f"{r['x_natural']:.2f}" if r["x_natural"] else "-")
+        ratios = [r.get(k) for k in ("x_floor", "x_floor_min", "x_floor_cpu")[:3 if cpu else 2]]
+        cells.append(" / ".join("-" if v is None else f"{v:.3f}" for v in ratios)
+                     if "x_floor" in r else "-")
+        cells.append(r.get("floor", "-"))
+        cells.append(("≤ %.2f: %s" % (r["goal"], "met" if r["meets_goal"] else "NOT met"))
+                     if "goal" in r else "-")
+        cells.append(f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def phase_markdown(table: dict) -> str:
+    lines = ["| method | " + " | ".join(f"{p} s/epoch (Shi et al.)" for p in PHASES) + " |",
+             "|---|" + "---|" * len(PHASES)]
+    for m, phases in table.items():
+        cells = [f"{phases[p]:.1f} ({TABLE3.get(m, {}).get(p, '-')})" for p in PHASES]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one) | cpu | cuda")
+    p.add_argument("--model", default="cnn7")
+    p.add_argument("--batch", type=int, default=None, help="default: 32 on CPU, 128 on GPU")
+    p.add_argument("--reps", type=int, default=7, help="timed repetitions per row (>= 7)")
+    p.add_argument("--methods", nargs="+", default=None, help="default: every conf/method")
+    p.add_argument("--cpu-threads", type=int, default=1, help="torch CPU threads (0: default)")
+    p.add_argument("--keep-freed-memory", type=int, choices=(0, 1), default=1,
+                   help="CPU: glibc keeps freed memory (fastcert.memory), as runs do")
+    p.add_argument("--phases", action="store_true", help="s/epoch per ε phase (default on GPU)")
+    p.add_argument("--fit-check", action="store_true",
+                   help="does a ResNeXt TinyImageNet step fit (default on GPU)")
+    p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-RSS processes")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny CNN-7 (width 1/8), batch 4, 2 repetitions: the test suite's run")
+    p.add_argument("--out", default="bench_results", help="folder for bench.json")
+    return p.parse_args(argv)
+
+
+def setting(args, device) -> Setting:
+    quick = {"width": 0.125} if args.quick else {}
+    batch = args.batch or (4 if args.quick else 128 if device.type == "cuda" else 32)
+    return Setting(args.model, quick, (3, 32, 32), 10, batch, 8 / 255, device)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="cnn7")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per method (median)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--methods", nargs="+", default=METHODS)
-    p.add_argument("--out", default="bench_results", help="folder for bench.json")
-    args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
     warnings.filterwarnings("ignore")
+    if args.cpu_threads > 0:
+        torch.set_num_threads(args.cpu_threads)
     device = resolve_device(args.device)
-    rows = {}
-    for name in args.methods:
-        rows[name] = time_method(name, args.model, args.batch, args.steps, device)
-        print(f"  {name:<10} {rows[name][0]:8.3f} s/step", flush=True)
-    base = rows.get("natural", (None,))[0]
-    print(f"\n{args.model}, batch {args.batch}, {device}, median of {args.steps} steps\n")
-    print("| method | s/step | × natural | peak GPU MiB |\n|---|---|---|---|")
-    for name, (t, peak) in rows.items():
-        ratio = f"{t / base:.2f}" if base else "-"
-        print(f"| {name} | {t:.4f} | {ratio} | {peak:.0f} |" if peak is not None
-              else f"| {name} | {t:.4f} | {ratio} | - |")
-    result = {"model": args.model, "batch": args.batch, "device": str(device),
-              "steps": args.steps, "seconds_per_step": {k: v[0] for k, v in rows.items()},
-              "peak_gpu_mib": {k: v[1] for k, v in rows.items()}}
-    if "ibp" in rows and "fast" in rows:
-        overhead = rows["fast"][0] / rows["ibp"][0] - 1
-        result["fast_overhead_over_ibp"] = overhead
-        verdict = "within" if overhead <= 0.15 else "ABOVE"
-        print(f"\nfast IBP overhead over vanilla IBP: {100 * overhead:+.1f}% ({verdict} the 15% "
-              f"goal; Shi et al. 2021 report 9-13%)")
+    if device.type == "cpu" and args.keep_freed_memory:
+        keep_freed_memory()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    reps = 2 if args.quick and "--reps" not in argv else args.reps
+    s = setting(args, device)
+    methods = args.methods or options("method")
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # fit's checkpoints: not on disk
+    with tempfile.TemporaryDirectory(dir=shm, prefix="fastcert-bench-") as tmp:
+        names = row_names(methods)
+        t0 = time.perf_counter()
+        peaks = ({n: rss_of_row(n, s, Path(tmp)) for n in names}
+                 if device.type == "cpu" and not args.no_memory else {})
+        times = interleaved(names, s, reps, Path(tmp))
+        for n, peak in peaks.items():
+            times[n]["peak_mib"] = peak
+        rows = summarise(times)
+        result = {"model": s.model, "model_options": s.model_options, "batch": s.batch,
+                  "device": str(device), "reps": reps, "threads": torch.get_num_threads(),
+                  "eps": s.eps, "eps_target": s.eps_target, "rows": rows,
+                  "time_s": time.perf_counter() - t0}
+        print(f"\n{s.model} {s.model_options or ''}, batch {s.batch}, {device}, "
+              f"{torch.get_num_threads()} thread(s), ε = ε_target/2 = {s.eps:.5f}; median and "
+              f"min over {reps} interleaved repetitions\n")
+        print(markdown(rows, device.type == "cpu"))
+        if args.phases or device.type == "cuda":
+            n_train = 8 * s.batch if args.quick else CIFAR_TRAIN
+            result["phases"] = phase_table(s, reps, Path(tmp), n_train)
+            result["phases_n_train"] = n_train
+            print(f"\ns/epoch per ε phase ({n_train} CIFAR-shaped images, batch {s.batch}; "
+                  f"Table 3 of Shi et al. 2021 in parentheses)\n")
+            print(phase_markdown(result["phases"]))
+        if args.fit_check or device.type == "cuda":
+            quick = ({"cardinality": 2, "bottleneck_width": 2, "stem_width": 4, "fc_width": 16}
+                     if args.quick else {})
+            result["fit_check"] = fits_step(s, Path(tmp), model_options=quick)
+            fc = result["fit_check"]
+            print(f"\nResNeXt, TinyImageNet shapes, fast IBP, batch {fc['batch']}: "
+                  f"{'fits' if fc['fits'] else 'does NOT fit'}"
+                  + (f" (peak {fc['peak_mib']:.0f} MiB)" if fc.get("peak_mib") else ""))
     out = Path(args.out)
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

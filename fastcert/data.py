@@ -603,9 +603,10 @@ def _device_form(dataset: Dataset) -> tuple[Dataset, CropFlip | None]:
 
 def _materialise(dataset: Dataset, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every example of ``dataset`` (through its transform) stacked: images (N, C, H, W) and
-    labels (N,)."""
+    labels (N,). The global RNG is not touched (the model is initialised from it next)."""
     xs, ys = [], []
-    for x, y in DataLoader(dataset, batch_size=1024, shuffle=False, num_workers=workers):
+    for x, y in DataLoader(dataset, batch_size=1024, shuffle=False, num_workers=workers,
+                           generator=torch.Generator()):
         xs.append(x)
         ys.append(torch.as_tensor(y))
     return torch.cat(xs).float(), torch.cat(ys).long()
@@ -667,10 +668,18 @@ class DeviceBatches:
 
     def __iter__(self):
         if not self.shuffle:
-            for start in range(0, len(self.y), self.batch_size):
-                yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
-            return
+            return self._in_order()
+        # as a DataLoader: the base seed is drawn when the iterator is made, the permutation at
+        # the first batch (tqdm.auto makes one iterator more than it uses: same draws as a
+        # DataLoader under it too)
         base = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
+        return self._shuffled(base)
+
+    def _in_order(self):
+        for start in range(0, len(self.y), self.batch_size):
+            yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+
+    def _shuffled(self, base: int):
         order = torch.randperm(len(self.y), generator=self.generator).to(self.device)
         aug = (torch.Generator(device=self.device).manual_seed(base)
                if self.augment is not None else None)

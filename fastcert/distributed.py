@@ -193,10 +193,10 @@ def _all_reduce_autograd(t: torch.Tensor) -> torch.Tensor:
     return _SumOverRanks.apply(t)
 
 
-def global_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def global_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of ``x`` (N, C, ...) over the batches of all ranks
-    together, and the global count per channel. Two passes (mean, then Σ(x - mean)²), each one
-    all-reduce of C sums; differentiable."""
+    together, and the global count per channel (a tensor: no host read). Two passes (mean,
+    then Σ(x - mean)²), each one all-reduce of C sums; differentiable."""
     dims = [0] + list(range(2, x.dim()))
     count = x.numel() // x.shape[1]
     sums = torch.cat([x.sum(dims), x.new_full((1,), float(count))])
@@ -205,16 +205,18 @@ def global_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     mean = sums[:-1] / n
     shape = (1, -1) + (1,) * (x.dim() - 2)
     sq = _all_reduce_autograd(((x - mean.view(shape)) ** 2).sum(dims))
-    return mean, sq / n, count * dist.get_world_size()
+    return mean, sq / n, n.detach()
 
 
-def _update_running(running_mean, running_var, mean, var, total: int, momentum: float) -> None:
-    """Running statistics as ``nn.BatchNorm`` updates them (unbiased variance)."""
+def _update_running(running_mean, running_var, mean, var, total: torch.Tensor,
+                    momentum: float) -> None:
+    """Running statistics as ``nn.BatchNorm`` updates them (unbiased variance, n/(n-1) with n
+    the global count)."""
     if running_mean is None:
         return
     with torch.no_grad():
         running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
-        unbiased = var.detach() * (total / max(total - 1, 1))
+        unbiased = var.detach() * (total / (total - 1).clamp_min(1))
         running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
 
 

@@ -75,10 +75,14 @@ class _EpochStats:
         self.verified_n = 0
         self.sums: dict = defaultdict(float)
         self.counts: dict = defaultdict(int)
-        self.relu = defaultdict(list)
+        self.relu: dict[str, list[float]] = {}  # per layer: Σ over recorded steps of share·value
+        self.relu_steps = 0.0                   # Σ of those shares (the recorded steps)
 
-    def add(self, out: StepOutput, y: torch.Tensor, loss: torch.Tensor, diagnostics: bool):
-        """One step; its plot-only values (regularisers, ReLU states) when ``diagnostics``."""
+    def add(self, out: StepOutput, y: torch.Tensor, loss: torch.Tensor, diagnostics: bool,
+            share: float = 1.0):
+        """One step; its plot-only values (regularisers, ReLU states) when ``diagnostics``.
+        ``share``: this process's fraction of the step's batch (1 in a one-process run), so
+        that ReLU states summed over ranks are those of the whole batch."""
         b = len(y)
         self.n += b
         self.correct = self.correct + (out.logits.argmax(1) == y).sum()
@@ -91,7 +95,9 @@ class _EpochStats:
             self.counts[k] += b
         if diagnostics and out.relus:
             for k, per_layer in relu_states(out.relus).items():
-                self.relu[k].append(per_layer)
+                row = self.relu.setdefault(k, [0.0] * len(per_layer))
+                self.relu[k] = [a + share * v for a, v in zip(row, per_layer)]
+            self.relu_steps += share
 
     def record(self, dist: distributed.Dist | None = None) -> dict:
         """The epoch's means; in a data-parallel run, of every rank's steps together."""
@@ -101,49 +107,46 @@ class _EpochStats:
         rec["train_clean_acc"] = _number(self.correct) / max(self.n, 1)
         if self.verified_n:
             rec["train_verified_acc"] = _number(self.verified) / self.verified_n
-        for k, rows in self.relu.items():
-            rec[f"relu_{k}"] = [sum(col) / len(col) for col in zip(*rows)]
+        for k, sums in self.relu.items():
+            rec[f"relu_{k}"] = [v / self.relu_steps for v in sums]
         return rec
 
     def _sum_over_ranks(self, device: torch.device) -> None:
-        """Replace every sum and count by its sum over ranks (one all-reduce; ReLU states as
-        per-layer sums over the recorded steps of all ranks)."""
+        """Replace every sum and count by its sum over ranks (one all-reduce)."""
         keys, relu_keys = sorted(self.sums), sorted(self.relu)
         values = ([self.sums[k] for k in keys] + [self.counts[k] for k in keys]
-                  + [self.correct, self.verified, self.n, self.verified_n]
-                  + [v for k in relu_keys for v in map(sum, zip(*self.relu[k]))]
-                  + [len(self.relu[k]) for k in relu_keys])
+                  + [self.correct, self.verified, self.n, self.verified_n, self.relu_steps]
+                  + [v for k in relu_keys for v in self.relu[k]])
         flat = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
                             for v in values])
-        total = distributed.all_reduce_(flat).tolist()
-        it = iter(total)
+        it = iter(distributed.all_reduce_(flat).tolist())
         for k in keys:
             self.sums[k] = next(it)
         for k in keys:
             self.counts[k] = next(it)
-        self.correct, self.verified, self.n, self.verified_n = (next(it) for _ in range(4))
-        layers = {k: [next(it) for _ in self.relu[k][0]] for k in relu_keys}
-        for k in relu_keys:
-            steps = next(it)
-            self.relu[k] = [[v / steps for v in layers[k]]]
+        self.correct, self.verified, self.n, self.verified_n, self.relu_steps = (
+            next(it) for _ in range(5))
+        self.relu = {k: [next(it) for _ in self.relu[k]] for k in relu_keys}
 
 
 def _number(v) -> float:
     return v.item() if isinstance(v, torch.Tensor) else float(v)
 
 
-def _merge(outs: list[StepOutput]) -> StepOutput:
-    """One StepOutput (loss detached) for a batch processed in chunks (``optim.grad_acc_steps``):
-    means of the chunks' losses and statistics."""
-    k = len(outs)
-    if k == 1:
+def _merge(outs: list[StepOutput], sizes: list[int]) -> StepOutput:
+    """One StepOutput (loss detached) for a batch processed in chunks of ``sizes`` examples
+    (``optim.grad_acc_steps``): the chunks' losses and statistics averaged by size, i.e. the
+    batch's means."""
+    if len(outs) == 1:
         return StepOutput(outs[0].loss.detach(), outs[0].logits, outs[0].stats,
                           outs[0].verified, outs[0].relus, outs[0].diagnostics)
-    stats = {key: sum(o.stats[key] for o in outs) / k for key in outs[0].stats}
-    diagnostics = {key: sum(o.diagnostics[key] for o in outs) / k for key in outs[0].diagnostics}
+    w = [n / sum(sizes) for n in sizes]
+    stats = {key: sum(wi * o.stats[key] for wi, o in zip(w, outs)) for key in outs[0].stats}
+    diagnostics = {key: sum(wi * o.diagnostics[key] for wi, o in zip(w, outs))
+                   for key in outs[0].diagnostics}
     verified = None if outs[0].verified is None else torch.cat([o.verified for o in outs])
     relus = next((o.relus for o in outs if o.relus), None)
-    return StepOutput(sum(o.loss.detach() for o in outs) / k,
+    return StepOutput(sum(wi * o.loss.detach() for wi, o in zip(w, outs)),
                       torch.cat([o.logits for o in outs]), stats, verified, relus, diagnostics)
 
 
@@ -154,7 +157,9 @@ def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
 
     Each batch is one optimiser step; ``optim.grad_acc_steps = k`` splits it into k chunks
     whose gradients accumulate (the meaning in the released code of Shi et al. 2021: the
-    batch size, hence the schedule, is kept while memory falls about k-fold).
+    batch size, hence the schedule, is kept while memory falls about k-fold); each chunk's
+    mean loss is weighted by its share of the batch, so without BatchNorm the gradient is the
+    whole batch's whatever the chunk sizes.
 
     Plot-only values (regularisers, ReLU states) are computed on diagnostic steps only: the
     epoch's record averages them over :data:`RECORD_STEPS` evenly spaced steps (the last one
@@ -221,12 +226,12 @@ def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
                 lower, upper = s.box_fn(xc, eps)
                 out = method_step(Batch(xc, yc, lower, upper, eps, s.schedule.eps_target, s.box_fn,
                                  diagnose), sync=k + 1 == len(chunks))
-                (out.loss * (weight / len(chunks))).backward()
+                (out.loss * (weight * len(yc) / len(y))).backward()  # chunk means → batch mean
                 outs.append(out)
-            out = _merge(outs)
+            out = _merge(outs, [len(yc) for _, yc in chunks])
             grad_norm = torch.nn.utils.clip_grad_norm_(params, s.optim.grad_clip)
             optimizer.step()
-            stats.add(out, y, out.loss, record_now)
+            stats.add(out, y, out.loss, record_now, weight / (s.dist.world if s.dist else 1))
             if diagnose:
                 _check_finite(out.loss, epoch, i, eps)
                 if log_now:
