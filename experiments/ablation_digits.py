@@ -6,7 +6,8 @@ The Table 1 / Table 4 comparison of Shi et al. 2021 in miniature: preset
 ``experiment=digits_ablation`` (ε=0.2, small CNN with full BN, a short "1+20+39" schedule), each
 method with its own initialisation (fast: IBP init). Prints mean ± std of clean and IBP-verified
 test accuracy and the last epoch's L_tightness / L_relu (logged for IBP-based methods, optimised
-only by ``fast``). Extra arguments are Hydra overrides applied to every run.
+only by ``fast``). Extra arguments are Hydra overrides applied to every run (``cpu_threads``,
+default 1 from conf/config.yaml, sets torch's CPU threads as in every run).
 """
 from __future__ import annotations
 

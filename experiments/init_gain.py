@@ -7,6 +7,7 @@ n in {27, 576, 1152, 32768}. See fastcert.initializers for the definitions and f
 baselines use fan-in-only variances.
 
     python -m experiments.init_gain [--trials 100] [--fan-ins 27 576 1152 32768] [--fan-out N]
+                                    [--cpu-threads 1]
 
 prints a Markdown table: per fan-in the closed form, our measurement and the printed value.
 """
@@ -93,7 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         help="rows of each sampled weight (default min(n, 64); see fastcert.initializers)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpu-threads", type=int, default=1,
+                        help="torch CPU threads (0: torch's default); one is fastest here")
     args = parser.parse_args(argv)
+    if args.cpu_threads > 0:
+        import torch
+
+        torch.set_num_threads(args.cpu_threads)
     fan_ins = tuple(args.fan_ins)
     start = time.perf_counter()
     table = gain_table(fan_ins, trials=args.trials, fan_out=args.fan_out, seed=args.seed)

@@ -113,3 +113,79 @@ def test_epoch_records_do_not_depend_on_the_logging_cadence(compose, tmp_path):
         a.pop("epoch_time_s"), b.pop("epoch_time_s")
         assert a == b
     assert "relu_unstable" in a and "reg/tightness" in a
+
+
+def test_grad_acc_with_uneven_chunks_gives_the_full_batch_gradient(compose, tmp_path):
+    """Chunks of unequal size (30 examples in 4 chunks: 8, 8, 8, 6) are weighted by their
+    share of the batch, so the update is still the whole batch's (SGD: the update is the
+    gradient itself)."""
+    base = TINY + ["model.bn=none", "epochs=1", "data.batch_size=30", "data.limit_train=60",
+                   "eval.verifiers=[ibp]", "optim._target_=fastcert.optim.SGD", "optim.lr=0.01"]
+    run(compose(base), tmp_path / "one")
+    run(compose(base + ["optim.grad_acc_steps=4"]), tmp_path / "four")
+    a = torch.load(tmp_path / "one" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "four" / "last.pt", weights_only=False)["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    ra, rb = _records(tmp_path / "one"), _records(tmp_path / "four")
+    assert rb[0]["loss"] == pytest.approx(ra[0]["loss"], rel=1e-5)
+
+
+# ---- CUDA-only speed settings: channels-last and cuDNN's autotuner ---------------------------
+
+
+def test_channels_last_batches_and_model_give_the_same_fp32_bounds(compose, monkeypatch,
+                                                                   tmp_path):
+    """channels_last=true (on CUDA by default; forced here on the CPU): the model and every
+    training batch are channels-last, and the bounds are the contiguous layout's, in fp32
+    (no autocast anywhere in a step)."""
+    from fastcert.bounds import Bound
+    from fastcert.pipeline import build
+
+    over = TINY + ["model=cnn7", "model.width=0.125"]
+    dense = build(compose(over + ["channels_last=false"]))
+    last = build(compose(over + ["channels_last=true"]))
+    assert not dense.channels_last and last.channels_last
+    conv = next(m for m in last.net.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x, y = next(iter(dense.data.train))
+    lower, upper = dense.data.eps_box(x, 0.05)
+    for bound in (Bound.IBP, Bound.CROWN):
+        _, want = dense.net.margin_bounds(x, y, lower, upper, bound)
+        cl = torch.channels_last
+        _, got = last.net.margin_bounds(x.contiguous(memory_format=cl), y,
+                                        lower.contiguous(memory_format=cl),
+                                        upper.contiguous(memory_format=cl), bound)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    import fastcert.methods.ibp as ibp_module
+
+    seen = []
+    bounded_step = ibp_module.IBP._bounded_step
+
+    def recording(self, net, batch):
+        seen.append((batch.x.is_contiguous(memory_format=torch.channels_last),
+                     torch.is_autocast_enabled("cpu")))
+        out = bounded_step(self, net, batch)
+        assert out.loss.dtype == torch.float32
+        return out
+
+    monkeypatch.setattr(ibp_module.IBP, "_bounded_step", recording)
+    run(compose(over + ["channels_last=true", "epochs=1", "eval.verifiers=[ibp]"]), tmp_path)
+    assert seen and all(s == (True, False) for s in seen), seen
+
+
+def test_cuda_settings_stay_off_on_the_cpu(compose):
+    from fastcert.pipeline import Speed, build, set_process
+
+    before = torch.backends.cudnn.benchmark
+    built = build(compose(TINY))
+    assert not built.channels_last and torch.backends.cudnn.benchmark == before
+    try:
+        set_process(compose(TINY), Speed(), torch.device("cuda", 0))
+        assert torch.backends.cudnn.benchmark is True
+        set_process(compose(TINY), Speed(cudnn_benchmark=False), torch.device("cuda", 0))
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -1,0 +1,73 @@
+"""Every entry point honours ``cpu_threads`` (torch's CPU thread count): the run, certify, the
+benchmark and the experiment scripts. Each call starts from 3 threads and must leave torch
+with the configured 1 (two or more spin against each other on a small or busy machine:
+measured up to 65x slower, /work/shared/NOTES.md)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY
+
+
+@pytest.fixture
+def three_threads():
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(1)
+
+
+def test_run(compose, tmp_path, three_threads):
+    from fastcert.pipeline import run
+
+    run(compose(TINY + ["epochs=1", "cpu_threads=1"]), tmp_path / "run")
+    assert torch.get_num_threads() == 1
+
+
+def test_certify(compose, tmp_path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fastcert.certify import certify
+    from fastcert.pipeline import run
+
+    from conftest import CONF
+
+    run(compose(TINY + ["epochs=1"]), tmp_path / "run")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose("certify", overrides=[f"checkpoint={tmp_path / 'run' / 'last.pt'}",
+                                                  "verifiers=[ibp]", "pgd.steps=1",
+                                                  "limit_test=8", "cpu_threads=1",
+                                                  "device=cpu", "progress=false"])
+    GlobalHydra.instance().clear()
+    torch.set_num_threads(3)
+    try:
+        certify(cfg, tmp_path / "certify")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_bench(tmp_path, three_threads):
+    from experiments.bench import main
+
+    main(["--quick", "--reps", "1", "--methods", "natural", "--no-memory", "--cpu-threads", "1",
+          "--out", str(tmp_path)])
+    assert torch.get_num_threads() == 1
+
+
+def test_init_gain(three_threads, capsys):
+    from experiments.init_gain import main
+
+    main(["--trials", "1", "--fan-ins", "27", "--cpu-threads", "1"])
+    assert torch.get_num_threads() == 1
+
+
+def test_ablation_digits(tmp_path, three_threads):
+    from experiments.ablation_digits import main
+
+    main(["--seeds", "0", "--methods", "ibp", "--out", str(tmp_path), *TINY, "epochs=1",
+          "eval.verifiers=[ibp]", "cpu_threads=1"])
+    assert torch.get_num_threads() == 1
