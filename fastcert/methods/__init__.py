@@ -2,9 +2,10 @@
 ``_target_: fastcert.methods.<Class>`` and sets its fields. See :mod:`fastcert.methods.base`
 for the interface."""
 from fastcert.methods.base import Batch, Method, StepOutput, mix, natural_step
+from fastcert.methods.crown import Crown, RelaxationRegularized
 from fastcert.methods.crown_ibp import CrownIBP
 from fastcert.methods.ibp import IBP, FastIBP
 from fastcert.methods.natural import Natural
 
 __all__ = ["Batch", "Method", "StepOutput", "mix", "natural_step", "Natural", "IBP", "FastIBP",
-           "CrownIBP"]
+           "CrownIBP", "Crown", "RelaxationRegularized"]
