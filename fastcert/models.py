@@ -422,3 +422,51 @@ def resnext(
             c, h, w = block.out_channels, _conv_out(h, 3, st, 1), _conv_out(w, 3, st, 1)
         width *= 2
     return _residual_head(layers, c * h * w, fc_width, num_classes, bn_fc)
+
+
+# ------------------------------------------------------------------ the IBP-convergence network
+
+
+class FixedLinear(nn.Linear):
+    """A ``Linear`` layer whose weight and bias are buffers: saved and bounded like any layer,
+    never trained (auto_LiRPA 0.3 turns ``requires_grad`` back on for every parameter it
+    sees, so a frozen parameter would train)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+
+
+@model_builder
+def two_layer(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    bn: str = "full",
+    *,
+    m: int = 1000,
+) -> nn.Module:
+    """The two-layer network of the IBP convergence analysis (Eq. 4.1 of Wang 2022, Ch. 4;
+    Wang et al. 2022, after Du et al. 2019): f(W, a, x) = (1/√m) Σ_r a_r σ(w_rᵀx), width ``m``,
+    no biases in the hidden layer, w_r ~ N(0, I), a_r ~ unif{+1, -1} **fixed** (the output
+    layer is a :class:`FixedLinear`: only W trains; select ``init=default`` so no initialiser
+    overwrites it).
+
+    As logits: output 0 is a constant 0 and output k ≥ 1 is (1/√m) Σ_r a_kr σ(w_rᵀx) with its
+    own signs, so with two classes the logits are (0, f), the margin of class 1 is f and that
+    of class 0 is -f: y·f with y = ±1, and cross entropy is the logistic loss log(1 + e^{-yf})
+    (Eq. 4.2). Draws from torch's global RNG (the pipeline seeds it before building).
+    ``bn="full"`` puts BatchNorm after the hidden layer (not part of Eq. 4.1: use
+    ``bn="none"`` for it)."""
+    m = _positive_int("m", m)
+    _, bn_fc = _bn_flags(bn)
+    hidden = nn.Linear(input_shape[0] * input_shape[1] * input_shape[2], m, bias=False)
+    with torch.no_grad():
+        nn.init.normal_(hidden.weight)  # w_r ~ N(0, I)
+    signs = torch.randint(0, 2, (num_classes, m)).float() * 2 - 1  # a_r ~ unif{±1}
+    signs[0] = 0  # the reference logit
+    layers: list[nn.Module] = [nn.Flatten(), hidden]
+    if bn_fc:
+        layers.append(nn.BatchNorm1d(m))
+    return nn.Sequential(*layers, nn.ReLU(), FixedLinear(signs / m ** 0.5, torch.zeros(num_classes)))
