@@ -189,7 +189,7 @@ def test_experiment_writes_both_figures_and_their_data(tmp_path):
 
     out = ibp_convergence.main(["--out", str(tmp_path), "--widths", "8", "16", "--eps-a",
                                 "0.02", "0.3", "--widths-b", "8", "16", "--eps-b", "0.05",
-                                "--epochs", "1"])
+                                "--seeds", "0", "--epochs", "1"])
     for name in ("fig4_1a.png", "fig4_1b.png", "fig4_1a.csv", "fig4_1b.csv", "runs.csv"):
         assert (tmp_path / name).stat().st_size > 0, name
     runs = _read_csv(tmp_path / "runs.csv")
@@ -210,6 +210,17 @@ def test_experiment_writes_both_figures_and_their_data(tmp_path):
     ibp = sorted([p["train_error_mean"] for p in out["a"] if p["method"] == "ibp"] +
                  [p["train_error_mean"] for p in out["b"]])
     assert ibp == pytest.approx(sorted(1 - r["ibp_verified_acc"] for r in results["ibp"]))
+
+
+def test_aggregate_is_mean_and_std_over_seeds():
+    from experiments.ibp_convergence import aggregate
+
+    rows = [{"m": 10, "eps": 0.1, "seed": s, "train_error": e} for s, e in enumerate((0.2, 0.4))]
+    rows.append({"m": 20, "eps": 0.1, "seed": 0, "train_error": 0.0})
+    assert aggregate(rows, ("m", "eps")) == [
+        {"m": 10, "eps": 0.1, "seeds": 2, "train_error_mean": pytest.approx(0.3),
+         "train_error_std": pytest.approx(0.1414, abs=1e-4)},
+        {"m": 20, "eps": 0.1, "seeds": 1, "train_error_mean": 0.0, "train_error_std": 0.0}]
 
 
 @pytest.mark.slow
@@ -234,7 +245,7 @@ def test_the_thesis_claims_hold_on_small_sizes(tmp_path):
 
     out = ibp_convergence.main(["--out", str(tmp_path), "--widths", "10", "1000",
                                 "--eps-a", "0.05", "0.3", "--widths-b", "10", "1000",
-                                "--eps-b", "0.02"])
+                                "--eps-b", "0.02", "--seeds", "0"])
     err = {(p["method"], p["eps"], p["m"]): p["train_error_mean"] for p in out["a"]}
     assert err[("natural", 0.0, 10)] <= 0.02 and err[("natural", 0.0, 1000)] <= 0.02
     assert err[("ibp", 0.05, 1000)] < err[("ibp", 0.05, 10)] - 0.2
