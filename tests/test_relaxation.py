@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fastcert.bounds import (Bound, BoundedNet, forward_relu_inputs, linear_margin_bound,
-                             margin_spec)
+from fastcert.bounds import Bound, BoundedNet, forward_relu_inputs, linear_margin_bound
 from fastcert.relaxation import indicators, measure, relaxed_margins
 
 BOUNDS = (Bound.CROWN, Bound.CROWN_IBP)

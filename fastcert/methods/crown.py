@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fastcert.bounds import Bound, robust_ce_from_margins
 from fastcert.methods.base import Batch, Method, StepOutput, mix, natural_step
-from fastcert.relaxation import Indicators, RForm, indicators, relaxed_margins
+from fastcert.relaxation import RForm, indicators, relaxed_margins
 from fastcert.schedules import linear_coefficient
 
 
@@ -44,14 +44,14 @@ class RelaxationRegularized(Method):
                 linear_coefficient(self.gamma_start, self.gamma_end, batch.ratio))
 
     def regularize(self, module, lin, C, batch: Batch, relu: str, loss: torch.Tensor,
-                   stats: dict) -> tuple[torch.Tensor, Indicators]:
+                   stats: dict) -> torch.Tensor:
         """``loss`` + λ Σ_t d_t + γ Σ_t r_t, with the weights and the batch means of Σ_t d_t
         and Σ_t r_t added to ``stats``."""
         lam, gamma = self.weights(batch)
         ind = indicators(module, lin, C, batch.lower, batch.upper, relu, self.r_form)
         stats.update({"lambda_d": lam, "gamma_r": gamma, "reg/d": ind.d.sum(1).mean().detach(),
                       "reg/r": ind.r.sum(1).mean().detach()})
-        return loss + ind.loss(lam, gamma), ind
+        return loss + ind.loss(lam, gamma)
 
 
 @dataclass
@@ -83,6 +83,6 @@ class Crown(RelaxationRegularized):
         loss = mix(natural, robust, kappa)
         stats = {"loss/natural": natural.detach(), "loss/robust": robust.detach(), "kappa": kappa}
         if max(self.weights(batch)) > 0:
-            loss, _ = self.regularize(module, lin, C, batch, self.relaxation, loss, stats)
+            loss = self.regularize(module, lin, C, batch, self.relaxation, loss, stats)
         return StepOutput(loss, logits.detach(), stats, (lin.lower > 0).all(1).detach(),
                           lin.relus if batch.diagnostics else None)

@@ -27,8 +27,9 @@ class CrownIBP(RelaxationRegularized):
     With a λ or γ weight (see :class:`RelaxationRegularized`), d and r of Zhu et al. are added,
     measured on the CROWN-IBP part of the bound (IBP intermediate bounds, CROWN's adaptive
     relaxation for the output: their Tables 2-3 setting, where r is phased out during training,
-    e.g. ``gamma_start=γ, gamma_end=0``). With loss fusion that takes one more margin-bound
-    pass; without it the CROWN-IBP pass of the loss gives them.
+    e.g. ``gamma_start=γ, gamma_end=0``). Without loss fusion the CROWN-IBP pass of the loss
+    gives them; with it they take one more margin-bound pass, whose clean forward pass also
+    updates BatchNorm's running statistics (twice per step with the fused one).
     """
 
     loss_fusion: bool = True
@@ -69,5 +70,5 @@ class CrownIBP(RelaxationRegularized):
         stats = {"loss/natural": natural.detach(), "loss/robust": robust.detach(),
                  "kappa": kappa, "beta": beta}
         if regularized:
-            loss, _ = self.regularize(net.bounded, lin, C, batch, "adaptive", loss, stats)
+            loss = self.regularize(net.bounded, lin, C, batch, "adaptive", loss, stats)
         return StepOutput(loss, logits, stats, verified, relus)
