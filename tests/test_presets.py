@@ -18,7 +18,7 @@ PRESETS = options("experiment")
 @pytest.fixture
 def roots(mnist_root, cifar_root, cifar_md5, tiny_root):
     return {"mnist": mnist_root[0], "cifar10": cifar_root[0], "tinyimagenet": tiny_root,
-            "digits": tiny_root}
+            "digits": tiny_root, "digits_2v5": tiny_root, "mnist_2v5": mnist_root[0]}
 
 
 SHI2021_TABLES = ("table1_mnist", "table1_cifar10_70", "table1_cifar10_160",
