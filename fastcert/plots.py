@@ -14,7 +14,8 @@
 
 With several runs it also draws ``clean_vs_verified.png`` (clean vs verified test accuracy
 from each ``results.json``: ``any_verified_acc``, else ``ibp_verified_acc``) into ``--out``
-(a directory, default the current one, or a ``.png`` path). A RUN_DIR without metrics.jsonl
+(a directory or a ``.png`` path; default ``plots/`` in the runs' common folder: nothing is
+ever written into the current directory). A RUN_DIR without metrics.jsonl
 or results.json is searched for runs below it (a Hydra multirun folder).
 
 ``python -m fastcert.plots --bound-explosion OUT.png`` draws Fig. 1: Ê(Δ_i) per layer of an
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -276,9 +278,12 @@ def plot_bound_explosion(path: Path, data: dict | None = None, **kwargs) -> Plot
 # --------------------------------------------------------------------------- CLI
 
 
-def _scatter_path(out: str | None) -> Path:
+def _scatter_path(out: str | None, run_dirs: list) -> Path:
+    """``--out`` (a directory or a .png path), else ``plots/`` in the runs' common folder
+    (e.g. the multirun dir): never the current directory."""
     if out is None:
-        return Path.cwd() / "clean_vs_verified.png"
+        common = Path(os.path.commonpath([str(Path(d).resolve()) for d in run_dirs]))
+        return common / "plots" / "clean_vs_verified.png"
     p = Path(out)
     return p if p.suffix.lower() == ".png" else p / "clean_vs_verified.png"
 
@@ -292,7 +297,8 @@ def main(argv=None) -> dict:
                         help="run directories (or folders holding runs, e.g. a multirun dir)")
     parser.add_argument("--out", default=None,
                         help="where the clean-vs-verified scatter of several runs goes: a "
-                             "directory (default: the current one) or a .png path")
+                             "directory or a .png path (default: plots/ in the runs' common "
+                             "folder)")
     parser.add_argument("--bound-explosion", metavar="OUT.png", default=None,
                         help="draw the bound-explosion figure (Fig. 1) to OUT.png")
     parser.add_argument("--be-model", default="cnn7", help="model for --bound-explosion")
@@ -305,12 +311,13 @@ def main(argv=None) -> dict:
         parser.error("give at least one RUN_DIR or --bound-explosion OUT.png")
 
     written: dict = {"runs": {}}
-    runs = []
+    runs, run_dirs = [], []
     for arg in args.runs:
         found = find_runs(arg)
         if not found:
             print(f"{arg}: no metrics.jsonl or results.json found, skipped", file=sys.stderr)
         for run_dir in found:
+            run_dirs.append(run_dir)
             rec = read_run(run_dir)
             runs.append(rec)
             figs = plot_run(rec)
@@ -318,7 +325,7 @@ def main(argv=None) -> dict:
             for name, (path, _) in figs.items():
                 print(f"wrote {path}")
     if len(runs) > 1:
-        res = plot_accuracy_scatter(runs, _scatter_path(args.out))
+        res = plot_accuracy_scatter(runs, _scatter_path(args.out, run_dirs))
         if res is not None:
             written["scatter"] = res
             print(f"wrote {res[0]}")
