@@ -135,6 +135,19 @@ class EvalResult:
                 f"or the attack left the box")
 
 
+def judge(margin_lb: torch.Tensor, attack_margin: torch.Tensor, robust: torch.Tensor,
+          tolerance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per example (NaN ``margin_lb``: the verifier did not run): ``(verified, tie,
+    violation)``. Certified is m̲ > 0; a violation is a certified example whose attack margin
+    lies below m̲ by more than ``tolerance``; a tie is a certified example that is not
+    attack-robust (or not clean-correct) within the tolerance; verified = certified and
+    robust, so a tie is never counted as verified."""
+    certified = margin_lb > 0
+    violation = certified & (attack_margin < margin_lb - tolerance)
+    tie = certified & ~robust & ~violation
+    return certified & robust, tie, violation
+
+
 def _margin_lb(net: BoundedNet, x, y, lower, upper, bound: Bound) -> torch.Tensor:
     """min_j m̲_j per example."""
     if bound is Bound.ALPHA_CROWN:
@@ -190,16 +203,13 @@ def evaluate(net: BoundedNet, loader, box_fn, eps: float, verifiers=("ibp", "cro
                 i = torch.nonzero(todo).flatten()
                 lb[i] = _margin_lb(net, x[i], y[i], lower[i], upper[i], Bound.parse(v))
                 times[v] += time.perf_counter() - t0
-            certified = lb > 0  # False where not run (NaN)
-            unsound = certified & (attack.margin < lb - tol)
-            tie = certified & ~robust & ~unsound
+            ok, tie, unsound = judge(lb, attack.margin, robust, tol)
             for i in torch.nonzero(unsound).flatten().tolist():
                 violations.append({"eps": eps, "index": offset + i, "verifier": v,
                                    "margin_lb": lb[i].item(),
                                    "attack_margin": attack.margin[i].item(),
                                    "tolerance": tol[i].item()})
             ties += int(tie.sum())
-            ok = certified & robust
             undecided &= ~ok
             parts[f"ran/{v}"].append(todo.cpu())
             parts[f"lb/{v}"].append(lb.cpu())

@@ -1,4 +1,4 @@
-"""Preemption and resume: a run SIGKILLed mid-epoch and restarted with ``resume=true`` ends with
+"""Preemption and resume: a run SIGKILLed mid-epoch and restarted with ``resume.checkpoint=last`` ends with
 the same numbers as one that was never interrupted, and continues the same W&B run; a damaged
 checkpoint is an error naming the file, never a silent restart.
 
@@ -127,7 +127,7 @@ def test_killed_mid_epoch_and_resumed_matches_uninterrupted(tmp_path):
     assert not (run_dir / "results.json").exists()
     assert len(_metrics(run_dir)) in (killed_at, killed_at + 1)  # +1: killed before the save
 
-    resumed = _start(args + ["resume=true"], tmp_path, tmp_path / "resumed.log")
+    resumed = _start(args + ["resume.checkpoint=last"], tmp_path, tmp_path / "resumed.log")
     _wait(resumed, tmp_path / "resumed.log")
     _wait(ref, tmp_path / "ref.log")
 
@@ -293,7 +293,7 @@ def test_truncated_checkpoint_fails_naming_it_and_changes_nothing(finished_run, 
     ckpt = run_dir / "last.pt"
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # killed mid-write
     before = _snapshot(run_dir)
-    proc = subprocess.run([sys.executable, "-m", "fastcert.run", *TINY, "resume=true",
+    proc = subprocess.run([sys.executable, "-m", "fastcert.run", *TINY, "resume.checkpoint=last",
                            f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=TIMEOUT_S, env=_env(tmp_path))
     assert proc.returncode != 0

@@ -92,7 +92,7 @@ def _cli(args, cwd, env, timeout=600):
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     """``python -m fastcert.run`` with logger=wandb under an experiment preset, offline via
-    ``WANDB_MODE`` (the config's default mode), then ``resume=true`` in the same run dir."""
+    ``WANDB_MODE`` (the config's default mode), then ``resume.checkpoint=last`` in the same run dir."""
     root = tmp_path_factory.mktemp("wandb_cli")
     run_dir = root / "run"
     args = ["experiment=digits_ablation", *TINY, "logger=wandb", "logger.log_every=2",
@@ -101,7 +101,7 @@ def cli_run(tmp_path_factory):
     first = _cli(args, root, env)
     assert first.returncode == 0, first.stderr[-3000:]
     files_after_first = offline_runs(run_dir)
-    second = _cli(args + ["resume=true"], root, env)  # the run had finished: evaluates only
+    second = _cli(args + ["resume.checkpoint=last"], root, env)  # finished: evaluates only
     assert second.returncode == 0, second.stderr[-3000:]
     return run_dir, files_after_first
 
