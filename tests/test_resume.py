@@ -354,3 +354,59 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         save_atomic({"model": {"w": torch.zeros(3)}, "epoch": 2}, path)
     assert path.read_bytes() == good                   # the old checkpoint is intact
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+# ---- resuming checks the config ---------------------------------------------------------
+@pytest.mark.parametrize("override,keys", [
+    (["seed=1"], ["seed: 0 -> 1"]),
+    (["method=fast"], ["method.name: 'ibp' -> 'fast'"]),
+    (["model.widths=[8,8]"], ["model.widths: [256, 256] -> [8, 8]"]),
+    (["eps=0.05", "schedule.length=2"], ["eps: 0.1 -> 0.05", "schedule.length: 1 -> 2"]),
+])
+def test_resume_refuses_a_changed_config_listing_the_keys(finished_run, tmp_path, compose,
+                                                           override, keys):
+    from fastcert.config import ConfigError
+
+    run_dir = _copy_run(finished_run, tmp_path / "run")
+    before = _snapshot(run_dir)
+    with pytest.raises(ConfigError, match="resume.allow_changes=true") as e:
+        run(compose(TINY + override), run_dir, resume=True)
+    for key in keys:
+        assert key in str(e.value), str(e.value)
+    assert _snapshot(run_dir) == before
+
+
+def test_resume_allows_evaluation_and_location_changes(finished_run, tmp_path, compose):
+    run_dir = _copy_run(finished_run, tmp_path / "run")
+    results = run(compose(TINY + ["data.root=/elsewhere", "eval.verifiers=[ibp,crown]",
+                                  "epochs=2"]), run_dir, resume=True)
+    assert results["resumed"] == {"from_epoch": 2, "changes": {}}
+
+
+def test_allow_changes_resumes_and_records_the_changes(finished_run, tmp_path, compose):
+    run_dir = _copy_run(finished_run, tmp_path / "run")
+    results = run(compose(TINY + ["seed=3", "resume.allow_changes=true"]), run_dir,
+                  resume=True)
+    assert results["resumed"] == {"from_epoch": 2, "changes": {"seed": [0, 3]}}
+    assert json.loads((run_dir / "results.json").read_text())["resumed"]["changes"] == {
+        "seed": [0, 3]}
+
+
+def test_wall_time_after_a_resume_is_the_total(tmp_path, compose, monkeypatch):
+    """results.json's wall_time_s counts the interrupted process up to its checkpoint and the
+    resumed one (it used to count the resumed process only)."""
+    run_dir = tmp_path / "run"
+    first = time.perf_counter()
+    with monkeypatch.context() as m:
+        _interrupt_at(m, "mid_epoch")
+        with pytest.raises(Preempted):
+            run(compose(TINY), run_dir)
+    first = time.perf_counter() - first
+    at_checkpoint = torch.load(run_dir / "last.pt", weights_only=False)["wall_time_s"]
+    second = time.perf_counter()
+    results = run(compose(TINY), run_dir, resume=True)
+    second = time.perf_counter() - second
+    epoch2 = _metrics(run_dir)[1]["epoch_time_s"]
+    assert 0 < at_checkpoint < first
+    assert at_checkpoint + epoch2 < results["wall_time_s"] <= at_checkpoint + second
+    assert results["wall_time_s"] > second   # more than the resumed process alone
