@@ -117,8 +117,10 @@ class WandbLogger(Logger):
         self.run.log({**flatten("", metrics), "global_step": int(step)}, step=int(step))
 
     def log_epoch(self, metrics, epoch):
-        step = int(epoch) * self.steps_per_epoch
-        if step < self.run.step:
+        # the optimiser steps done by the end of the epoch (without steps_per_epoch, as when
+        # the logger is used on its own: W&B's own counter)
+        step = int(epoch) * self.steps_per_epoch if self.steps_per_epoch else None
+        if step is not None and step < self.run.step:
             return  # this W&B run already has it (a resumed online run)
         row = flatten("epoch/", {k: v for k, v in metrics.items() if k != "epoch"})
         phase, seconds = metrics.get("phase"), metrics.get("epoch_time_s")

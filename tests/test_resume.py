@@ -167,7 +167,17 @@ def test_killed_mid_epoch_and_resumed_matches_uninterrupted(tmp_path):
     assert second.run.get("resume") is True and second.exit_code == 0
     first_epochs = [r["epoch"] for r in first.rows("epoch/loss")]
     assert first_epochs == list(range(1, len(first_epochs) + 1)) and len(first_epochs) <= killed_at
-    assert [r["epoch"] for r in second.rows("epoch/loss")] == list(range(killed_at + 1, EPOCHS + 1))
+    # the resumed process logs again the epochs up to the checkpoint (what the killed one may
+    # not have flushed), then its own, all at explicit steps on one axis: epoch × 45 steps
+    # (W&B keeps the first row it got for a step when both files are synced)
+    steps = 45  # ceil(1437 / 32)
+    rows = second.rows("epoch/loss")
+    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
+    assert [r["_step"] for r in rows] == [e * steps for e in range(1, EPOCHS + 1)]
+    for a, b in zip(rows, _metrics(run_dir)):
+        assert a["epoch/loss"] == pytest.approx(b["loss"], rel=1e-12, abs=0)
+    assert min(r["_step"] for r in second.history) >= steps   # no restart at step 0
+    assert [r["_step"] for r in first.rows("epoch/loss")] == [e * steps for e in first_epochs]
     assert second.summary["clean_acc"] == got["clean_acc"]
 
 
