@@ -7,6 +7,8 @@ Known-harmless, silenced (each says nothing about this run):
 * ``torch.jit.script is deprecated`` (FutureWarning): auto_LiRPA decorates helpers with it;
 * ``No CUDA runtime is found`` (torch.utils.cpp_extension, logged when auto_LiRPA imports it on
   a CPU-only machine);
+* ``The feature will be removed`` (DeprecationWarning of torch's own ONNX exporter internals,
+  seen by ``fastcert.export``);
 * alembic's INFO lines (Optuna's database migrations in ``hparams_search`` sweeps).
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 #: Messages of the known-harmless warnings.
-HARMLESS = ("`torch.jit.script` is deprecated",)
+HARMLESS = ("`torch.jit.script` is deprecated", "The feature will be removed")
 
 
 def quiet_known_warnings() -> None:
