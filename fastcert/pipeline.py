@@ -257,9 +257,9 @@ def results_dict(cfg: DictConfig, result: EvalResult, history: list[dict],
     }
 
 
-def run(cfg: DictConfig, run_dir: str | os.PathLike, resume: str | os.PathLike | bool | None = None,
-        device: torch.device | None = None, group: str | None = None,
-        started=None) -> dict:
+def run(cfg: DictConfig, run_dir: str | os.PathLike,
+        resume: str | os.PathLike | bool | None = None, device: torch.device | None = None,
+        group: str | None = None, started=None) -> dict:
     """Train and evaluate as ``cfg`` says, writing metrics.jsonl, last.pt and results.json
     into ``run_dir``. ``resume``: where to continue from (True / ``"last"``: the run dir's
     last.pt; a path), default ``cfg.resume.checkpoint``. ``group`` names the sweep/preset for
