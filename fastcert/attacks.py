@@ -88,9 +88,10 @@ class _Tracker:
 @dataclass(frozen=True)
 class PGDConfig:
     """L∞ PGD: ``restarts`` runs of ``steps`` signed-gradient steps of ``step_size`` × the box
-    half-width, maximising ``loss`` (``margin``: max_{j≠y} f_j - f_y; ``ce``: cross entropy),
-    each from a random point of the box (``random_start``; ``start``: uniform in the box, or a
-    random corner) or from x."""
+    half-width (``schedule: cosine``: step k of N is ``step_size`` · (1 + cos(πk/N)) / 2, large
+    first, vanishing last), maximising ``loss`` (``margin``: max_{j≠y} f_j - f_y; ``ce``: cross
+    entropy), each from a random point of the box (``random_start``; ``start``: uniform in the
+    box, or a random corner) or from x."""
 
     steps: int = 20
     restarts: int = 1
@@ -98,6 +99,7 @@ class PGDConfig:
     loss: Literal["margin", "ce"] = "margin"
     random_start: bool = True
     start: Literal["uniform", "corner"] = "uniform"
+    schedule: Literal["constant", "cosine"] = "constant"
 
     def __post_init__(self):
         if self.steps < 0 or self.restarts < 1 or self.step_size <= 0:
@@ -107,7 +109,14 @@ class PGDConfig:
     @property
     def description(self) -> str:
         return (f"PGD {self.steps} steps x {self.restarts} restart(s), {self.loss} loss, step "
-                f"{self.step_size:g} x half-width")
+                f"{self.step_size:g} x half-width" + (", cosine" if self.schedule == "cosine"
+                                                      else ""))
+
+    def step(self, k: int) -> float:
+        """The step size of step k, as a fraction of the box half-width."""
+        if self.schedule == "cosine":
+            return self.step_size * (1 + math.cos(math.pi * k / max(self.steps, 1))) / 2
+        return self.step_size
 
     def run(self, model, x, y, lower, upper, generator=None) -> AttackResult:
         """Search the box for misclassified inputs (the caller chooses the model's mode);
@@ -134,7 +143,7 @@ class PGDConfig:
                     break
                 (grad,) = torch.autograd.grad(loss.sum(), adv)
                 with torch.no_grad():
-                    adv = adv + self.step_size * half * grad.sign()
+                    adv = adv + self.step(step) * half * grad.sign()
                     adv = torch.max(torch.min(adv, upper), lower).detach()
         return AttackResult(track.margin > 0, best_x, track.margin)
 
@@ -233,10 +242,12 @@ class StrongAttack:
     2. targeted APGD from the clean input toward each of the ``targets`` classes the clean
        logits rank highest after y (loss f_t - f_y, as APGD-T of Croce & Hein 2020 with the
        margin in place of DLR): the untargeted margin follows only the current runner-up;
-    3. ``restarts`` runs of PGD with cross entropy and a small fixed step
-       (``restart_step_size`` × the half-width, ``restart_steps`` steps) from random points,
-       alternately uniform in the box and at its corners: some local maxima are reached only
-       by small steps, which APGD's large first steps jump over.
+    3. ``restarts`` runs of PGD with cross entropy and a cosine step-size schedule from
+       ``restart_step_size`` × the half-width down to 0 (``restart_steps`` steps), from random
+       points, alternately box corners and uniform in the box: some maxima are reached only
+       by small steps, which APGD's large steps jump over (on the default checkpoint one
+       example falls to ~16 % of such restarts, to ~9 % with a fixed step 0.05 and to none of
+       APGD's, targeted or not).
 
     The defaults were chosen on the default checkpoint (digits, ε = 0.2), where they break
     everything that 20 restarts × 200 steps of PGD with margin and CE losses from box corners
@@ -244,9 +255,9 @@ class StrongAttack:
 
     steps: int = 100
     targets: int = 9
-    restarts: int = 10
-    restart_steps: int = 200
-    restart_step_size: float = 0.05
+    restarts: int = 20
+    restart_steps: int = 100
+    restart_step_size: float = 0.2
 
     def __post_init__(self):
         if (self.steps < 1 or self.targets < 0 or self.restarts < 0 or self.restart_steps < 1
@@ -257,8 +268,8 @@ class StrongAttack:
     @property
     def description(self) -> str:
         return (f"APGD-margin/CE {self.steps} steps + APGD-targeted x {self.targets} + "
-                f"{self.restarts} restarts of PGD-CE {self.restart_steps} steps x "
-                f"{self.restart_step_size:g} half-width")
+                f"{self.restarts} restarts of PGD-CE {self.restart_steps} steps, cosine step "
+                f"{self.restart_step_size:g}->0 x half-width")
 
     def run(self, model, x, y, lower, upper, generator=None) -> AttackResult:
         track = _Tracker(model, x, y)
@@ -282,7 +293,7 @@ class StrongAttack:
             if len(idx) == 0:
                 break
             pgd = PGDConfig(steps=self.restart_steps, step_size=self.restart_step_size,
-                            loss="ce", start=("uniform", "corner")[r % 2])
+                            loss="ce", start=("corner", "uniform")[r % 2], schedule="cosine")
             sub = pgd.run(model, x[idx], y[idx], lower[idx], upper[idx], generator)
             better = sub.margin < track.margin[idx]
             track.margin[idx[better]] = sub.margin[better]

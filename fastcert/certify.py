@@ -145,7 +145,20 @@ def _attack(cfg):
     return instantiate(cfg.attack, "attack")
 
 
+def _positive(value, key: str) -> int:
+    from fastcert.config import ConfigError, coerce
+
+    n = coerce(value, int, key)
+    if n < 1:
+        raise ConfigError(f"{key}={n}: must be a positive integer")
+    return n
+
+
 def _apply_data_overrides(run_cfg: DictConfig, cfg: DictConfig) -> DictConfig:
+    """The run's config with certify's / export's own data and machine settings, each checked
+    (naming the key) before anything is loaded."""
+    from fastcert.config import coerce
+
     run_cfg = run_cfg.copy()
     OmegaConf.set_struct(run_cfg, False)
     overrides = list(cfg.get("run_overrides") or [])
@@ -153,11 +166,12 @@ def _apply_data_overrides(run_cfg: DictConfig, cfg: DictConfig) -> DictConfig:
         run_cfg = OmegaConf.merge(run_cfg, OmegaConf.from_dotlist(overrides))
     limit = cfg.get("limit_test")
     if limit is not None:
-        run_cfg.data.limit_test = None if str(limit).lower() == "all" else int(limit)
+        run_cfg.data.limit_test = (None if str(limit).lower() == "all"
+                                   else _positive(limit, "limit_test"))
     if cfg.get("batch_size") is not None:
-        run_cfg.data.test_batch_size = int(cfg.batch_size)
+        run_cfg.data.test_batch_size = _positive(cfg.batch_size, "batch_size")
     # how this machine runs, not what was trained: certify's own settings
-    run_cfg.cpu_threads = int(cfg.get("cpu_threads", 0) or 0)
+    run_cfg.cpu_threads = coerce(cfg.get("cpu_threads", 0) or 0, int, "cpu_threads")
     run_cfg.device = str(cfg.get("device", "auto"))
     run_cfg.devices = cfg.get("devices")
     return run_cfg
@@ -299,25 +313,29 @@ def _certify(cfg: DictConfig, out_dir: Path, device) -> dict:
     from fastcert.evaluate import CASCADE, evaluate
     from fastcert.pipeline import build, check_eps
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = Path(str(cfg.checkpoint))
-    state = ckpt.load(path, map_location="cpu")
-    run_cfg, source = load_run_config(path, state)
-    run_cfg = _apply_data_overrides(run_cfg, cfg)
-
+    # certify's own keys first: a mistake costs a second, not a model build
     try:
         verifiers = [Bound.parse(v).key for v in cfg.verifiers]
     except ValueError as e:
         raise ConfigError(f"verifiers: {e}") from None
     cascade = coerce(cfg.cascade, bool, "cascade")
     attack = _attack(cfg)
-    alpha_opts = {"iteration": coerce(cfg.alpha_crown.iterations, int, "alpha_crown.iterations"),
+    alpha_opts = {"iteration": _positive(cfg.alpha_crown.iterations, "alpha_crown.iterations"),
                   "lr_alpha": coerce(cfg.alpha_crown.lr, float, "alpha_crown.lr")}
+    budget = coerce(cfg.crown_max_elements, float, "crown_max_elements")
+    seed = None if cfg.get("seed") is None else coerce(cfg.seed, int, "seed")
+    coerce(cfg.get("progress", True), bool, "progress")
+
+    out_dir = Path(out_dir)
+    path = Path(str(cfg.checkpoint))
+    state = ckpt.load(path, map_location="cpu")
+    run_cfg, source = load_run_config(path, state)
+    run_cfg = _apply_data_overrides(run_cfg, cfg)
     eps_list = _eps_list(cfg.get("eps"), run_cfg.eps)
     for e in eps_list:
         check_eps(e, parse_number(run_cfg.data.eps_max, "data.eps_max"))
-    seed = int(run_cfg.seed if cfg.get("seed") is None else cfg.seed)
+    seed = int(run_cfg.seed) if seed is None else seed
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     built = build(run_cfg, device)
     net, data = built.net, built.data
@@ -340,7 +358,6 @@ def _certify(cfg: DictConfig, out_dir: Path, device) -> dict:
         sizes = relu_sizes(net.model, data.input_shape)
         d_in = math.prod(data.input_shape)
         cost = crown_cost(sizes, d_in, data.num_classes, batch)
-        budget = float(cfg.crown_max_elements)
         if cost > budget:
             fit = int(budget // max(crown_cost(sizes, d_in, data.num_classes, 1), 1))
             hint = (f"run with batch_size={fit} or less" if fit >= 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -341,3 +342,40 @@ def test_certify_conv_and_residual_models(model, tmp_path):
     assert res[0]["clean"] == pytest.approx(results["clean_acc"])
     for r in res:
         assert max(r[v] for v in CASCADE) <= r["any"] <= r["pgd"] <= r["clean"]
+
+
+@pytest.mark.parametrize("override,match", [
+    ("cascade=maybe", "cascade='maybe': expected true or false"),
+    ("batch_size=0", "batch_size=0: must be a positive integer"),
+    ("limit_test=abc", "limit_test='abc': expected an integer"),
+    ("attack.steps=abc", "attack.steps='abc': expected an integer"),
+    ("attack.loss=hinge", "attack.loss='hinge': choose one of margin, ce"),
+    ("verifiers=[ibp,foo]", "unknown verifier 'foo'"),
+    ("alpha_crown.lr=abc", "alpha_crown.lr='abc': expected a number"),
+    ("crown_max_elements=lots", "crown_max_elements='lots': expected a number"),
+    ("eps=2", "eps=2.0 exceeds the data range"),
+    ("eps=8/255", None),
+])
+def test_certify_checks_its_own_keys(trained, tmp_path, override, match):
+    from fastcert.config import ConfigError
+
+    run_dir, _ = trained
+    cfg = certify_cfg(run_dir / "last.pt", "limit_test=4", "verifiers=[ibp]", override)
+    if match is None:   # a fraction is a radius
+        summary = certify(cfg, tmp_path)
+        assert summary["results"][0]["eps"] == pytest.approx(8 / 255)
+        return
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        certify(cfg, tmp_path)
+    assert not (tmp_path / "certify.json").exists()
+
+
+def test_command_line_config_error_is_one_line(trained, tmp_path):
+    run_dir, _ = trained
+    proc = subprocess.run([sys.executable, "-m", "fastcert.certify",
+                           f"checkpoint={run_dir / 'last.pt'}", "cascade=maybe",
+                           f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: ConfigError: cascade='maybe': expected true or false")
