@@ -1,6 +1,7 @@
 """``python -m fastcert.certify checkpoint=PATH [eps=[0.05,0.1,0.2]] [pgd.steps=200] ...``
 
-Re-evaluates a trained checkpoint on the test split at one or more radii ε (pixel units):
+Re-evaluates a trained checkpoint on the test split at one or more radii ε (pixel units; by default
+the run's test radius ``eval.eps``, else its training ``eps``):
 
 * clean accuracy; PGD accuracy (Madry et al. 2018; 200 steps by default, as the evaluation of
   Zhang et al. 2020), inside the same clipped box the verifiers bound;
@@ -261,7 +262,8 @@ def _certify(cfg: DictConfig, out_dir: Path, device) -> dict:
     except ValueError as e:
         raise ConfigError(f"verifiers: {e}") from None
     pgd = _pgd_config(cfg)
-    eps_list = _eps_list(cfg.get("eps"), run_cfg.eps)
+    test_eps = OmegaConf.select(run_cfg, "eval.eps")  # the run's test radius, else its training one
+    eps_list = _eps_list(cfg.get("eps"), run_cfg.eps if test_eps is None else test_eps)
     for e in eps_list:
         check_eps(e, parse_number(run_cfg.data.eps_max, "data.eps_max"))
     seed = int(run_cfg.seed if cfg.get("seed") is None else cfg.seed)
