@@ -421,3 +421,21 @@ def test_headline_command_builds_the_papers_resnext(compose, tiny_root):
     assert [b.out_channels for b in blocks] == [32, 32, 64, 64, 128, 128]
     classes = built.data.num_classes
     assert sum(p.numel() for p in model.parameters()) == 16_981_960 - (200 - classes) * 513
+
+
+def test_readme_lists_the_parameter_counts():
+    """The README's table (model × digits, MNIST/Fashion-MNIST, CIFAR-10, TinyImageNet) is
+    PARAM_COUNTS."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("#### Models and their parameter counts"):]
+    rows = {}
+    for line in section.splitlines():
+        m = re.match(r"\| `(\w+)` \|(.*)\|$", line)
+        if m and m.group(1) in PARAM_COUNTS:
+            rows[m.group(1)] = [int(re.search(r"[\d,]+", cell.replace("*", "")).group()
+                                    .replace(",", "")) for cell in m.group(2).split("|")]
+    assert rows == {name: [c["digits"], c["mnist"], c["cifar10"], c["tinyimagenet"]]
+                    for name, c in PARAM_COUNTS.items()}
