@@ -191,6 +191,8 @@ def test_crown_ibps_lr_schedule_is_its_step_lr_after_the_ramp():
     theirs = torch.optim.lr_scheduler.StepLR(theirs_opt, step_size=10, gamma=0.5)
     for t in range(100):
         assert ours_opt.param_groups[0]["lr"] == pytest.approx(theirs_opt.param_groups[0]["lr"]), t
+        ours_opt.step()  # (no gradients: only the order torch expects)
+        theirs_opt.step()
         ours.step()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # step(epoch) is deprecated
