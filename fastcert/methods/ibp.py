@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fastcert.bounds import Bound, robust_ce_from_margins
 from fastcert.methods.base import Batch, Method, StepOutput, mix, natural_step
-from fastcert.regularizers import relu_loss, tightness_loss
+from fastcert.methods.warmup import regularize
 from fastcert.schedules import linear_coefficient, regularizer_weight
 
 
@@ -44,19 +44,11 @@ class IBP(Method):
         robust = robust_ce_from_margins(lb)
         loss = mix(natural, robust, kappa)
         stats = {"loss/natural": natural.detach(), "loss/robust": robust.detach(), "kappa": kappa}
-        lam = self.regularizer_weight(batch)
-        relus, diagnostics = None, {}
-        if lam > 0 or batch.diagnostics:
-            relus = net.relu_bounds()
-            with torch.set_grad_enabled(lam > 0 and torch.is_grad_enabled()):
-                tight = tightness_loss(batch.upper - batch.lower, relus, self.tau)
-                relu = relu_loss(relus, self.tau)
-            if lam > 0:
-                loss = loss + lam * self.regularizer(tight, relu)
-            diagnostics = {"reg/tightness": tight.detach(), "reg/relu": relu.detach()}
-        return StepOutput(loss, logits.detach(), stats, (lb > 0).all(1).detach(),
-                          relus if batch.diagnostics else None,
-                          diagnostics if batch.diagnostics else {})
+        loss, relus, diagnostics = regularize(
+            loss, net.relu_bounds, batch.upper - batch.lower, self.regularizer_weight(batch),
+            self.tau, self.regularizer, batch.diagnostics)
+        return StepOutput(loss, logits.detach(), stats, (lb > 0).all(1).detach(), relus,
+                          diagnostics)
 
     def regularizer(self, tight: torch.Tensor, relu: torch.Tensor) -> torch.Tensor:
         return tight + relu
