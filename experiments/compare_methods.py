@@ -16,7 +16,7 @@ the training ε; s/epoch is the mean epoch time. Printed per ε as mean ± std o
 
 ``--quick``: one seed, 3 epochs (1 at ε = 0, 1 of ramp) and a fixed subset of 120 test digits, for
 smoke checks (a few minutes on 2 cores). Extra arguments are Hydra overrides applied to every
-run.
+run. Runs already finished under ``--out`` are read, not retrained; an interrupted one resumes.
 """
 from __future__ import annotations
 
@@ -61,7 +61,12 @@ def train_one(method: str, eps: float, seed: int, epochs: int, out: Path, extra=
         cfg = compose("config", overrides=overrides(method, eps, seed, epochs, extra))
     GlobalHydra.instance().clear()
     run_dir = out / f"eps{eps}" / f"{method}-s{seed}"
-    results = run(cfg, run_dir, group="compare_methods")
+    done = run_dir / "results.json"
+    if done.is_file():  # finished by an earlier invocation with the same --out
+        results = json.loads(done.read_text())
+    else:
+        results = run(cfg, run_dir, group="compare_methods",
+                      resume=True if (run_dir / "last.pt").is_file() else None)
     history = read_metrics(run_dir / "metrics.jsonl")
     return {**{key: results[key] for _, key in COLUMNS},
             "tightness": history[-1].get("tightness"),

@@ -28,6 +28,13 @@ def test_one_epoch_one_method_subset(tmp_path, capsys):
     row = _table_rows(capsys.readouterr().out)["sabr"]
     assert row[0] == f"{100 * results['clean_acc']:.1f}" and row[4] == f"{run['tightness']:.3f}"
     assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == 1
+    # a second invocation with the same --out reads the finished run instead of retraining
+    mtime = (tmp_path / "eps0.1" / "sabr-s0" / "last.pt").stat().st_mtime
+    again = compare_methods.main(["--methods", "sabr", "--seeds", "0", "--epochs", "1",
+                                  "--eps", "0.1", "--out", str(tmp_path),
+                                  "data.limit_train=128", "data.limit_test=32"])
+    assert again["eps"]["0.1"]["sabr"][0]["clean_acc"] == run["clean_acc"]
+    assert (tmp_path / "eps0.1" / "sabr-s0" / "last.pt").stat().st_mtime == mtime
 
 
 def test_unknown_method_is_refused():
