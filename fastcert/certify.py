@@ -26,7 +26,8 @@ Full CROWN is skipped (``null`` in the outputs, with a printed note) when its es
 
 Outputs, in the Hydra output dir (default ``<checkpoint dir>/certify/``):
 
-* ``certify.json`` — settings and, per ε, the fractions clean, pgd, ibp, crown_ibp, crown, any;
+* ``certify.json`` — settings and, per ε, the fractions clean, pgd, ibp, crown_ibp, crown, any,
+  and the mean propagation tightness τ over the test set (:mod:`fastcert.tightness`);
 * ``certify.csv`` — one row per test example per ε: eps, index (in the full test set), label,
   prediction, clean_correct, pgd_robust, and per verifier ``<v>_verified`` (0/1) and
   ``<v>_margin_lb`` (min_j m̲_j); empty cells for a skipped verifier.
@@ -207,6 +208,9 @@ def format_table(summary: dict) -> str:
         cells = [f"{r['eps']:.4g}"] + [
             "skipped" if r[k] is None else f"{100 * r[k]:.2f}%" for k in SUMMARY_KEYS]
         lines.append("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
+    for r in summary["results"]:
+        if r.get("tightness") is not None:
+            lines.append(f"propagation tightness at eps={r['eps']:.4g}: {r['tightness']:.4g}")
     for v, why in summary["skipped"].items():
         lines.append(f"{v} skipped: {why}")
     return "\n".join(lines)
@@ -243,6 +247,7 @@ def _certify(cfg: DictConfig, out_dir: Path, device) -> dict:
     from fastcert.diagnostics import crown_cost, relu_sizes
     from fastcert.evaluate import evaluate
     from fastcert.pipeline import build, check_eps
+    from fastcert.tightness import mean_tightness
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -311,7 +316,9 @@ def _certify(cfg: DictConfig, out_dir: Path, device) -> dict:
                               device=device, seed=seed, progress=bar.update)
         finally:
             bar.close()
-        results.append({**summarize(result, verifiers), "time_s": time.perf_counter() - t0})
+        tau = mean_tightness(net.model, data.test, data.eps_box, eps, data.num_classes, device)
+        results.append({**summarize(result, verifiers), "tightness": tau,
+                        "time_s": time.perf_counter() - t0})
         rows += csv_rows(result, indices)
 
     summary = {

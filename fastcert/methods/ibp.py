@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fastcert.bounds import Bound, robust_ce_from_margins
 from fastcert.methods.base import Batch, Method, StepOutput, mix, natural_step
-from fastcert.regularizers import relu_loss, tightness_loss
+from fastcert.methods.warmup import regularize
 from fastcert.schedules import linear_coefficient, regularizer_weight
 
 
@@ -44,19 +44,11 @@ class IBP(Method):
         robust = robust_ce_from_margins(lb)
         loss = mix(natural, robust, kappa)
         stats = {"loss/natural": natural.detach(), "loss/robust": robust.detach(), "kappa": kappa}
-        lam = self.regularizer_weight(batch)
-        relus, diagnostics = None, {}
-        if lam > 0 or batch.diagnostics:
-            relus = net.relu_bounds()
-            with torch.set_grad_enabled(lam > 0 and torch.is_grad_enabled()):
-                tight = tightness_loss(batch.upper - batch.lower, relus, self.tau)
-                relu = relu_loss(relus, self.tau)
-            if lam > 0:
-                loss = loss + lam * self.regularizer(tight, relu)
-            diagnostics = {"reg/tightness": tight.detach(), "reg/relu": relu.detach()}
-        return StepOutput(loss, logits.detach(), stats, (lb > 0).all(1).detach(),
-                          relus if batch.diagnostics else None,
-                          diagnostics if batch.diagnostics else {})
+        loss, relus, diagnostics = regularize(
+            loss, net.relu_bounds, batch.upper - batch.lower, self.regularizer_weight(batch),
+            self.tau, self.regularizer, batch.diagnostics)
+        return StepOutput(loss, logits.detach(), stats, (lb > 0).all(1).detach(), relus,
+                          diagnostics)
 
     def regularizer(self, tight: torch.Tensor, relu: torch.Tensor) -> torch.Tensor:
         return tight + relu
@@ -80,7 +72,8 @@ class FastIBP(IBP):
 
     the clean cross entropy in place of the robust term (the robust CE on the tiny box is not
     used), so that L_tightness and L_relu act from the first epoch (Table 3 of the paper
-    reports this small overhead in the ε=0 phase).
+    reports this small overhead in the ε=0 phase). With λ0 = 0 (no regulariser) and off the
+    diagnostic steps the ε=0 step is the plain ``nn.Module`` forward.
     """
 
     lambda0: float = 0.5
@@ -98,22 +91,16 @@ class FastIBP(IBP):
         return out
 
     def _eps0_step(self, net, batch: Batch) -> StepOutput:
+        if self.regularizer_weight(batch) <= 0 and not batch.diagnostics:
+            return natural_step(net, batch)  # nothing to regularise: the plain forward
         lower, upper = batch.box(batch.x, self.min_eps_reg)
         logits, _ = net.margin_bounds(batch.x, batch.y, lower, upper, Bound.IBP)
         natural = F.cross_entropy(logits, batch.y)
-        lam = self.regularizer_weight(batch)
-        loss, stats, relus, diagnostics = natural, {"loss/natural": natural.detach()}, None, {}
-        if lam > 0 or batch.diagnostics:
-            relus = net.relu_bounds()
-            with torch.set_grad_enabled(lam > 0 and torch.is_grad_enabled()):
-                tight = tightness_loss(upper - lower, relus, self.tau)
-                relu = relu_loss(relus, self.tau)
-            if lam > 0:
-                loss = loss + lam * self.regularizer(tight, relu)
-            diagnostics = {"reg/tightness": tight.detach(), "reg/relu": relu.detach()}
-        return StepOutput(loss, logits.detach(), stats, None,
-                          relus if batch.diagnostics else None,
-                          diagnostics if batch.diagnostics else {})
+        loss, relus, diagnostics = regularize(
+            natural, net.relu_bounds, upper - lower, self.regularizer_weight(batch), self.tau,
+            self.regularizer, batch.diagnostics)
+        return StepOutput(loss, logits.detach(), {"loss/natural": natural.detach()}, None, relus,
+                          diagnostics)
 
     def regularizer_weight(self, batch):
         return regularizer_weight(self.lambda0, batch.eps, batch.eps_target)
