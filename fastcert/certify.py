@@ -1,6 +1,7 @@
 """``python -m fastcert.certify checkpoint=PATH [eps=[0.05,0.1,0.2]] [attack=pgd] ...``
 
-Re-evaluates a trained checkpoint on the test split at one or more radii ε (pixel units):
+Re-evaluates a trained checkpoint on the test split at one or more radii ε (pixel units; by default
+the run's test radius ``eval.eps``, else its training ``eps``):
 
 * clean accuracy;
 * attacked accuracy ("pgd") under certify's strong default attack
@@ -37,8 +38,9 @@ Outputs, in the Hydra output dir (default ``<checkpoint dir>/certify/``):
 * ``certify.json`` — settings and, per ε: the fractions clean, pgd, one per verifier and any,
   where with the cascade a verifier's fraction counts the examples verified by it *or an
   earlier stage* (so ``alpha_crown`` = ``any`` when it ran last); ``stages``: per stage the
-  examples it ran on, those it verified, and its time (``attack`` first); ``ties`` and
-  ``violations``;
+  examples it ran on, those it verified, and its time (``attack`` first); ``ties``,
+  ``violations``, and the mean propagation tightness τ over the test set
+  (:mod:`fastcert.tightness`);
 * ``certify.csv`` — one row per test example per ε: eps, index (in the full test set), label,
   prediction, clean_correct, pgd_robust, attack_margin (the smallest margin the attack saw),
   verdict (``verified`` / ``broken`` / ``misclassified`` / ``unknown``), decided_by (the
@@ -276,6 +278,9 @@ def format_table(summary: dict) -> str:
         lines.append(f"  eps {r['eps']:.4g}: {stages}; undecided {r['undecided']}")
     if cascade:
         lines.append(f"({plus}X: verified by X or an earlier stage of the cascade)")
+    for r in summary["results"]:
+        if r.get("tightness") is not None:
+            lines.append(f"propagation tightness at eps={r['eps']:.4g}: {r['tightness']:.4g}")
     for v, why in summary["skipped"].items():
         lines.append(f"{v} skipped: {why}")
     return "\n".join(lines)
@@ -312,6 +317,7 @@ def _certify(cfg: DictConfig, out_dir: Path, device) -> dict:
     from fastcert.diagnostics import crown_cost, relu_sizes
     from fastcert.evaluate import CASCADE, evaluate
     from fastcert.pipeline import build, check_eps
+    from fastcert.tightness import mean_tightness
 
     # certify's own keys first: a mistake costs a second, not a model build
     try:
@@ -331,7 +337,8 @@ def _certify(cfg: DictConfig, out_dir: Path, device) -> dict:
     state = ckpt.load(path, map_location="cpu")
     run_cfg, source = load_run_config(path, state)
     run_cfg = _apply_data_overrides(run_cfg, cfg)
-    eps_list = _eps_list(cfg.get("eps"), run_cfg.eps)
+    test_eps = OmegaConf.select(run_cfg, "eval.eps")  # the run's test radius, else its training one
+    eps_list = _eps_list(cfg.get("eps"), run_cfg.eps if test_eps is None else test_eps)
     for e in eps_list:
         check_eps(e, parse_number(run_cfg.data.eps_max, "data.eps_max"))
     seed = int(run_cfg.seed) if seed is None else seed
@@ -382,7 +389,8 @@ def _certify(cfg: DictConfig, out_dir: Path, device) -> dict:
                               cascade=cascade, indices=indices)
         finally:
             bar.close()
-        results.append({**summarize(result, verifiers, cascade),
+        tau = mean_tightness(net.model, data.test, data.eps_box, eps, data.num_classes, device)
+        results.append({**summarize(result, verifiers, cascade), "tightness": tau,
                         "time_s": time.perf_counter() - t0})
         rows += csv_rows(result, indices)
 

@@ -33,6 +33,7 @@ from fastcert.evaluate import EvalConfig, EvalResult, evaluate
 from fastcert.methods import Method
 from fastcert.optim import Optimizer
 from fastcert.schedules import EpsSchedule
+from fastcert.tightness import TightnessProbe
 from fastcert.train import TrainSetup, epoch_times_by_phase, fit, read_metrics, seed_everything
 
 #: What the code supplies to each group's target (not settable from the config).
@@ -322,7 +323,8 @@ def _run(cfg: DictConfig, run_dir: Path, resume, device: torch.device, group: st
             epochs=built.settings.epochs, seed=built.settings.seed, device=built.device,
             run_dir=run_dir, logger=logger,
             checkpoint_extra=lambda: {"config": resolved, "logger_run_id": logger.run_id,
-                                      "wall_time_s": previous_wall + time.perf_counter() - t0})
+                                      "wall_time_s": previous_wall + time.perf_counter() - t0},
+            epoch_metrics=tightness_probe(built))
         history = fit(setup, resume_state=resume_state)
         ev = built.settings.eval
         result = evaluate(built.net, built.data.test, built.data.eps_box, built.settings.eval_eps,
@@ -343,6 +345,20 @@ def _run(cfg: DictConfig, run_dir: Path, resume, device: torch.device, group: st
         raise
     finally:
         logger.finish()
+
+
+#: Test examples on which the propagation tightness is measured after each epoch.
+TIGHTNESS_EXAMPLES = 64
+
+
+def tightness_probe(built: Built) -> TightnessProbe:
+    """Propagation tightness (Mao et al. 2024) after each epoch, on the first
+    :data:`TIGHTNESS_EXAMPLES` test examples at the training radius."""
+    test_set = built.data.test.dataset
+    n = min(TIGHTNESS_EXAMPLES, len(test_set))
+    x = torch.stack([test_set[i][0] for i in range(n)]).to(built.device)
+    y = torch.tensor([int(test_set[i][1]) for i in range(n)], device=built.device)
+    return TightnessProbe(x, y, *built.data.eps_box(x, built.settings.eps))
 
 
 def _resume_state(run_dir: Path, resume, device: torch.device) -> dict | None:

@@ -10,12 +10,15 @@
   neurons per layer vs epoch (Fig. 2 of Shi et al. 2021; absent for natural training);
 * ``regularizers.png`` — L_tightness (Eq. 7) and L_relu (Eq. 8) vs epoch (Figs. 3-4; logged by
   the ``ibp`` and ``fast`` methods);
+* ``tightness.png`` — propagation tightness τ (Mao et al. 2024; :mod:`fastcert.tightness`)
+  on a fixed test batch at the training ε vs epoch;
 * ``certify.png`` — accuracies vs ε from ``RUN_DIR/certify/certify.json`` when present.
 
 With several runs it also draws ``clean_vs_verified.png`` (clean vs verified test accuracy
 from each ``results.json``: ``any_verified_acc``, else ``ibp_verified_acc``) into ``--out``
 (a directory or a ``.png`` path; default ``plots/`` in the runs' common folder: nothing is
-ever written into the current directory). A RUN_DIR without metrics.jsonl
+ever written into the current directory), and ``tightness.png`` beside it (every run's τ vs
+epoch on one axis). A RUN_DIR without metrics.jsonl
 or results.json is searched for runs below it (a Hydra multirun folder).
 
 ``python -m fastcert.plots --bound-explosion OUT.png`` draws Fig. 1: Ê(Δ_i) per layer of an
@@ -53,7 +56,7 @@ LABELS = {"loss": "total loss", "loss/natural": "natural CE", "loss/robust": "ro
           "train_verified_acc": "train verified acc.", "relu_active": "active",
           "relu_inactive": "inactive", "relu_unstable": "unstable",
           "reg/tightness": "L_tightness (Eq. 7)", "reg/relu": "L_relu (Eq. 8)",
-          "lambda": "λ (regulariser weight)"}
+          "lambda": "λ (regulariser weight)", "tightness": "propagation tightness τ"}
 
 
 def _collect(metrics: list[dict], keys) -> dict:
@@ -161,6 +164,25 @@ def plot_regularizers(metrics: list[dict], path: Path, title: str = "") -> Plott
     return _save(fig, path), data
 
 
+def plot_tightness(metrics: list[dict], path: Path, title: str = "") -> Plotted | None:
+    """Propagation tightness τ vs epoch (log scale: PGD-trained networks sit near 1e-3, IBP-
+    trained ones near 1; Mao et al. 2024)."""
+    data = _collect(metrics, ("tightness",))
+    if not data:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(data["tightness"]["epoch"], data["tightness"]["value"], marker=".")
+    _tightness_axes(ax, data["tightness"]["value"], title)
+    return _save(fig, path), data
+
+
+def _tightness_axes(ax, values, title: str) -> None:
+    if _positive(values):
+        ax.set_yscale("log")
+    ax.set(xlabel="epoch", ylabel=LABELS["tightness"],
+           title=title or "propagation tightness (test batch, training ε)")
+
+
 def plot_certify(certify_json: Path, path: Path, title: str = "") -> Plotted | None:
     """Accuracies vs ε from a certify.json (:mod:`fastcert.certify`); skipped verifiers are
     left out. ``data`` = {"eps": [...], key: [...]} for clean, pgd, the verifiers and any."""
@@ -198,7 +220,8 @@ def plot_run(run: str | Path | RunRecord, out_dir: str | Path | None = None
     out = {}
     for name, fn in (("training_curves", plot_training_curves),
                      ("relu_states", plot_relu_states),
-                     ("regularizers", plot_regularizers)):
+                     ("regularizers", plot_regularizers),
+                     ("tightness", plot_tightness)):
         res = fn(rec.metrics, out_dir / f"{name}.png", title)
         if res is not None:
             out[name] = res
@@ -249,6 +272,20 @@ def plot_accuracy_scatter(runs: list[RunRecord], path: Path) -> Plotted | None:
            xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title="clean vs verified accuracy")
     ax.legend(title="method")
     return _save(fig, path), {"points": points}
+
+
+def plot_tightness_runs(runs: list[RunRecord], path: Path) -> Plotted | None:
+    """Every run's τ vs epoch on one axis (e.g. the methods of a comparison)."""
+    data = {rec.label: s for rec in runs
+            for s in [_collect(rec.metrics, ("tightness",)).get("tightness")] if s}
+    if not data:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, s in data.items():
+        ax.plot(s["epoch"], s["value"], marker=".", label=label)
+    _tightness_axes(ax, [v for s in data.values() for v in s["value"]], "")
+    ax.legend(fontsize="small")
+    return _save(fig, path), data
 
 
 def plot_bound_explosion(path: Path, data: dict | None = None, **kwargs) -> Plotted:
@@ -328,6 +365,10 @@ def main(argv=None) -> dict:
         res = plot_accuracy_scatter(runs, _scatter_path(args.out, run_dirs))
         if res is not None:
             written["scatter"] = res
+            print(f"wrote {res[0]}")
+        res = plot_tightness_runs(runs, _scatter_path(args.out).with_name("tightness.png"))
+        if res is not None:
+            written["tightness"] = res
             print(f"wrote {res[0]}")
     if args.bound_explosion:
         res = plot_bound_explosion(Path(args.bound_explosion), model=args.be_model,

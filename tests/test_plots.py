@@ -75,7 +75,7 @@ def test_run_figures_are_pngs_with_the_metrics_data(runs):
         metrics = read_metrics(run_dir / "metrics.jsonl")
         assert len(metrics) == 3
         figs = plots.plot_run(run_dir)
-        expected = {"training_curves", "relu_states", "regularizers"}
+        expected = {"training_curves", "relu_states", "regularizers", "tightness"}
         assert set(figs) == expected | ({"certify"} if method == "fast" else set()), method
         for name, (path, data) in figs.items():
             assert path == run_dir / "plots" / f"{name}.png"
