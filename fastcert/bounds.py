@@ -9,10 +9,11 @@ through any view sees the same BN statistics (see NOTES.md, "Pitfalls seen").
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 from dataclasses import dataclass
-from typing import Union
+from typing import Iterator, Union
 
 import torch
 import torch.nn as nn
@@ -125,6 +126,67 @@ def _tie_buffers(bounded: BoundedModule, model: nn.Module, prefix: str = "") -> 
                 node._buffers["buffer"] = buffers[name]
 
 
+def relu_bounds_of(module: BoundedModule) -> list[ReluBounds]:
+    """Bounds of every ReLU's input from ``module``'s last bound computation, forward order."""
+    out = []
+    for node in module.modules():
+        if isinstance(node, BoundRelu):
+            pre = node.inputs[0]
+            if getattr(pre, "lower", None) is None or getattr(pre, "upper", None) is None:
+                raise RuntimeError("relu_bounds() needs a bound computation first")
+            out.append(ReluBounds(pre.name, pre.lower, pre.upper))
+    return out
+
+
+class _BatchStats:
+    """Forward hook: a BatchNorm layer's output recomputed with given batch statistics,
+    (x - mean)/sqrt(var + eps)·γ + β (the training-mode formula, biased variance)."""
+
+    def __init__(self, mean: torch.Tensor, var: torch.Tensor, eps: float):
+        self.mean, self.var, self.eps = mean, var, eps
+
+    def __call__(self, bn: nn.Module, inputs, output):
+        x = inputs[0]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        out = (x - self.mean.view(shape)) / torch.sqrt(self.var.view(shape) + self.eps)
+        if bn.affine:
+            out = out * bn.weight.view(shape) + bn.bias.view(shape)
+        return out
+
+
+@dataclass
+class SplitNet:
+    """A network cut in two (:meth:`BoundedNet.split`): ``features`` and ``head`` are
+    BoundedModules over ``model[:index]`` and ``model[index:]``; ``head_module`` is the plain
+    head (the same layers), for attacks in the latent space."""
+
+    features: BoundedModule
+    head: BoundedModule
+    head_module: nn.Sequential
+    num_classes: int
+
+    def latent_box(self, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor):
+        """The clean latent features of ``x`` and the IBP box [l, u] of the features over
+        the input box (with their graph). In training mode the clean pass sets the feature
+        extractor's BatchNorm statistics."""
+        latent = self.features(BoundedNet.perturbed(x, lower, upper))
+        lo, up = compute_bounds(self.features, Bound.IBP)
+        return latent, lo, up
+
+    def head_margin_bounds(self, latent: torch.Tensor, y: torch.Tensor, lo: torch.Tensor,
+                           up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean logits (the head on ``latent``; in training mode this sets the head's
+        BatchNorm statistics) and IBP lower bounds (B, K-1) of the margins over the latent
+        box [lo, up]. IBP of the head on IBP's latent box is IBP of the whole network."""
+        logits = self.head(BoundedNet.perturbed(latent, lo, up))
+        lb, _ = compute_bounds(self.head, Bound.IBP, C=margin_spec(y, self.num_classes),
+                               bound_upper=False)
+        return logits, lb
+
+    def relu_bounds(self) -> list[ReluBounds]:
+        return relu_bounds_of(self.features) + relu_bounds_of(self.head)
+
+
 class BoundedNet(nn.Module):
     """A classifier and its auto_LiRPA views, sharing parameters and BatchNorm buffers.
 
@@ -151,6 +213,7 @@ class BoundedNet(nn.Module):
                                      device=example.device)
         _tie_buffers(self.bounded, model)
         self._fused: BoundedModule | None = None
+        self._splits: dict[int, SplitNet] = {}  # plain dict: not submodules (see split())
         self.train(was_training)
 
     # ---- views -------------------------------------------------------------------------
@@ -176,7 +239,74 @@ class BoundedNet(nn.Module):
         self.bounded.train(mode)
         if self._fused is not None:
             self._fused.train(mode)
+        for view in self._splits.values():
+            view.features.train(mode)
+            view.head.train(mode)
         return self
+
+    def split(self, index: int) -> "SplitNet":
+        """The network cut before top-level layer ``index`` of its ``nn.Sequential``: a
+        feature extractor ``model[:index]`` and a classifier head ``model[index:]``, each as a
+        BoundedModule sharing parameters and BatchNorm buffers with ``model`` (the TAPS view
+        of Mao et al. 2023). Built on first use and kept."""
+        if index not in self._splits:
+            if not isinstance(self.model, nn.Sequential):
+                raise TypeError(f"splitting needs an nn.Sequential model, got "
+                                f"{type(self.model).__name__}")
+            if not 0 < index < len(self.model):
+                raise ValueError(f"split index {index} outside 1..{len(self.model) - 1}")
+            was_training = self.training
+            features, head = self.model[:index].eval(), self.model[index:].eval()
+            with torch.no_grad():
+                latent = features(self._example)
+            device = self._example.device
+            fb = BoundedModule(features, self._example, bound_opts=self._bound_opts,
+                               device=device)
+            hb = BoundedModule(head, latent, bound_opts=self._bound_opts, device=device)
+            _tie_buffers(fb, features)
+            _tie_buffers(hb, head)
+            self._splits[index] = SplitNet(fb, hb, head, self.num_classes)
+            self.train(was_training)
+        return self._splits[index]
+
+    @contextlib.contextmanager
+    def batch_norm_stats(self, view: BoundedModule | None = None,
+                         detach: bool = False) -> Iterator[None]:
+        """Within it, the plain model's BatchNorm layers normalise with the batch statistics
+        of ``view``'s last forward pass in training mode (default: the margins view) and
+        leave their running statistics alone.
+
+        This is the convention of CTBench (Mao et al. 2024, README: "batch statistics will
+        always be set based on clean input"): one clean forward pass sets the statistics, and
+        adversarial points (PGD-AT's, MTL-IBP's, TAPS's latent pivots) are normalised with
+        them instead of their own. The statistics keep their graph (gradients flow through
+        them, as in auto_LiRPA's IBP) unless ``detach``. Layers not traced by ``view`` and
+        layers in eval mode are left as they are.
+        """
+        view = self.bounded if view is None else view
+        stats = {}
+        for node in view.modules():
+            if (isinstance(node, BoundBatchNormalization) and node.training
+                    and getattr(node, "current_mean", None) is not None):
+                mean, var = node.current_mean, node.current_var
+                if detach:
+                    mean, var = mean.detach(), var.detach()
+                stats[id(node.inputs[3].buffer)] = (mean, var, node.eps)
+        frozen, handles = [], []
+        try:
+            for bn in self.model.modules():
+                if (isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training
+                        and id(bn.running_mean) in stats):
+                    bn.training = False  # no running-statistics update
+                    frozen.append(bn)
+                    handles.append(bn.register_forward_hook(
+                        _BatchStats(*stats[id(bn.running_mean)])))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for bn in frozen:
+                bn.training = True
 
     # ---- inputs ------------------------------------------------------------------------
     @staticmethod
@@ -247,15 +377,7 @@ class BoundedNet(nn.Module):
         These are the intervals the robust loss already computed (IBP, or the IBP
         intermediate bounds of CROWN-IBP): the warmup regularisers reuse them, no second pass.
         """
-        module = self.fused if fused else self.bounded
-        out = []
-        for node in module.modules():
-            if isinstance(node, BoundRelu):
-                pre = node.inputs[0]
-                if getattr(pre, "lower", None) is None or getattr(pre, "upper", None) is None:
-                    raise RuntimeError("relu_bounds() needs a bound computation first")
-                out.append(ReluBounds(pre.name, pre.lower, pre.upper))
-        return out
+        return relu_bounds_of(self.fused if fused else self.bounded)
 
     # ---- other relaxations ---------------------------------------------------------------
     def relaxed(self, relu: str) -> BoundedModule:
