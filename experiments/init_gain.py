@@ -4,7 +4,9 @@ Thesis Table 3.1 (Wang 2022) = Table 5 of Shi et al. 2021 (Appendix A): for each
 initialisation, the closed-form difference gain (n/2)·E|W| (Eq. 6 of Shi et al. 2021) and its
 empirical value (mean of 100 random trials, Definition 1) at the fan-ins of a 7-layer CNN,
 n in {27, 576, 1152, 32768}. See fastcert.initializers for the definitions and for why the
-baselines use fan-in-only variances.
+baselines use fan-in-only variances. Two more rows give the difference gain of a residual block
+(App. A.3 of Shi et al. 2021) with the IBP init, without and with the released code's residual
+calibration (fastcert.initializers.residual_block_gain).
 
     python -m experiments.init_gain [--trials 100] [--fan-ins 27 576 1152 32768] [--fan-out N]
                                     [--cpu-threads 1]
@@ -18,7 +20,7 @@ import sys
 import time
 
 from fastcert.config import build_option
-from fastcert.initializers import difference_gain
+from fastcert.initializers import difference_gain, residual_block_gain
 
 # (fastcert name, row label of Table 3.1, closed form as printed in words)
 ROWS: list[tuple[str, str, str]] = [
@@ -29,6 +31,14 @@ ROWS: list[tuple[str, str, str]] = [
     ("orthogonal", "Orthogonal", "(n/2)·Γ(n/2)/(√π·Γ((n+1)/2))*"),
     ("ibp", "IBP initialization", "1"),
 ]
+
+#: (key, row label, closed form): a residual block (fan-in n) with the IBP init, whose layers
+#: reading the previous block's ReLU(sum) are or are not halved (App. A.3 of Shi et al. 2021).
+RESIDUAL_ROWS: list[tuple[str, str, str]] = [
+    ("uncalibrated", "Residual block, IBP init (no calibration)", "2"),
+    ("calibrated", "Residual block, IBP init + residual calibration (App. A.3)", "1"),
+]
+RESIDUAL_CLOSED_FORM = {"uncalibrated": 2.0, "calibrated": 1.0}
 
 PAPER_FAN_INS = (27, 576, 1152, 32768)
 
@@ -63,10 +73,33 @@ def gain_table(
     return table
 
 
+def residual_gain_table(
+    fan_ins: tuple[int, ...] = PAPER_FAN_INS,
+    trials: int = 100,
+    fan_out: int | None = None,
+    seed: int = 0,
+) -> dict[str, dict[int, tuple[float, float]]]:
+    """``{"uncalibrated"|"calibrated": {n: (closed form, measured)}}`` for the residual rows."""
+    ibp = build_option("init", "ibp")
+    return {
+        key: {
+            n: (
+                RESIDUAL_CLOSED_FORM[key],
+                residual_block_gain(ibp, n, fan_out=fan_out, trials=trials, seed=seed,
+                                    calibrated=key == "calibrated"),
+            )
+            for n in fan_ins
+        }
+        for key, _, _ in RESIDUAL_ROWS
+    }
+
+
 def to_markdown(
-    table: dict[str, dict[int, tuple[float, float]]], fan_ins: tuple[int, ...]
+    table: dict[str, dict[int, tuple[float, float]]], fan_ins: tuple[int, ...],
+    residual: dict[str, dict[int, tuple[float, float]]] | None = None,
 ) -> str:
-    """Markdown table: per fan-in the closed form, the measured gain and the printed value."""
+    """Markdown table: per fan-in the closed form, the measured gain and the printed value
+    (the residual rows, when given, have no printed value)."""
     header = ["Initialization", "Closed form"]
     for n in fan_ins:
         header += [f"n={n} closed", f"n={n} measured", f"n={n} paper"]
@@ -77,6 +110,12 @@ def to_markdown(
             closed, measured = table[init][n]
             paper = PAPER_TABLE_3_1[init].get(n)
             cells += [f"{closed:.2f}", f"{measured:.2f}", "–" if paper is None else f"{paper:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for key, label, formula in RESIDUAL_ROWS if residual else ():
+        cells = [label, formula]
+        for n in fan_ins:
+            closed, measured = residual[key][n]
+            cells += [f"{closed:.2f}", f"{measured:.2f}", "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -104,12 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     fan_ins = tuple(args.fan_ins)
     start = time.perf_counter()
     table = gain_table(fan_ins, trials=args.trials, fan_out=args.fan_out, seed=args.seed)
-    print(to_markdown(table, fan_ins))
+    residual = residual_gain_table(fan_ins, trials=args.trials, fan_out=args.fan_out,
+                                   seed=args.seed)
+    print(to_markdown(table, fan_ins, residual))
     print()
     print(
         f"Measured: mean over {args.trials} trials of mean(Δ_i)/mean(Δ_(i-1)) (Definition 1 of "
         f"Shi et al. 2021); paper: thesis Table 3.1. *Orthogonal closed form is ours (rows "
-        f"uniform on the sphere, fan_out ≤ n); the paper omits it. "
+        f"uniform on the sphere, fan_out ≤ n); the paper omits it. Residual block: "
+        f"W2·ReLU(W1·x) + S·x on x = ReLU(previous sum), W1 and S of fan-in n; calibrated: W1 "
+        f"and S halved, as Shi et al.'s released ibp_init does. "
         f"({time.perf_counter() - start:.1f} s)"
     )
     return 0

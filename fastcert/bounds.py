@@ -9,9 +9,11 @@ through any view sees the same BN statistics (see NOTES.md, "Pitfalls seen").
 """
 from __future__ import annotations
 
+import contextlib
 import enum
+import functools
 from dataclasses import dataclass
-from typing import Union
+from typing import Iterator, Union
 
 import torch
 import torch.nn as nn
@@ -22,7 +24,8 @@ from fastcert import compat
 compat.apply()
 
 from auto_LiRPA import BoundedModule, BoundedTensor, CrossEntropyWrapper  # noqa: E402
-from auto_LiRPA.operators import BoundExp, BoundGatherElements, BoundRelu  # noqa: E402
+from auto_LiRPA.operators import (BoundBatchNormalization, BoundExp,  # noqa: E402
+                                  BoundGatherElements, BoundRelu)
 from auto_LiRPA.operators.leaf import BoundBuffers  # noqa: E402
 from auto_LiRPA.perturbations import PerturbationLpNorm  # noqa: E402
 
@@ -123,6 +126,67 @@ def _tie_buffers(bounded: BoundedModule, model: nn.Module, prefix: str = "") -> 
                 node._buffers["buffer"] = buffers[name]
 
 
+def relu_bounds_of(module: BoundedModule) -> list[ReluBounds]:
+    """Bounds of every ReLU's input from ``module``'s last bound computation, forward order."""
+    out = []
+    for node in module.modules():
+        if isinstance(node, BoundRelu):
+            pre = node.inputs[0]
+            if getattr(pre, "lower", None) is None or getattr(pre, "upper", None) is None:
+                raise RuntimeError("relu_bounds() needs a bound computation first")
+            out.append(ReluBounds(pre.name, pre.lower, pre.upper))
+    return out
+
+
+class _BatchStats:
+    """Forward hook: a BatchNorm layer's output recomputed with given batch statistics,
+    (x - mean)/sqrt(var + eps)·γ + β (the training-mode formula, biased variance)."""
+
+    def __init__(self, mean: torch.Tensor, var: torch.Tensor, eps: float):
+        self.mean, self.var, self.eps = mean, var, eps
+
+    def __call__(self, bn: nn.Module, inputs, output):
+        x = inputs[0]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        out = (x - self.mean.view(shape)) / torch.sqrt(self.var.view(shape) + self.eps)
+        if bn.affine:
+            out = out * bn.weight.view(shape) + bn.bias.view(shape)
+        return out
+
+
+@dataclass
+class SplitNet:
+    """A network cut in two (:meth:`BoundedNet.split`): ``features`` and ``head`` are
+    BoundedModules over ``model[:index]`` and ``model[index:]``; ``head_module`` is the plain
+    head (the same layers), for attacks in the latent space."""
+
+    features: BoundedModule
+    head: BoundedModule
+    head_module: nn.Sequential
+    num_classes: int
+
+    def latent_box(self, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor):
+        """The clean latent features of ``x`` and the IBP box [l, u] of the features over
+        the input box (with their graph). In training mode the clean pass sets the feature
+        extractor's BatchNorm statistics."""
+        latent = self.features(BoundedNet.perturbed(x, lower, upper))
+        lo, up = compute_bounds(self.features, Bound.IBP)
+        return latent, lo, up
+
+    def head_margin_bounds(self, latent: torch.Tensor, y: torch.Tensor, lo: torch.Tensor,
+                           up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean logits (the head on ``latent``; in training mode this sets the head's
+        BatchNorm statistics) and IBP lower bounds (B, K-1) of the margins over the latent
+        box [lo, up]. IBP of the head on IBP's latent box is IBP of the whole network."""
+        logits = self.head(BoundedNet.perturbed(latent, lo, up))
+        lb, _ = compute_bounds(self.head, Bound.IBP, C=margin_spec(y, self.num_classes),
+                               bound_upper=False)
+        return logits, lb
+
+    def relu_bounds(self) -> list[ReluBounds]:
+        return relu_bounds_of(self.features) + relu_bounds_of(self.head)
+
+
 class BoundedNet(nn.Module):
     """A classifier and its auto_LiRPA views, sharing parameters and BatchNorm buffers.
 
@@ -149,6 +213,7 @@ class BoundedNet(nn.Module):
                                      device=example.device)
         _tie_buffers(self.bounded, model)
         self._fused: BoundedModule | None = None
+        self._splits: dict[int, SplitNet] = {}  # plain dict: not submodules (see split())
         self.train(was_training)
 
     # ---- views -------------------------------------------------------------------------
@@ -174,7 +239,74 @@ class BoundedNet(nn.Module):
         self.bounded.train(mode)
         if self._fused is not None:
             self._fused.train(mode)
+        for view in self._splits.values():
+            view.features.train(mode)
+            view.head.train(mode)
         return self
+
+    def split(self, index: int) -> "SplitNet":
+        """The network cut before top-level layer ``index`` of its ``nn.Sequential``: a
+        feature extractor ``model[:index]`` and a classifier head ``model[index:]``, each as a
+        BoundedModule sharing parameters and BatchNorm buffers with ``model`` (the TAPS view
+        of Mao et al. 2023). Built on first use and kept."""
+        if index not in self._splits:
+            if not isinstance(self.model, nn.Sequential):
+                raise TypeError(f"splitting needs an nn.Sequential model, got "
+                                f"{type(self.model).__name__}")
+            if not 0 < index < len(self.model):
+                raise ValueError(f"split index {index} outside 1..{len(self.model) - 1}")
+            was_training = self.training
+            features, head = self.model[:index].eval(), self.model[index:].eval()
+            with torch.no_grad():
+                latent = features(self._example)
+            device = self._example.device
+            fb = BoundedModule(features, self._example, bound_opts=self._bound_opts,
+                               device=device)
+            hb = BoundedModule(head, latent, bound_opts=self._bound_opts, device=device)
+            _tie_buffers(fb, features)
+            _tie_buffers(hb, head)
+            self._splits[index] = SplitNet(fb, hb, head, self.num_classes)
+            self.train(was_training)
+        return self._splits[index]
+
+    @contextlib.contextmanager
+    def batch_norm_stats(self, view: BoundedModule | None = None,
+                         detach: bool = False) -> Iterator[None]:
+        """Within it, the plain model's BatchNorm layers normalise with the batch statistics
+        of ``view``'s last forward pass in training mode (default: the margins view) and
+        leave their running statistics alone.
+
+        This is the convention of CTBench (Mao et al. 2024, README: "batch statistics will
+        always be set based on clean input"): one clean forward pass sets the statistics, and
+        adversarial points (PGD-AT's, MTL-IBP's, TAPS's latent pivots) are normalised with
+        them instead of their own. The statistics keep their graph (gradients flow through
+        them, as in auto_LiRPA's IBP) unless ``detach``. Layers not traced by ``view`` and
+        layers in eval mode are left as they are.
+        """
+        view = self.bounded if view is None else view
+        stats = {}
+        for node in view.modules():
+            if (isinstance(node, BoundBatchNormalization) and node.training
+                    and getattr(node, "current_mean", None) is not None):
+                mean, var = node.current_mean, node.current_var
+                if detach:
+                    mean, var = mean.detach(), var.detach()
+                stats[id(node.inputs[3].buffer)] = (mean, var, node.eps)
+        frozen, handles = [], []
+        try:
+            for bn in self.model.modules():
+                if (isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training
+                        and id(bn.running_mean) in stats):
+                    bn.training = False  # no running-statistics update
+                    frozen.append(bn)
+                    handles.append(bn.register_forward_hook(
+                        _BatchStats(*stats[id(bn.running_mean)])))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for bn in frozen:
+                bn.training = True
 
     # ---- inputs ------------------------------------------------------------------------
     @staticmethod
@@ -245,12 +377,105 @@ class BoundedNet(nn.Module):
         These are the intervals the robust loss already computed (IBP, or the IBP
         intermediate bounds of CROWN-IBP): the warmup regularisers reuse them, no second pass.
         """
-        module = self.fused if fused else self.bounded
-        out = []
-        for node in module.modules():
-            if isinstance(node, BoundRelu):
-                pre = node.inputs[0]
-                if getattr(pre, "lower", None) is None or getattr(pre, "upper", None) is None:
-                    raise RuntimeError("relu_bounds() needs a bound computation first")
-                out.append(ReluBounds(pre.name, pre.lower, pre.upper))
-        return out
+        return relu_bounds_of(self.fused if fused else self.bounded)
+
+    # ---- other relaxations ---------------------------------------------------------------
+    def relaxed(self, relu: str) -> BoundedModule:
+        """The margin BoundedModule with ReLU relaxation ``relu`` (auto_LiRPA 0.3's
+        ``bound_opts['relu']``): ``adaptive`` (CROWN's default lower slope, 0 or 1; the view
+        :attr:`bounded`) or ``same-slope`` (lower and upper line of slope x̄/(x̄-x̲), the band of
+        Fast-Lin, Weng et al. 2018, and of the dual of Wong & Kolter 2018). Built on first use,
+        sharing parameters and BatchNorm buffers with the other views, in the network's
+        train/eval mode."""
+        if relu == self._bound_opts.get("relu", "adaptive"):
+            return self.bounded
+        views = self.__dict__.setdefault("_relaxed", {})  # not a submodule: no state_dict entry
+        if relu not in views:
+            was_training = self.model.training
+            self.model.eval()
+            views[relu] = BoundedModule(self.model, self._example,
+                                        bound_opts={**self._bound_opts, "relu": relu},
+                                        device=self._example.device)
+            _tie_buffers(views[relu], self.model)
+            self.model.train(was_training)
+        views[relu].train(self.model.training)  # auto_LiRPA 0.3's train() returns None
+        return views[relu]
+
+
+RELAXATIONS = ("adaptive", "same-slope")
+
+
+@dataclass
+class LinearMarginBound:
+    """A CROWN-style lower bound of the margins with its linear coefficients (the A matrices):
+
+        m̲_t = Σ lA_t · z* + lbias_t,   z* = argmin over the input box of lA_t · z,
+
+    ``input_coef`` is lA w.r.t. the input, c_tᵀ𝒲_{L:1} of Eq. 7 of Zhu et al. 2020 (the
+    relaxed network's linear map from input to margin t); ``relu_coef`` holds, per ReLU in
+    forward order, lA w.r.t. that ReLU's *input* (auto_LiRPA records the coefficient after
+    propagating through the node: the ReLU output's coefficient λ times the chosen slope).
+    ``relus`` are the intermediate bounds the relaxation was built from. The coefficients are
+    detached (auto_LiRPA returns them so); ``lower`` and the bounds carry gradients."""
+
+    lower: torch.Tensor            # (B, T)
+    input_coef: torch.Tensor       # (B, T, *input shape)
+    relu_coef: list[torch.Tensor]  # (B, T, *ReLU shape) each
+    relus: list[ReluBounds]
+
+
+def relu_nodes(module: BoundedModule) -> list[BoundRelu]:
+    """The ReLU nodes of ``module`` in forward order."""
+    return [n for n in module.modules() if isinstance(n, BoundRelu)]
+
+
+def linear_margin_bound(module: BoundedModule, C: torch.Tensor, bound: Bound) -> LinearMarginBound:
+    """The ``bound`` (CROWN or CROWN-IBP) lower bound of ``C @ logits`` and its A matrices,
+    for the input of the forward pass just run (``module(BoundedTensor)``), in one
+    ``compute_bounds(..., return_A=True, needed_A_dict=...)`` call."""
+    if bound not in (Bound.CROWN, Bound.CROWN_IBP):
+        raise ValueError(f"linear_margin_bound: {bound.key} has no single linear bound; "
+                         f"use crown or crown_ibp")
+    relus = relu_nodes(module)
+    out, inp = module.output_name[0], module.input_name[0]
+    lb, _, A = module.compute_bounds(x=None, C=C, method=bound.value, bound_upper=False,
+                                     return_A=True,
+                                     needed_A_dict={out: [inp] + [r.name for r in relus]})
+
+    def coef(name):
+        a = A[out][name]["lA"]
+        if not isinstance(a, torch.Tensor):  # a Patches object (conv_mode "patches")
+            raise RuntimeError(f"the A matrix of {name} came back as {type(a).__name__}; "
+                               f"build the BoundedNet with bound_opts={{'conv_mode': 'matrix'}}")
+        return a
+
+    bounds = [ReluBounds(r.inputs[0].name, r.inputs[0].lower, r.inputs[0].upper)
+              for r in relus]
+    return LinearMarginBound(lb, coef(inp), [coef(r.name) for r in relus], bounds)
+
+
+def _normalize(x, weight, bias, running_mean, running_var, *, mean, var, eps):
+    """BatchNorm with given statistics (differentiable in them, unlike F.batch_norm's running
+    statistics), ignoring the running ones."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return ((x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps) * weight.view(shape)
+            + bias.view(shape))
+
+
+def forward_relu_inputs(module: BoundedModule, z: torch.Tensor,
+                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The real (unrelaxed) network at inputs ``z``: its logits and every ReLU's input, in
+    forward order. BatchNorm normalises with the statistics of the last forward pass (the ones
+    the last bounds were computed with: in training mode the clean batch's) and leaves the
+    running statistics alone, so the network is the one the bounds describe. The nodes keep
+    their bounds (only forward values are replaced)."""
+    frozen = [n for n in module.modules() if isinstance(n, BoundBatchNormalization)]
+    for n in frozen:
+        n.forward = functools.partial(_normalize, mean=n.current_mean, var=n.current_var,
+                                      eps=n.eps)
+    try:
+        logits = module(z, clear_forward_only=True)
+    finally:
+        for n in frozen:
+            del n.forward
+    return logits, [r.inputs[0].forward_value for r in relu_nodes(module)]

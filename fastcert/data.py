@@ -11,15 +11,25 @@ image range).
     scikit-learn's copy of the UCI handwritten digits (1797 images, 1x8x8, 10 classes), shipped inside
     the scikit-learn wheel, so it works offline. Pixel values 0..16 are divided by 16. The split is a
     stratified 80/20 split (``sklearn.model_selection.train_test_split(test_size=0.2,
-    stratify=y, random_state=seed)``): 1437 train / 360 test images, the same split for the same
-    ``seed``. No normalisation (mean 0, std 1); ``augment`` is ignored.
+    stratify=y, random_state=split_seed)``): 1437 train / 360 test images. ``split_seed`` is a
+    data field (default 0), not the run's seed: every seed of a sweep trains and tests on the
+    same split, so "± std over seeds" measures training alone. No normalisation (mean 0, std 1);
+    ``augment`` is ignored.
 :class:`MNIST`
     ``torchvision.datasets.MNIST`` (``<root>/MNIST/raw/*-idx?-ubyte``), 1x28x28, mean 0 / std 1.
     No augmentation.
+:class:`FashionMNIST`
+    ``torchvision.datasets.FashionMNIST`` (Xiao et al. 2017: 60,000 / 10,000 28x28 grey images
+    of clothes in MNIST's file format), mean 0 / std 1, no augmentation (as in the CROWN-IBP
+    code). The four idx files are read where they lie, gzipped or not: torchvision's layout
+    ``<root>/FashionMNIST/raw/`` or directly in ``<root>`` (e.g. Debian's
+    ``dataset-fashion-mnist`` package: ``data.root=/usr/share/datasets/fashion-mnist``).
 :class:`CIFAR10`
-    ``torchvision.datasets.CIFAR10`` (``<root>/cifar-10-batches-py``), 3x32x32, normalised with the
-    CIFAR-10 channel statistics; training augmentation (``augment=True``): random crop 32 with
-    4 pixels of edge padding + horizontal flip.
+    ``torchvision.datasets.CIFAR10`` (``<root>/cifar-10-batches-py``), 3x32x32, normalised with
+    ``mean``/``std`` (default: the CIFAR-10 training-set statistics, std (0.2471, 0.2435,
+    0.2616)); training augmentation (``augment=True``): random crop 32 with ``crop_padding``
+    (default 4) pixels of edge padding + horizontal flip. Shi et al. 2021's released code
+    normalises with std (0.2023, 0.1994, 0.2010) and pads by 2: its presets set these fields.
 :class:`TinyImageNet`
     ``torchvision.datasets.ImageFolder`` over ``<root>/tiny-imagenet-200/train`` and
     ``<root>/tiny-imagenet-200/val`` (the validation set reorganised into one folder per class by
@@ -41,6 +51,7 @@ the expected path and how to obtain the data. A new data set is a subclass of
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import warnings
@@ -58,11 +69,14 @@ __all__ = [
     "DatasetSplits",
     "Digits",
     "MNIST",
+    "FashionMNIST",
     "CIFAR10",
     "TinyImageNet",
     "CropFlip",
     "DeviceBatches",
     "Shard",
+    "TwoClasses",
+    "UnclippedBundle",
 ]
 
 
@@ -80,6 +94,12 @@ class DatasetSplits:
     num_classes: int
     mean: Sequence[float]
     std: Sequence[float]
+
+
+def _outward(scale: torch.Tensor) -> torch.Tensor:
+    """How far :meth:`DataBundle.eps_box` moves a bound outward: 2^-21 · scale, i.e. 8 units in
+    the last place of float32 at ``scale`` (the computed bound is off by at most ~4)."""
+    return scale * 2.0**-21
 
 
 @dataclass
@@ -116,12 +136,21 @@ class DataBundle:
         return (1.0 - mean) / std
 
     def eps_box(self, x: torch.Tensor, eps: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """L∞ ball of pixel radius ``eps`` around the normalised batch ``x``, in normalised units.
+        """L∞ ball of pixel radius ``eps`` around the normalised batch ``x``, in normalised units,
+        rounded outward so that it always contains the exact box.
 
-        ``lower = max(x - eps/std, (0-mean)/std)`` and ``upper = min(x + eps/std, (1-mean)/std)``
-        per channel, i.e. ε is scaled per channel by the std so that it stays in pixel units, and
-        the box never leaves the valid image range. ``x`` is (..., C, H, W); ``eps`` is a float or
-        a tensor of one radius per example (shape (B,)) or anything broadcastable to ``x``.
+        Exactly, ``lower = max(x - eps/std, (0-mean)/std)`` and ``upper = min(x + eps/std,
+        (1-mean)/std)`` per channel: ε is scaled per channel by the std so that it stays in pixel
+        units, and the box never leaves the valid image range. In float32 each of these values
+        is off by up to ~4 units in the last place of ``|x| + eps/std`` (the rounding of ε, of
+        the statistics, of eps/std and of the sum), and about half the coordinates fall *inside* the exact box
+        (up to 2e-7 with CIFAR-10's statistics). Each bound is therefore moved outward by
+        :func:`_outward` = 2^-21 · (|x| + eps/std) (8 such units; the range limits by
+        2^-21 · |limit|, except 0 and 1 of an identity normalisation, which are exact): the box
+        contains the exact one (computed with the data set's float64 statistics), widened by
+        at most ~2e-6 normalised (~5e-7 in pixel units). ``x`` is (..., C, H, W); ``eps`` is a
+        float or a tensor of one radius per example (shape (B,)) or anything broadcastable to
+        ``x``.
         """
         mean, std = self._stats(x)
         if isinstance(eps, torch.Tensor):
@@ -134,10 +163,13 @@ class DataBundle:
         if eps_t.dim() == 1 and x.dim() == 4 and eps_t.shape[0] == x.shape[0]:
             eps_t = eps_t.view(-1, 1, 1, 1)
         lo_lim, hi_lim = (0.0 - mean) / std, (1.0 - mean) / std
+        identity = (mean == 0) & (std == 1)  # limits 0 and 1: exact, no slack
         delta = eps_t / std
-        lower = torch.maximum(x - delta, lo_lim)
-        upper = torch.minimum(x + delta, hi_lim)
-        return lower, upper
+        slack = _outward(x.abs() + delta)
+        return (torch.maximum(x - delta - slack,
+                              torch.where(identity, lo_lim, lo_lim - _outward(lo_lim.abs()))),
+                torch.minimum(x + delta + slack,
+                              torch.where(identity, hi_lim, hi_lim + _outward(hi_lim.abs()))))
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Undo the loaders' normalisation: normalised -> pixel units [0, 1]."""
@@ -326,7 +358,10 @@ class DataSource:
 
 @dataclass
 class Digits(DataSource):
-    """scikit-learn's UCI digits (see the module docstring)."""
+    """scikit-learn's UCI digits (see the module docstring); ``split_seed`` fixes the
+    train/test split whatever the run's seed."""
+
+    split_seed: int = 0
 
     def splits(self, seed: int) -> DatasetSplits:
         from sklearn.datasets import load_digits
@@ -336,8 +371,8 @@ class Digits(DataSource):
         x = torch.tensor(d.images, dtype=torch.float32).div_(16.0).unsqueeze(1)  # (1797, 1, 8, 8)
         y = torch.tensor(d.target, dtype=torch.long)
         idx_train, idx_test = train_test_split(
-            list(range(len(y))), test_size=0.2, stratify=d.target, random_state=seed,
-            shuffle=True)
+            list(range(len(y))), test_size=0.2, stratify=d.target,
+            random_state=self.split_seed, shuffle=True)
         idx_train, idx_test = torch.tensor(idx_train), torch.tensor(idx_test)
         return DatasetSplits(
             train=TensorDataset(x[idx_train], y[idx_train]),
@@ -374,21 +409,127 @@ class MNIST(DataSource):
         return DatasetSplits(train, test, (1, 28, 28), 10, mean, std)
 
 
+def _gunzipped(path: str, tmp: str) -> str:
+    """``path``, or for a ``.gz`` file its decompressed copy in the folder ``tmp``."""
+    if not path.endswith(".gz"):
+        return path
+    import gzip
+    import shutil
+
+    out = os.path.join(tmp, os.path.basename(path)[:-3])
+    with gzip.open(path, "rb") as src, open(out, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return out
+
+
+def _idx_files(folders: Sequence[str], names: Sequence[str]) -> dict[str, str] | None:
+    """The first folder of ``folders`` holding every file of ``names``, each plain or ``.gz``:
+    ``{name: path}``; None when no folder has them all."""
+    for folder in folders:
+        found = {}
+        for name in names:
+            for candidate in (name, name + ".gz"):
+                if os.path.isfile(os.path.join(folder, candidate)):
+                    found[name] = os.path.join(folder, candidate)
+                    break
+        if len(found) == len(names):
+            return found
+    return None
+
+
+def _read_idx_split(files: dict[str, str], train: bool):
+    """Images (N, 28, 28) uint8 and labels (N,) of one split, read by torchvision's idx readers
+    (a gzipped file is decompressed into a temporary folder first)."""
+    import tempfile
+
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    prefix = "train" if train else "t10k"
+    with tempfile.TemporaryDirectory() as tmp:
+        images = read_image_file(_gunzipped(files[f"{prefix}-images-idx3-ubyte"], tmp))
+        labels = read_label_file(_gunzipped(files[f"{prefix}-labels-idx1-ubyte"], tmp))
+    if len(images) != len(labels):
+        raise ValueError(f"Fashion-MNIST {prefix}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+def _fashion_dataset(files: dict[str, str] | None, root: str, train: bool, download: bool,
+                     transform):
+    """``torchvision.datasets.FashionMNIST`` over ``files`` (the four idx files, found where
+    they lie) or, with none found, over torchvision's own layout under ``root`` (downloading
+    there when ``download``)."""
+    from torchvision.datasets import FashionMNIST as TorchFashionMNIST
+
+    if files is None:
+        return TorchFashionMNIST(root, train=train, download=download, transform=transform)
+
+    class IdxFashionMNIST(TorchFashionMNIST):
+        """torchvision's class, its data read from ``files`` instead of ``<root>/FashionMNIST/raw``."""
+
+        def _check_exists(self) -> bool:
+            return True
+
+        def _load_data(self):
+            return _read_idx_split(files, self.train)
+
+    return IdxFashionMNIST(root, train=train, transform=transform)
+
+
+_FASHION_HOWTO = ("install Debian's offline copy ('apt-get install dataset-fashion-mnist', then "
+                  "data.root=/usr/share/datasets/fashion-mnist), or run once with "
+                  "data.download=true on a machine with network access.")
+
+
+@dataclass
+class FashionMNIST(DataSource):
+    """Fashion-MNIST through torchvision (see the module docstring)."""
+
+    def splits(self, seed: int) -> DatasetSplits:
+        mean, std = (0.0,), (1.0,)
+        tf, _ = _transforms(mean, std, [])
+        raw = os.path.join(self.root, "FashionMNIST", "raw")
+        files = _idx_files([raw, self.root], _MNIST_FILES)
+        if files is None and not self.download:
+            raise _not_found("Fashion-MNIST", self.root, _FASHION_HOWTO,
+                             f"Looked in '{raw}' and '{self.root}' for "
+                             f"{', '.join(_MNIST_FILES)} (each may be gzipped: .gz).")
+        try:
+            train = _fashion_dataset(files, self.root, True, self.download, tf)
+            test = _fashion_dataset(files, self.root, False, False, tf)
+        except (RuntimeError, URLError) as e:
+            raise _not_found("Fashion-MNIST", raw, _FASHION_HOWTO,
+                             f"Downloading failed ({' '.join(str(e).split())[:400]}).") from e
+        return DatasetSplits(train, test, (1, 28, 28), 10, mean, std)
+
+
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
 
 @dataclass
 class CIFAR10(DataSource):
-    """torchvision's CIFAR-10 (see the module docstring)."""
+    """torchvision's CIFAR-10 (see the module docstring): normalised with ``mean``/``std``,
+    random crops padded by ``crop_padding`` (edge) pixels."""
+
+    mean: tuple[float, float, float] = CIFAR10_MEAN
+    std: tuple[float, float, float] = CIFAR10_STD
+    crop_padding: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if min(self.std) <= 0:
+            raise ValueError(f"data.std={list(self.std)}: every channel's std must be > 0")
+        if self.crop_padding < 0:
+            raise ValueError(f"data.crop_padding={self.crop_padding}: must be >= 0")
 
     def splits(self, seed: int) -> DatasetSplits:
         from torchvision import transforms as T
         from torchvision.datasets import CIFAR10 as TorchCIFAR10
 
-        aug = ([T.RandomCrop(32, padding=4, padding_mode="edge"), T.RandomHorizontalFlip()]
-               if self.augment else [])
-        tf_train, tf_test = _transforms(CIFAR10_MEAN, CIFAR10_STD, aug)
+        aug = ([T.RandomCrop(32, padding=self.crop_padding, padding_mode="edge"),
+                T.RandomHorizontalFlip()] if self.augment else [])
+        mean, std = tuple(self.mean), tuple(self.std)
+        tf_train, tf_test = _transforms(mean, std, aug)
         path = os.path.join(self.root, TorchCIFAR10.base_folder)
         expected = ([f for f, _ in TorchCIFAR10.train_list + TorchCIFAR10.test_list]
                     + [TorchCIFAR10.meta["filename"]])
@@ -397,7 +538,7 @@ class CIFAR10(DataSource):
                                   transform=tf_train, **kw)
         test = _load_torchvision(TorchCIFAR10, train=False, download=False, transform=tf_test,
                                  **kw)
-        return DatasetSplits(train, test, (3, 32, 32), 10, CIFAR10_MEAN, CIFAR10_STD)
+        return DatasetSplits(train, test, (3, 32, 32), 10, mean, std)
 
 
 TINYIMAGENET_MEAN = (0.4802, 0.4481, 0.3975)
@@ -697,3 +838,88 @@ class DeviceBatches:
             if aug is not None:
                 x = self.augment(x, offsets, flips)
             yield x, self.y.index_select(0, index)
+
+
+# --------------------------------------------------------------------------------------------
+# a binary task from two classes (the IBP convergence experiment)
+
+
+@dataclass
+class UnclippedBundle(DataBundle):
+    """A :class:`DataBundle` whose L∞ box is not clipped to the data range: [x - ε, x + ε]
+    (the perturbation set of Wang 2022's convergence analysis, Eq. 4.3)."""
+
+    def eps_box(self, x: torch.Tensor, eps: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, std = self._stats(x)
+        if isinstance(eps, torch.Tensor):
+            eps = eps.to(device=x.device, dtype=std.dtype)
+            if eps.dim() == 1 and x.dim() == 4 and eps.shape[0] == x.shape[0]:
+                eps = eps.view(-1, 1, 1, 1)
+        elif eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        delta = eps / std
+        return x - delta, x + delta
+
+
+def _labels(ds: Dataset) -> torch.Tensor:
+    """Every label of a data set: its ``targets`` (torchvision) or tensors (TensorDataset), else
+    read item by item."""
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[1]
+    targets = getattr(ds, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(targets)
+    return torch.tensor([int(ds[i][1]) for i in range(len(ds))])  # type: ignore[arg-type]
+
+
+@dataclass
+class TwoClasses(DataSource):
+    """A binary task from two classes of another data set ``source`` (any :class:`DataSource`
+    node: the digits by default; MNIST or any MNIST-format set with ``source._target_:
+    fastcert.data.MNIST``), e.g. digits 2 vs 5 as in Sec. 4.3 of Wang 2022 (MNIST there).
+    ``classes[0]`` becomes label 0 (y = -1) and ``classes[1]`` label 1 (y = +1); images keep the
+    source's preprocessing (pixels in [0, 1]). ``evaluate_on="train"`` makes the test loader
+    iterate the training set (unshuffled), since the thesis reports *training* errors;
+    ``clip=false`` leaves the L∞ box unclipped, [x - ε, x + ε], as in its Eq. 4.3."""
+
+    source: DataSource = field(default_factory=lambda: Digits())
+    classes: list[int] = field(default_factory=lambda: [2, 5])
+    evaluate_on: str = "test"
+    clip: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if len(self.classes) != 2 or self.classes[0] == self.classes[1]:
+            raise ValueError(f"data.classes={list(self.classes)}: name two different classes, "
+                             f"e.g. data.classes=[2,5]")
+        if self.evaluate_on not in ("test", "train"):
+            raise ValueError(f"data.evaluate_on={self.evaluate_on!r}: choose test or train")
+
+    @property
+    def name(self) -> str:
+        return f"{self.source.name}_{self.classes[0]}v{self.classes[1]}"
+
+    def _binary(self, ds: Dataset, split: str) -> TensorDataset:
+        """The examples of the two classes, in the source's order, relabelled 0 / 1."""
+        labels = _labels(ds)
+        for c in self.classes:
+            if not (labels == c).any():
+                raise ValueError(f"data.classes: class {c} has no {split} example in "
+                                 f"{self.source.name}")
+        keep = torch.nonzero((labels == self.classes[0]) | (labels == self.classes[1])).flatten()
+        x = torch.stack([ds[i][0] for i in keep.tolist()])
+        return TensorDataset(x, (labels[keep] == self.classes[1]).long())
+
+    def splits(self, seed: int) -> DatasetSplits:
+        inner = self.source.splits(seed)
+        train = self._binary(inner.train, "training")
+        test = train if self.evaluate_on == "train" else self._binary(inner.test, "test")
+        return DatasetSplits(train, test, inner.input_shape, 2, inner.mean, inner.std)
+
+    def load(self, seed: int = 0, device: torch.device | str | None = None,
+             shard: Shard | None = None) -> DataBundle:
+        bundle = super().load(seed, device, shard)
+        if self.clip:
+            return bundle
+        return UnclippedBundle(**{f.name: getattr(bundle, f.name)
+                                  for f in dataclasses.fields(bundle) if f.init})

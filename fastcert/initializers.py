@@ -24,13 +24,19 @@ PyTorch's ``xavier_*`` (which average fan-in and fan-out):
 ``default``          DefaultInit         PyTorch's own init, left untouched
 ===================  ==================  ==========================  ======================
 
-Every non-default initialiser also sets biases to 0.
+The baselines (the Table 3.1 rows) fill every ``Conv2d``/``Linear`` weight and set biases to 0.
+``ibp`` does what Shi et al.'s released code does (see :class:`IBPInit`): output layer and
+biases keep PyTorch's init, and the layers reading a residual block's output are halved.
 """
 from __future__ import annotations
 
 import math
+import operator
+
 import torch
 from torch import nn
+
+from fastcert.models import affine_layers
 
 __all__ = [
     "Init",
@@ -42,6 +48,8 @@ __all__ = [
     "KaimingNormal",
     "Orthogonal",
     "difference_gain",
+    "residual_block_gain",
+    "residual_readers",
     "DEFAULT_MAX_FAN_OUT",
 ]
 
@@ -95,13 +103,45 @@ class DefaultInit(Init):
 
 class IBPInit(Init):
     """IBP initialisation, Sec. 3.3.1 of Shi et al. 2021: N(0, σ²), σ = √(2π)/n, so that
-    (n/2)·E|W| = (n/2)·√(2/π)·σ = 1."""
+    (n/2)·E|W| = (n/2)·√(2/π)·σ = 1; calibrated for residual blocks (App. A.3) as the released
+    code (``manual_init.ibp_init`` of shizhouxing/Fast-Certified-Robust-Training) does it:
+
+    1. every ``Conv2d``/``Linear`` weight is drawn from N(0, 2π/n²) **except the output
+       layer's** (the code re-initialises every ``weight`` parameter but the last one
+       registered, which is the classifier in all its models; it keeps PyTorch's default
+       U(-1/√n, 1/√n));
+    2. **biases are not touched** (PyTorch's default U(-1/√n, 1/√n); BN keeps γ=1, β=0);
+    3. **residual calibration**: the weight of every ``Conv2d``/``Linear`` whose input is
+       computed from a residual addition, i.e. that reads ``ReLU(main(x) + shortcut(x))`` (the
+       next block's first convolution and its 1x1 shortcut convolution), is multiplied by
+       :attr:`residual_scale` = 1/2 (the code's ``node.inputs[1].param.data /= 2`` for every
+       BoundConv/BoundLinear whose input node's first input is a BoundAdd; see
+       :func:`residual_readers`). Nothing inside the block producing the sum is scaled, and the
+       first block (it reads the stem) and the FC layer after the last block (it reads Flatten)
+       are not either.
+
+    Why 1/2: a block sums two branches each of difference gain 1, so the widths of the sum are
+    twice those of its input; the layers reading it, at half scale, bring a block's difference
+    gain back to 1 (e.g. main branch ½·1 + shortcut ½ = 1). :func:`residual_block_gain`
+    measures it (``python -m experiments.init_gain``).
+    """
+
+    residual_scale = 0.5
 
     def fill(self, weight, generator):
         weight.normal_(0.0, math.sqrt(2 * math.pi) / _fan_in(weight), generator=generator)
 
     def gain(self, fan_in, fan_out=None):
         return 1.0
+
+    @torch.no_grad()
+    def __call__(self, model, seed=None):
+        generator = _generator(seed)
+        for layer in affine_layers(model)[:-1]:  # registration order: the output layer is last
+            _fill(layer.weight, self.fill, generator)
+        for layer in residual_readers(model):
+            layer.weight.mul_(self.residual_scale)
+        return model
 
 
 class XavierUniform(Init):
@@ -166,6 +206,38 @@ class Orthogonal(Init):
         m = n if fan_out is None or fan_out <= n else int(fan_out)
         e_abs = math.exp(math.lgamma(m / 2) - math.lgamma((m + 1) / 2)) / math.sqrt(math.pi)
         return n / 2 * e_abs
+
+
+_ADDITIONS = (operator.add, operator.iadd, torch.add)
+
+
+def _is_addition(node) -> bool:
+    return ((node.op == "call_function" and node.target in _ADDITIONS)
+            or (node.op == "call_method" and node.target in ("add", "add_")))
+
+
+def residual_readers(model: nn.Module) -> list[nn.Module]:
+    """The ``Conv2d``/``Linear`` layers of ``model`` whose input is computed from a residual
+    addition: the node feeding the layer has an addition as its first input (in fastcert's
+    models, the layer reads ``ReLU(main(x) + shortcut(x))``, the output of a residual block).
+
+    This is the rule of Shi et al.'s ``manual_init.ibp_init``, applied on ``torch.fx``'s graph
+    of the model instead of auto_LiRPA's: a layer reading Flatten(ReLU(add)) is not a reader.
+    Returned in graph order, each layer once."""
+    import torch.fx
+
+    graph = torch.fx.symbolic_trace(model).graph
+    modules = dict(model.named_modules())
+    readers: list[nn.Module] = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], (nn.Conv2d, nn.Linear)):
+            continue
+        source = node.args[0]
+        first = source.args[0] if isinstance(source, torch.fx.Node) and source.args else None
+        layer = modules[node.target]
+        if isinstance(first, torch.fx.Node) and _is_addition(first) and layer not in readers:
+            readers.append(layer)
+    return readers
 
 
 def _generator(seed: int | None) -> torch.Generator | None:
@@ -259,6 +331,74 @@ def difference_gain(
         delta = torch.relu(upper) - torch.relu(lower)  # post-ReLU width, delta_{i-1}
         delta_i = weight.abs() @ delta.float()  # Eq. 4: Delta_i = |W| delta
         total += (delta_i.double().mean() / (upper - lower).mean()).item()
+    return total / trials
+
+
+class _ResidualProbe(nn.Module):
+    """A residual addition followed by one fully connected basic block: ``h = a + b`` (the
+    previous block's sum, pre-activation), ``x = ReLU(h)``, then ``W2 ReLU(W1 x) + S x``."""
+
+    def __init__(self, fan_in: int, width: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(fan_in, width, bias=False)
+        self.w2 = nn.Linear(width, width, bias=False)
+        self.shortcut = nn.Linear(fan_in, width, bias=False)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(a + b)
+        return self.w2(torch.relu(self.w1(x))) + self.shortcut(x)
+
+
+@torch.no_grad()
+def residual_block_gain(
+    init: Init,
+    fan_in: int,
+    fan_out: int | None = None,
+    trials: int = 100,
+    seed: int | None = 0,
+    calibrated: bool = True,
+) -> float:
+    """Empirical difference gain E(Δ_out)/E(Δ_in) of a residual block at initialisation (App.
+    A.3 of Shi et al. 2021): the block reads ReLU(h) of a previous block's sum h (interval
+    widths Δ_in, drawn as in :func:`difference_gain`), and outputs ``W2 ReLU(W1 x) + S x`` (a
+    fully connected :class:`fastcert.models.BasicResidualBlock` without BN: W1 and the
+    shortcut S have fan-in ``fan_in``, W2 fan-in ``fan_out``, all ``fan_out`` rows, default
+    ``min(fan_in, DEFAULT_MAX_FAN_OUT)``). IBP: Δ_out = |W2| δ_1 + |S| δ_0 (Eq. 4 per branch;
+    interval sums add widths), δ the post-ReLU widths.
+
+    Each layer is drawn with ``init.fill``; with ``calibrated`` the layers
+    :func:`residual_readers` finds (W1 and S: they read ReLU(add)) are scaled by
+    ``init.residual_scale`` as :class:`IBPInit` does. Expected value for the IBP init: 2
+    uncalibrated (two unit-gain branches), 1 calibrated (½ + ½).
+    """
+    n = int(fan_in)
+    if n < 1 or trials < 1:
+        raise ValueError(f"fan_in and trials must be positive, got {fan_in!r}, {trials!r}")
+    r = min(n, DEFAULT_MAX_FAN_OUT) if fan_out is None else int(fan_out)
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    probe = _ResidualProbe(n, r)
+    scaled = residual_readers(probe) if calibrated else []
+    scale = getattr(init, "residual_scale", 1.0)
+    total = 0.0
+    for _ in range(trials):
+        for layer in (probe.w1, probe.w2, probe.shortcut):
+            init.fill(layer.weight, generator)
+            if layer in scaled:
+                layer.weight.mul_(scale)
+        centre = torch.randn(n, _INTERVAL_PAIRS, generator=generator)
+        width = torch.empty(n, _INTERVAL_PAIRS).uniform_(0.1, 2.0, generator=generator)
+        centre, width = torch.cat([centre, -centre], 1), torch.cat([width, width], 1)
+        lower, upper = (centre - width / 2).t(), (centre + width / 2).t()   # h bounds (B, n)
+        x_lo, x_up = torch.relu(lower), torch.relu(upper)
+        w1, w2, s = probe.w1.weight, probe.w2.weight, probe.shortcut.weight
+        mid, rad = (x_up + x_lo) / 2 @ w1.t(), (x_up - x_lo) / 2 @ w1.abs().t()  # W1 x bounds
+        delta_1 = torch.relu(mid + rad) - torch.relu(mid - rad)
+        delta_out = delta_1 @ w2.abs().t() + (x_up - x_lo) @ s.abs().t()
+        total += (delta_out.mean() / (upper - lower).mean()).item()
     return total / trials
 
 

@@ -1,6 +1,6 @@
 """Experiment loggers: ``conf/logger/<name>.yaml`` names the class (``_target_``), which the
 pipeline builds with the run's context (``run_dir``, ``run_name``, ``config``, ``resume_id``,
-``group_default``). The core sees only this interface; the W&B logger lives in
+``group_default``, ``steps_per_epoch``). The core sees only this interface; the W&B logger lives in
 :mod:`fastcert.wandb_logger` and is imported only when selected, so the training core never
 imports ``wandb``.
 """
@@ -22,6 +22,7 @@ class Logger:
     def log_summary(self, results: dict[str, Any]) -> None: ...
     def log_images(self, images: dict[str, str]) -> None: ...
     def log_checkpoint(self, path: str) -> None: ...
+    def mark_preempting(self) -> None: ...
     def finish(self) -> None: ...
 
 
@@ -30,5 +31,5 @@ class NullLogger(Logger):
 
     def __init__(self, log_every: int = 0, run_dir=None, run_name: str = "",
                  config: dict | None = None, resume_id: str | None = None,
-                 group_default: str | None = None):
+                 group_default: str | None = None, steps_per_epoch: int = 0):
         self.log_every = int(log_every)

@@ -4,6 +4,11 @@
 
 :func:`run` is what ``python -m fastcert.run`` calls; it takes a plain config and a run
 directory, so tests and other front ends call it without Hydra's decorator.
+
+A run directory holds one run. A fresh run refuses a directory that holds a checkpoint; a
+resumed run (``resume.checkpoint=last`` or a path) refuses a config that differs from the
+checkpoint's in what it trains (:data:`RESUME_GUARDED`), listing the differences, unless
+``resume.allow_changes=true`` (then the differences are recorded in results.json).
 """
 from __future__ import annotations
 
@@ -31,14 +36,23 @@ from fastcert.loggers import NullLogger
 from fastcert.methods import Method
 from fastcert.optim import Optimizer
 from fastcert.schedules import EpsSchedule
-from fastcert.train import TrainSetup, epoch_times_by_phase, fit, seed_everything
+from fastcert.tightness import TightnessProbe
+from fastcert.train import TrainSetup, epoch_times_by_phase, fit, read_metrics, seed_everything
 
 #: What the code supplies to each group's target (not settable from the config).
 RUNTIME = {
     "model": ("input_shape", "num_classes"),
     "schedule": ("eps_target", "steps_per_epoch"),
-    "logger": ("run_dir", "run_name", "config", "resume_id", "group_default"),
+    "logger": ("run_dir", "run_name", "config", "resume_id", "group_default", "steps_per_epoch"),
 }
+
+#: What a resumed run may not change without ``resume.allow_changes=true``: what is trained.
+RESUME_GUARDED = ("model", "data", "method", "seed", "eps", "schedule", "optim")
+#: Keys inside :data:`RESUME_GUARDED` that say only where data lives or how it is tested.
+RESUME_FREE = ("data.root", "data.download", "data.num_workers", "data.test_batch_size",
+               "data.limit_test")
+#: The keys of the ``resume`` node.
+RESUME_KEYS = ("checkpoint", "allow_changes")
 
 
 def resolve_device(name: str | None, devices=None) -> torch.device:
@@ -122,6 +136,7 @@ def validate(cfg: DictConfig) -> Settings:
     """Every check that needs no data or model: unknown keys anywhere (top level included),
     each value against its type, ε against the data range, the epochs against the warmup."""
     check_keys([k for k in cfg if k != "hydra"], top_level_keys(), "top-level")
+    resume_options(cfg)
     seed = coerce(cfg.seed, int, "seed")
     epochs = coerce(cfg.epochs, int, "epochs")
     threads = coerce(cfg.get("cpu_threads", 0), int, "cpu_threads")
@@ -201,30 +216,79 @@ def set_process(cfg: DictConfig, speed: Speed, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = speed.cudnn_benchmark
 
 
+def resume_options(cfg: DictConfig) -> tuple[str | None, bool]:
+    """``resume.checkpoint`` (null: a fresh run; ``last``: the run dir's last.pt; or a path)
+    and ``resume.allow_changes``, checked."""
+    node = cfg.get("resume")
+    if node is None:
+        return None, False
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"resume={node}: resume is a group of keys; continue a run with "
+                          f"resume.checkpoint=last (this run dir's last.pt) or "
+                          f"resume.checkpoint=PATH")
+    check_keys(list(node), RESUME_KEYS, "resume")
+    checkpoint = node.get("checkpoint")
+    return (None if checkpoint is None else str(checkpoint),
+            coerce(node.get("allow_changes", False), bool, "resume.allow_changes"))
+
+
+def _flat(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: node}
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """``{key: (old, new)}`` for the keys of :data:`RESUME_GUARDED` (but not
+    :data:`RESUME_FREE`) where two resolved run configs differ."""
+    a, b = {}, {}
+    for key in RESUME_GUARDED:
+        a.update(_flat(old.get(key), key))
+        b.update(_flat(new.get(key), key))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in RESUME_FREE}
+
+
 def format_table(results: dict) -> str:
     """The final metrics as a small fixed-width table."""
-    rows = [("clean accuracy", results["clean_acc"]), ("PGD accuracy", results["pgd_acc"]),
+    rows = [("clean accuracy", results["clean_acc"]),
+            ("PGD accuracy (cheap attack)", results["pgd_acc"]),
             ("IBP-verified accuracy", results["ibp_verified_acc"]),
-            ("CROWN-verified accuracy", results["crown_verified_acc"])]
+            ("CROWN-verified accuracy", results["crown_verified_acc"]),
+            ("verified by any", results["any_verified_acc"])]
+    rows += [(f"{k[:-len('_verified_acc')]}-verified accuracy", v) for k, v in results.items()
+             if k.endswith("_verified_acc") and k not in
+             ("ibp_verified_acc", "crown_verified_acc", "any_verified_acc")]
     width = max(len(r[0]) for r in rows)
     head = (f"{results['method']} | {results['model']} | {results['data']} | "
-            f"eps={results['eps']:.4g} | {results['epochs']} epochs | "
-            f"{results['wall_time_s']:.1f}s")
+            f"eps={results['eps']:.4g} | {results['n_test']} test examples | "
+            f"{results['epochs']} epochs | {results['wall_time_s']:.1f}s")
     lines = [head, "-" * len(head)]
     for name, value in rows:
         shown = "skipped" if value is None else f"{100 * value:6.2f} %"
         lines.append(f"{name:<{width}}  {shown}")
+    lines.append(f"(attack: {results['pgd_attack']}; python -m fastcert.certify runs a "
+                 f"strong attack and the verifier cascade)")
+    violations = results["soundness"]["violations"]
+    if violations:
+        lines.append(f"SOUNDNESS VIOLATIONS: {len(violations)} (see results.json)")
     return "\n".join(lines)
 
 
 def results_dict(cfg: DictConfig, result: EvalResult, history: list[dict],
-                 wall_time_s: float) -> dict:
+                 wall_time_s: float, pgd_attack: str = "") -> dict:
     summary = result.summary()
     return {
         "clean_acc": summary["clean_acc"],
         "pgd_acc": summary["pgd_acc"],
+        "pgd_attack": pgd_attack,
         "ibp_verified_acc": summary.get("ibp_verified_acc"),
         "crown_verified_acc": summary.get("crown_verified_acc"),
+        **{k: v for k, v in summary.items() if k.endswith("_verified_acc")
+           and k not in ("ibp_verified_acc", "crown_verified_acc", "any_verified_acc")},
         "any_verified_acc": summary.get("any_verified_acc"),
         "eps": result.eps,
         "train_eps": parse_number(cfg.eps, "eps"),
@@ -237,21 +301,29 @@ def results_dict(cfg: DictConfig, result: EvalResult, history: list[dict],
         "n_test": len(result.label),
         "phase_epoch_time_s": epoch_times_by_phase(history),
         "wall_time_s": wall_time_s,
+        "soundness": {"violations": result.violations, "ties": result.ties,
+                      "tie_tolerance": "1e-5 * max(1, max_k |f_k(x)|)"},
     }
 
 
-def run(cfg: DictConfig, run_dir: str | os.PathLike, resume: str | os.PathLike | None = None,
-        device: torch.device | None = None, group: str | None = None) -> dict:
+def run(cfg: DictConfig, run_dir: str | os.PathLike,
+        resume: str | os.PathLike | bool | None = None, device: torch.device | None = None,
+        group: str | None = None, started=None) -> dict:
     """Train and evaluate as ``cfg`` says, writing metrics.jsonl, last.pt and results.json
-    into ``run_dir``. ``group`` names the sweep/preset for loggers. Returns the results dict.
-    With ``nproc`` > 1 (outside torchrun) it spawns that many data-parallel ranks on devices
-    of the pool (:func:`run_parallel`)."""
+    into ``run_dir``. ``resume``: where to continue from (True / ``"last"``: the run dir's
+    last.pt; a path), default ``cfg.resume.checkpoint``. ``group`` names the sweep/preset for
+    loggers. ``started()`` is called once the config, the run dir and the resume are checked,
+    before anything is written. Returns the results dict. With ``nproc`` > 1 (outside
+    torchrun) it spawns that many data-parallel ranks on devices of the pool
+    (:func:`run_parallel`).
+
+    A soundness violation in the final evaluation is recorded in results.json, which is
+    written, and then raised (:class:`fastcert.evaluate.SoundnessError`)."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     nproc = speed_settings(cfg).nproc
     if nproc > 1 and distributed.current() is None:
-        return run_parallel(cfg, run_dir, nproc, resume, group)
+        return run_parallel(cfg, run_dir, nproc, resume, group, started)
     ctx = distributed.current()
     owns_device = device is None and ctx is None
     if ctx is not None:
@@ -259,19 +331,24 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, resume: str | os.PathLike |
     elif owns_device:
         device = resolve_device(cfg.device, cfg.get("devices"))
     try:
-        return _run(cfg, run_dir, resume, device, group, t0)
+        return _run(cfg, run_dir, resume, device, group, t0, started)
     finally:
         if owns_device:
             release_device()  # a reused worker process's next job may take another GPU
 
 
 def run_parallel(cfg: DictConfig, run_dir: Path, nproc: int, resume=None,
-                 group: str | None = None) -> dict:
+                 group: str | None = None, started=None) -> dict:
     """``nproc`` data-parallel ranks of one run, spawned here on ``nproc`` devices leased
     together from the pool (fastcert.devices; the CPU, with gloo, without CUDA); rank 0's
     results."""
     from fastcert.devices import acquire_devices, release_device
 
+    validate(cfg)  # refuse a mistake, or a fresh run into a used run dir, before spawning
+    checkpoint, _ = resume_options(cfg)
+    _resume_state(run_dir, checkpoint if resume is None else resume, torch.device("cpu"))
+    if started is not None:
+        started()
     devices = acquire_devices(cfg.device, cfg.get("devices"), nproc)
     try:
         distributed.spawn(_rank_run, (OmegaConf.to_container(cfg, resolve=True), str(run_dir),
@@ -287,42 +364,78 @@ def _rank_run(ctx, cfg: dict, run_dir: str, resume, group) -> None:
 
 
 def _run(cfg: DictConfig, run_dir: Path, resume, device: torch.device, group: str | None,
-         t0: float) -> dict:
+         t0: float, started) -> dict:
+    validate(cfg)
+    checkpoint, allow_changes = resume_options(cfg)
+    resume_state = _resume_state(run_dir, checkpoint if resume is None else resume, device)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resumed = None
+    previous_wall = 0.0
+    if resume_state is not None:
+        changes = config_changes(resume_state.get("config") or {}, resolved)
+        if changes and not allow_changes:
+            raise ConfigError(
+                f"resume: this config differs from the one that trained the checkpoint (epoch "
+                f"{resume_state['epoch']}) in what it trains:\n"
+                + "\n".join(f"  {k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+                + "\nResuming would mix two runs. Start the new config in another "
+                  "hydra.run.dir, or force it with resume.allow_changes=true (recorded in "
+                  "results.json)")
+        resumed = {"from_epoch": int(resume_state["epoch"]),
+                   "changes": {k: list(v) for k, v in changes.items()}}
+        history = [r for r in read_metrics(run_dir / "metrics.jsonl")
+                   if r["epoch"] <= resume_state["epoch"]]
+        previous_wall = float(resume_state.get("wall_time_s",
+                                               sum(r["epoch_time_s"] for r in history)))
+    if started is not None:
+        started()
+    run_dir.mkdir(parents=True, exist_ok=True)
     built = build(cfg, device)
     ctx = distributed.current()
     main = ctx is None or ctx.main
-    resume_state = _resume_state(run_dir, resume, built.device)
     if ctx is not None:
         distributed.barrier()  # every rank checked the run dir before rank 0 writes to it
     logger = instantiate(cfg.logger, "logger", run_dir=run_dir, run_name=run_name(cfg),
-                         config=OmegaConf.to_container(cfg, resolve=True),
+                         config=resolved,
                          resume_id=(resume_state or {}).get("logger_run_id"),
-                         group_default=group) if main else NullLogger()
+                         group_default=group,
+                         steps_per_epoch=len(built.data.train)) if main else NullLogger()
     try:
+        if resume_state is not None:
+            for record in history:  # what a killed process may not have sent
+                logger.log_epoch(record, record["epoch"])
         setup = TrainSetup(
             net=built.net, method=built.method, train_loader=built.data.train,
             box_fn=built.data.eps_box, schedule=built.schedule, optim=built.settings.optim,
             epochs=built.settings.epochs, seed=built.settings.seed, device=built.device,
             run_dir=run_dir, logger=logger,
-            checkpoint_extra=lambda: {"config": OmegaConf.to_container(cfg, resolve=True),
-                                      "logger_run_id": logger.run_id},
-            dist=ctx, channels_last=built.channels_last)
+            checkpoint_extra=lambda: {"config": resolved, "logger_run_id": logger.run_id,
+                                      "wall_time_s": previous_wall + time.perf_counter() - t0},
+            epoch_metrics=tightness_probe(built), dist=ctx, channels_last=built.channels_last)
         history = fit(setup, resume_state=resume_state)
         result = _evaluate(built)
-        results = results_dict(cfg, result, history, time.perf_counter() - t0)
+        results = results_dict(cfg, result, history, previous_wall + time.perf_counter() - t0,
+                               built.settings.eval.pgd.description)
+        if resumed is not None:
+            results["resumed"] = resumed
         if main:
             write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
             logger.log_summary(results)
             logger.log_checkpoint(str(run_dir / "last.pt"))
             print(format_table(results), flush=True)
+        result.raise_if_unsound()
         return results
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM through fastcert.cli.preemptible
+        logger.mark_preempting()
+        raise
     finally:
         logger.finish()
 
 
 def _evaluate(built: Built) -> EvalResult:
     """The final test evaluation; in a data-parallel run each rank evaluates its block of
-    test batches and every rank gets the whole result, in test-set order."""
+    test batches and every rank gets the whole result, in test-set order (stage times: the
+    slowest rank's)."""
     ev, data = built.settings.eval, built.data
     ctx = distributed.current()
     part = (evaluate(built.net, data.test, data.eps_box, built.settings.eval_eps,
@@ -331,30 +444,49 @@ def _evaluate(built: Built) -> EvalResult:
     if ctx is None:
         return part
     parts = [p for p in distributed.gather(part) if p is not None]
-    result = EvalResult(
+
+    def cat(field):
+        return {k: torch.cat([getattr(p, field)[k] for p in parts]) for k in getattr(parts[0], field)}
+
+    return EvalResult(
         eps=parts[0].eps, label=torch.cat([p.label for p in parts]),
         pred=torch.cat([p.pred for p in parts]),
         pgd_robust=torch.cat([p.pgd_robust for p in parts]),
-        verified={k: torch.cat([p.verified[k] for p in parts]) for k in parts[0].verified},
-        margin_lb={k: torch.cat([p.margin_lb[k] for p in parts]) for k in parts[0].margin_lb})
-    result.check_invariants()
-    return result
+        attack_margin=torch.cat([p.attack_margin for p in parts]),
+        verified=cat("verified"), margin_lb=cat("margin_lb"), ran=cat("ran"),
+        stage_time_s={k: max(p.stage_time_s[k] for p in parts) for k in parts[0].stage_time_s},
+        violations=[v for p in parts for v in p.violations], ties=sum(p.ties for p in parts))
+
+
+#: Test examples on which the propagation tightness is measured after each epoch.
+TIGHTNESS_EXAMPLES = 64
+
+
+def tightness_probe(built: Built) -> TightnessProbe:
+    """Propagation tightness (Mao et al. 2024) after each epoch, on the first
+    :data:`TIGHTNESS_EXAMPLES` test examples at the training radius."""
+    test_set = built.data.test.dataset
+    n = min(TIGHTNESS_EXAMPLES, len(test_set))
+    x = torch.stack([test_set[i][0] for i in range(n)]).to(built.device)
+    y = torch.tensor([int(test_set[i][1]) for i in range(n)], device=built.device)
+    return TightnessProbe(x, y, *built.data.eps_box(x, built.settings.eps))
 
 
 def _resume_state(run_dir: Path, resume, device: torch.device) -> dict | None:
-    """The checkpoint to continue from. ``resume``: None/false (a fresh run), true (this run
-    dir's last.pt) or a path. A fresh run never overwrites a run dir that holds a checkpoint."""
+    """The checkpoint to continue from. ``resume``: None/false (a fresh run), true or
+    ``"last"`` (this run dir's last.pt) or a path. A fresh run never overwrites a run dir that
+    holds a checkpoint."""
     from fastcert import checkpoint
 
     if resume in (None, False, "false", "False"):
         if (run_dir / "last.pt").exists():
             raise checkpoint.CheckpointError(
                 f"{run_dir} already holds a run (last.pt); nothing was changed. Continue it with "
-                f"resume=true, or start a new run in another hydra.run.dir")
+                f"resume.checkpoint=last, or start a new run in another hydra.run.dir")
         return None
-    path = run_dir / "last.pt" if resume in (True, "true", "True") else Path(resume)
+    path = run_dir / "last.pt" if resume in (True, "true", "True", "last") else Path(resume)
     if not path.exists():
         raise checkpoint.CheckpointError(
             f"resume: no checkpoint at {path}. Run with hydra.run.dir=<the old run dir> "
-            f"resume=true, or resume=<path to last.pt>")
+            f"resume.checkpoint=last, or resume.checkpoint=<path to last.pt>")
     return checkpoint.load(path, map_location=device)

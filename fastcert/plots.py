@@ -10,11 +10,15 @@
   neurons per layer vs epoch (Fig. 2 of Shi et al. 2021; absent for natural training);
 * ``regularizers.png`` — L_tightness (Eq. 7) and L_relu (Eq. 8) vs epoch (Figs. 3-4; logged by
   the ``ibp`` and ``fast`` methods);
+* ``tightness.png`` — propagation tightness τ (Mao et al. 2024; :mod:`fastcert.tightness`)
+  on a fixed test batch at the training ε vs epoch;
 * ``certify.png`` — accuracies vs ε from ``RUN_DIR/certify/certify.json`` when present.
 
 With several runs it also draws ``clean_vs_verified.png`` (clean vs verified test accuracy
 from each ``results.json``: ``any_verified_acc``, else ``ibp_verified_acc``) into ``--out``
-(a directory, default the current one, or a ``.png`` path). A RUN_DIR without metrics.jsonl
+(a directory or a ``.png`` path; default ``plots/`` in the runs' common folder: nothing is
+ever written into the current directory), and ``tightness.png`` beside it (every run's τ vs
+epoch on one axis). A RUN_DIR without metrics.jsonl
 or results.json is searched for runs below it (a Hydra multirun folder).
 
 ``python -m fastcert.plots --bound-explosion OUT.png`` draws Fig. 1: Ê(Δ_i) per layer of an
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -51,7 +56,7 @@ LABELS = {"loss": "total loss", "loss/natural": "natural CE", "loss/robust": "ro
           "train_verified_acc": "train verified acc.", "relu_active": "active",
           "relu_inactive": "inactive", "relu_unstable": "unstable",
           "reg/tightness": "L_tightness (Eq. 7)", "reg/relu": "L_relu (Eq. 8)",
-          "lambda": "λ (regulariser weight)"}
+          "lambda": "λ (regulariser weight)", "tightness": "propagation tightness τ"}
 
 
 def _collect(metrics: list[dict], keys) -> dict:
@@ -159,6 +164,25 @@ def plot_regularizers(metrics: list[dict], path: Path, title: str = "") -> Plott
     return _save(fig, path), data
 
 
+def plot_tightness(metrics: list[dict], path: Path, title: str = "") -> Plotted | None:
+    """Propagation tightness τ vs epoch (log scale: PGD-trained networks sit near 1e-3, IBP-
+    trained ones near 1; Mao et al. 2024)."""
+    data = _collect(metrics, ("tightness",))
+    if not data:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(data["tightness"]["epoch"], data["tightness"]["value"], marker=".")
+    _tightness_axes(ax, data["tightness"]["value"], title)
+    return _save(fig, path), data
+
+
+def _tightness_axes(ax, values, title: str) -> None:
+    if _positive(values):
+        ax.set_yscale("log")
+    ax.set(xlabel="epoch", ylabel=LABELS["tightness"],
+           title=title or "propagation tightness (test batch, training ε)")
+
+
 def plot_certify(certify_json: Path, path: Path, title: str = "") -> Plotted | None:
     """Accuracies vs ε from a certify.json (:mod:`fastcert.certify`); skipped verifiers are
     left out. ``data`` = {"eps": [...], key: [...]} for clean, pgd, the verifiers and any."""
@@ -196,7 +220,8 @@ def plot_run(run: str | Path | RunRecord, out_dir: str | Path | None = None
     out = {}
     for name, fn in (("training_curves", plot_training_curves),
                      ("relu_states", plot_relu_states),
-                     ("regularizers", plot_regularizers)):
+                     ("regularizers", plot_regularizers),
+                     ("tightness", plot_tightness)):
         res = fn(rec.metrics, out_dir / f"{name}.png", title)
         if res is not None:
             out[name] = res
@@ -249,6 +274,20 @@ def plot_accuracy_scatter(runs: list[RunRecord], path: Path) -> Plotted | None:
     return _save(fig, path), {"points": points}
 
 
+def plot_tightness_runs(runs: list[RunRecord], path: Path) -> Plotted | None:
+    """Every run's τ vs epoch on one axis (e.g. the methods of a comparison)."""
+    data = {rec.label: s for rec in runs
+            for s in [_collect(rec.metrics, ("tightness",)).get("tightness")] if s}
+    if not data:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, s in data.items():
+        ax.plot(s["epoch"], s["value"], marker=".", label=label)
+    _tightness_axes(ax, [v for s in data.values() for v in s["value"]], "")
+    ax.legend(fontsize="small")
+    return _save(fig, path), data
+
+
 def plot_bound_explosion(path: Path, data: dict | None = None, **kwargs) -> Plotted:
     """Fig. 1 of Shi et al. 2021: Ê(Δ_i) (log scale) per layer for each initialiser.
     ``data`` defaults to :func:`fastcert.diagnostics.bound_explosion` (``**kwargs``)."""
@@ -276,9 +315,12 @@ def plot_bound_explosion(path: Path, data: dict | None = None, **kwargs) -> Plot
 # --------------------------------------------------------------------------- CLI
 
 
-def _scatter_path(out: str | None) -> Path:
+def _scatter_path(out: str | None, run_dirs: list) -> Path:
+    """``--out`` (a directory or a .png path), else ``plots/`` in the runs' common folder
+    (e.g. the multirun dir): never the current directory."""
     if out is None:
-        return Path.cwd() / "clean_vs_verified.png"
+        common = Path(os.path.commonpath([str(Path(d).resolve()) for d in run_dirs]))
+        return common / "plots" / "clean_vs_verified.png"
     p = Path(out)
     return p if p.suffix.lower() == ".png" else p / "clean_vs_verified.png"
 
@@ -292,7 +334,8 @@ def main(argv=None) -> dict:
                         help="run directories (or folders holding runs, e.g. a multirun dir)")
     parser.add_argument("--out", default=None,
                         help="where the clean-vs-verified scatter of several runs goes: a "
-                             "directory (default: the current one) or a .png path")
+                             "directory or a .png path (default: plots/ in the runs' common "
+                             "folder)")
     parser.add_argument("--bound-explosion", metavar="OUT.png", default=None,
                         help="draw the bound-explosion figure (Fig. 1) to OUT.png")
     parser.add_argument("--be-model", default="cnn7", help="model for --bound-explosion")
@@ -305,12 +348,13 @@ def main(argv=None) -> dict:
         parser.error("give at least one RUN_DIR or --bound-explosion OUT.png")
 
     written: dict = {"runs": {}}
-    runs = []
+    runs, run_dirs = [], []
     for arg in args.runs:
         found = find_runs(arg)
         if not found:
             print(f"{arg}: no metrics.jsonl or results.json found, skipped", file=sys.stderr)
         for run_dir in found:
+            run_dirs.append(run_dir)
             rec = read_run(run_dir)
             runs.append(rec)
             figs = plot_run(rec)
@@ -318,9 +362,13 @@ def main(argv=None) -> dict:
             for name, (path, _) in figs.items():
                 print(f"wrote {path}")
     if len(runs) > 1:
-        res = plot_accuracy_scatter(runs, _scatter_path(args.out))
+        res = plot_accuracy_scatter(runs, _scatter_path(args.out, run_dirs))
         if res is not None:
             written["scatter"] = res
+            print(f"wrote {res[0]}")
+        res = plot_tightness_runs(runs, _scatter_path(args.out).with_name("tightness.png"))
+        if res is not None:
+            written["tightness"] = res
             print(f"wrote {res[0]}")
     if args.bound_explosion:
         res = plot_bound_explosion(Path(args.bound_explosion), model=args.be_model,

@@ -15,15 +15,17 @@ def tightness_loss(input_width: torch.Tensor, relus: list[ReluBounds], tau: floa
     """L_tightness = 1/(τ m) Σ_i ReLU(τ - Ê(Δ_0)/Ê(Δ_i))   (Eq. 7 of Shi et al. 2021).
 
     ``input_width`` is Δ_0 = x_U - x_L of the (clipped) input box; Δ_i = h̄_i - h̲_i for the
-    m ReLU layers. Penalises layers whose mean bound width exceeds Ê(Δ_0)/τ. Zero when the
-    input box is empty (ε = 0: every Δ is 0 and the ratio is undefined).
+    m ReLU layers (Ê(Δ_i) floored at 1e-12, as the released code does). Penalises layers whose
+    mean bound width exceeds Ê(Δ_0)/τ. As in the released code, the formula holds for every
+    box: an empty one (Δ_0 = 0) gives the constant 1 (each term is τ), without gradient. At
+    ε = 0 the fast method therefore computes the bounds on a tiny box (``FastIBP.min_eps_reg``,
+    the released code's ``--min-eps-reg`` 1e-6), where the ratios are those of any small ε.
     """
     if not relus:
         return input_width.new_zeros(())
     delta0 = input_width.mean()
     terms = [torch.relu(tau - delta0 / (r.upper - r.lower).mean().clamp_min(1e-12)) for r in relus]
-    loss = torch.stack(terms).sum() / (tau * len(relus))
-    return torch.where(delta0 > 0, loss, torch.zeros_like(loss))  # no host read of delta0
+    return torch.stack(terms).sum() / (tau * len(relus))
 
 
 def _balance_ratios(lower: torch.Tensor, upper: torch.Tensor):

@@ -1,25 +1,58 @@
 """``python -m fastcert.run [overrides]``: train and certify one model (a Hydra app).
 
-With no overrides it runs the embedded default (digits, IBP, ε=0.1) on the CPU in a few
-minutes. ``-m`` sweeps, e.g. ``python -m fastcert.run -m method=ibp,fast seed=0,1,2``.
+With no overrides it runs the embedded default (digits, IBP, ε=0.1) on the CPU in about a
+minute. ``-m`` sweeps, e.g. ``python -m fastcert.run -m method=ibp,fast seed=0,1,2``.
+
+The run dir is printed at the start and the end. Hydra's ``.hydra/`` (config.yaml, hydra.yaml,
+overrides.yaml) is written by this app, not by Hydra (``hydra.output_subdir: null``), and only
+for a fresh run that was accepted: a refused run (its dir holds a checkpoint) leaves the
+config that trained the checkpoint in place. A mistake in the config prints one line and exits
+with status 2; SIGTERM / SIGINT stop the run cleanly (the last checkpoint stays, W&B marks the
+run preempting) with status 128 + the signal's number.
 """
 from __future__ import annotations
 
-import sys
+from fastcert.cli import exit_on_known_errors, preemptible, quiet_known_warnings
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+quiet_known_warnings()
 
-from fastcert import distributed
-from fastcert.pipeline import run
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from fastcert import distributed  # noqa: E402
+from fastcert.pipeline import resume_options, run  # noqa: E402
+
+HYDRA_DIR = ".hydra"
+
+
+def write_hydra_dir(run_dir: Path, cfg: DictConfig) -> None:
+    """The three files Hydra writes into ``<run dir>/.hydra`` at launch."""
+    hydra_cfg = HydraConfig.get()
+    out = run_dir / HYDRA_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (out / "hydra.yaml").write_text(OmegaConf.to_yaml({"hydra": hydra_cfg}))
+    (out / "overrides.yaml").write_text(OmegaConf.to_yaml(hydra_cfg.overrides.task))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig):
     hydra_cfg = HydraConfig.get()
-    results = run(cfg, hydra_cfg.runtime.output_dir, resume=cfg.get("resume"),
-                  group=hydra_cfg.runtime.choices.get("experiment"))
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    print(f"run dir: {run_dir}", flush=True)
+    try:
+        with exit_on_known_errors(), preemptible():
+            ctx = distributed.current()
+            # a fresh run writes .hydra/ once accepted; under torchrun rank 0 alone
+            fresh = resume_options(cfg)[0] is None and (ctx is None or ctx.main)
+            results = run(cfg, run_dir, group=hydra_cfg.runtime.choices.get("experiment"),
+                          started=(lambda: write_hydra_dir(run_dir, cfg)) if fresh else None)
+    finally:
+        print(f"run dir: {run_dir}", flush=True)
     metric = cfg.get("optimized_metric")
     return results[metric] if metric else None
 

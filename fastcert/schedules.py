@@ -15,9 +15,9 @@ PHASES = ("eps0", "ramp", "final")
 @dataclass(frozen=True)
 class EpsSchedule:
     """ε as a function of the global batch index: ``start`` epochs at 0, a ramp over ``length``
-    epochs (updated every batch), then ``eps_target``. Subclasses give the ramp's shape
-    ``shape(t)`` for t in [0, 1]. ``eps_target`` and ``steps_per_epoch`` are supplied by the
-    run (the radius and the training loader), not by the config.
+    epochs (updated every batch), then ``eps_target``. Subclasses give the ramp
+    (:meth:`_eps`). ``eps_target`` and ``steps_per_epoch`` are supplied by the run (the radius
+    and the number of batches of the training loader), not by the config.
     """
 
     start: int = 0
@@ -34,30 +34,20 @@ class EpsSchedule:
         if self.steps_per_epoch < 1:
             raise ValueError("steps_per_epoch must be >= 1")
 
-    def shape(self, t: float) -> float:  # pragma: no cover - every subclass defines it
-        raise NotImplementedError
-
     @property
     def ramp_steps(self) -> tuple[int, int]:
         """First and last-plus-one global step of the ramp."""
         begin = self.start * self.steps_per_epoch
         return begin, begin + self.length * self.steps_per_epoch
 
-    def progress(self, step: int) -> float:
-        """Fraction of the ramp completed after ``step`` (0-based), in [0, 1]."""
-        begin, end = self.ramp_steps
-        if step < begin:
-            return 0.0
-        if end == begin or step >= end - 1:
-            return 1.0
-        return (step - begin + 1) / (end - begin)
-
     def eps(self, step: int) -> float:
-        """ε used for global batch ``step``."""
-        t = self.progress(step)
-        if t in (0.0, 1.0):
-            return self.eps_target * t
-        return self.eps_target * min(1.0, self.shape(t))
+        """ε used for global batch ``step`` (0-based, counted over the whole run)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        return self._eps(step)
+
+    def _eps(self, step: int) -> float:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
 
     def phase(self, epoch: int) -> str:
         """Which of the three phases epoch ``epoch`` (0-based) belongs to (Table 3)."""
@@ -74,17 +64,43 @@ class EpsSchedule:
 
 @dataclass(frozen=True)
 class LinearSchedule(EpsSchedule):
-    """ε grows linearly over the ramp: shape(t) = t."""
+    """ε grows linearly over the ramp, by ε_target/N each batch (N = length·steps_per_epoch
+    ramp batches): the first ramp batch has ε_target/N, the last ε_target."""
 
-    def shape(self, t: float) -> float:
-        return t
+    def progress(self, step: int) -> float:
+        """Fraction of the ramp completed after ``step`` (0-based), in [0, 1]."""
+        begin, end = self.ramp_steps
+        if step < begin:
+            return 0.0
+        if end == begin or step >= end - 1:
+            return 1.0
+        return (step - begin + 1) / (end - begin)
+
+    def _eps(self, step: int) -> float:
+        return self.eps_target * self.progress(step)
 
 
 @dataclass(frozen=True)
 class SmoothedSchedule(EpsSchedule):
-    """ε(t) = a·t^p up to ``mid`` of the ramp, then linear to ε_target with the same slope at
-    the joint (continuous first derivative); the shape of auto_LiRPA's ``SmoothedScheduler``
-    (Xu et al. 2020), p = ``exponent``."""
+    """auto_LiRPA's ``SmoothedScheduler`` (Xu et al. 2020, after DeepMind's IBP code), which
+    Shi et al. 2021's released code uses for every run, value for value. With
+    S = ``start``·L, E = (``start`` + ``length``)·L (L = ``steps_per_epoch``), the joint
+    M = int((E − S)·``mid``) + S and p = ``exponent``, global batch ``step`` (0-based) has
+
+        ε = 0                                                  step ≤ S
+        ε = a·(step − S)^p                                     S < step < M
+        ε = min(ε_M + (ε_target − ε_M)·(step − M)/(E − M), ε_target)      step ≥ M
+
+    with a = ε_target / ((E − M)·p·(M − S)^(p−1) + (M − S)^p) and ε_M = a·(M − S)^p, so the
+    linear part continues the power part's slope at M (ε_M = 0.0769·ε_target for mid 0.25,
+    exponent 4). Hence ε = 0 for the ``start`` epochs and for the first batch of the next one,
+    then the ramp, and ε = ε_target from the first batch of epoch ``start + length`` (0-based).
+
+    ``start`` counts the epochs at ε = 0, as in the papers' "1+20+49" and in
+    :class:`LinearSchedule`; auto_LiRPA's ``start`` option is one more (``start=2,length=20``
+    there is ``start: 1, length: 20`` here). A ramp shorter than 1/``mid`` batches has M = S:
+    it is linear from 0. ``length: 0`` means ε_target from batch S on.
+    """
 
     mid: float = 0.25
     exponent: float = 4.0
@@ -94,13 +110,23 @@ class SmoothedSchedule(EpsSchedule):
         if not 0 < self.mid < 1 or self.exponent < 1:
             raise ValueError("schedule.mid must be in (0, 1) and schedule.exponent >= 1")
 
-    def shape(self, t: float) -> float:
-        p, m = self.exponent, self.mid
-        # a·m^p + a·p·m^(p-1)·(1-m) = 1 (C¹ joint at m, reaching 1 at t=1)
-        a = 1.0 / (m ** (p - 1) * (m + p * (1 - m)))
-        if t < m:
-            return a * t ** p
-        return a * m ** p + a * p * m ** (p - 1) * (t - m)
+    def _eps(self, step: int) -> float:
+        init, final = self.ramp_steps
+        target, p = self.eps_target, self.exponent
+        if final == init:
+            return target if step >= init else 0.0
+        if step <= init:
+            return 0.0
+        mid = int((final - init) * self.mid) + init
+        if mid > init:
+            t = (mid - init) ** (p - 1.0)
+            alpha = target / ((final - mid) * p * t + (mid - init) * t)
+        else:
+            alpha = 0.0
+        if step < mid:
+            return alpha * float(step - init) ** p
+        mid_value = alpha * (mid - init) ** p
+        return min(mid_value + (target - mid_value) * (step - mid) / (final - mid), target)
 
 
 def linear_coefficient(start: float, end: float, ratio: float) -> float:

@@ -62,6 +62,10 @@ class TrainSetup:
     checkpoint_extra: Callable[[], dict] | None = None  # more state to save (config, W&B id)
     dist: distributed.Dist | None = None  # a data-parallel run: this rank
     channels_last: bool = False           # batches in channels-last memory format (CUDA)
+    # measurements of the network after each epoch, added to its record (e.g. propagation
+    # tightness on a fixed test batch); must leave the network, its gradients and the RNGs as
+    # they were, so that a resumed run stays identical
+    epoch_metrics: Callable[[BoundedNet], dict] | None = None
 
 
 class _EpochStats:
@@ -246,6 +250,8 @@ def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
         record = {"epoch": epoch + 1, "phase": s.schedule.phase(epoch), "eps": eps,
                   "lr": optimizer.param_groups[0]["lr"], **stats.record(s.dist),
                   "epoch_time_s": time.perf_counter() - t0}
+        if s.epoch_metrics is not None:
+            record.update(s.epoch_metrics(s.net))
         _check_finite(torch.tensor(record["loss"]), epoch, steps - 1, eps)
         history.append(record)
         if main:

@@ -11,10 +11,19 @@ What is logged (conf/logger/wandb.yaml has the options):
 * the final results as the run summary, diagnostic PNGs as images under ``figures/``, and
   (``log_checkpoints: true``) last.pt as a ``model`` artifact.
 
+Every row is logged at an explicit W&B step, the optimiser step: ``global_step`` for per-step
+rows, ``epoch × steps_per_epoch`` (the steps done) for epoch rows. So a resumed run continues
+the same step axis instead of restarting at 0.
+
 The run name is ``pipeline.run_name`` (``fast-cnn7-cifar10-s1``); the group defaults to the
 experiment preset's name. The run id is stored in ``<run dir>/wandb_run_id`` and in each
-checkpoint, so a resumed run (``resume=true``) continues the same W&B run. ``mode`` is
-online | offline | disabled; when unset it is ``$WANDB_MODE``, else online.
+checkpoint, so a resumed run (``resume.checkpoint=last``) continues the same W&B run; the
+pipeline then logs again the epochs up to the checkpoint from metrics.jsonl (a SIGKILLed
+offline run may not have written them), and W&B keeps the rows it already has (an epoch row
+below the run's current step is not sent again). A run stopped by SIGTERM / SIGINT is marked
+preempting (``run.mark_preempting()``) and finishes with exit code 1. ``mode`` is
+online | offline | disabled; when unset it is ``$WANDB_MODE``, else online; without a login,
+online mode is refused with a message saying how to log in or run offline.
 """
 from __future__ import annotations
 
@@ -26,6 +35,7 @@ from typing import Any
 import wandb
 
 from fastcert.checkpoint import write_text_atomic
+from fastcert.config import ConfigError
 from fastcert.loggers import Logger
 
 MODES = ("online", "offline", "disabled", "shared")
@@ -64,7 +74,8 @@ class WandbLogger(Logger):
                  entity: str | None = None, group: str | None = None,
                  tags: list[str] | None = None,
                  mode: str | None = None, log_every: int = 50, log_checkpoints: bool = False,
-                 resume_id: str | None = None, group_default: str | None = None):
+                 resume_id: str | None = None, group_default: str | None = None,
+                 steps_per_epoch: int = 0):
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         mode = resolve_mode(mode)
@@ -77,11 +88,20 @@ class WandbLogger(Logger):
         self.log_checkpoints = bool(log_checkpoints)
         self.log_every = int(log_every or 0)
         self.run_dir = run_dir
-        self.run = wandb.init(
-            project=project, entity=entity, group=group or group_default or None,
-            tags=[str(t) for t in (tags or [])], mode=mode, name=run_name, config=config,
-            dir=str(run_dir), id=resume_id, resume="allow" if resume_id else None,
-            reinit="finish_previous")
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.exit_code = 0
+        try:
+            self.run = wandb.init(
+                project=project, entity=entity, group=group or group_default or None,
+                tags=[str(t) for t in (tags or [])], mode=mode, name=run_name, config=config,
+                dir=str(run_dir), id=resume_id, resume="allow" if resume_id else None,
+                reinit="finish_previous")
+        except (wandb.errors.UsageError, wandb.errors.AuthenticationError) as e:
+            raise ConfigError(
+                f"logger=wandb: W&B cannot log online ({e}). Log in with `wandb login` (or "
+                f"set WANDB_API_KEY), or log offline with logger.mode=offline (or "
+                f"WANDB_MODE=offline; upload later with `wandb sync {run_dir}/wandb/"
+                f"offline-run-*`), or run without W&B: logger=none") from None
         self.run_id = self.run.id
         if mode != "disabled":
             write_text_atomic(id_file, self.run_id)
@@ -94,14 +114,19 @@ class WandbLogger(Logger):
         self.run.config.update(config, allow_val_change=True)
 
     def log_step(self, metrics, step):
-        self.run.log({**flatten("", metrics), "global_step": int(step)})
+        self.run.log({**flatten("", metrics), "global_step": int(step)}, step=int(step))
 
     def log_epoch(self, metrics, epoch):
+        # the optimiser steps done by the end of the epoch (without steps_per_epoch, as when
+        # the logger is used on its own: W&B's own counter)
+        step = int(epoch) * self.steps_per_epoch if self.steps_per_epoch else None
+        if step is not None and step < self.run.step:
+            return  # this W&B run already has it (a resumed online run)
         row = flatten("epoch/", {k: v for k, v in metrics.items() if k != "epoch"})
         phase, seconds = metrics.get("phase"), metrics.get("epoch_time_s")
         if phase is not None and seconds is not None:
             row[f"epoch/phase_time_s/{phase}"] = seconds
-        self.run.log({**row, "epoch": int(epoch)})
+        self.run.log({**row, "epoch": int(epoch)}, step=step)
 
     def log_summary(self, results):
         self.run.summary.update(flatten("", results))
@@ -120,8 +145,12 @@ class WandbLogger(Logger):
             art.add_file(str(path), name=Path(path).name)
             self.run.log_artifact(art, aliases=["latest"])
 
+    def mark_preempting(self):
+        self.run.mark_preempting()
+        self.exit_code = 1
+
     def finish(self):
-        self.run.finish()
+        self.run.finish(exit_code=self.exit_code)
 
 
 def _diagnostic_plots(run_dir: Path) -> dict[str, str]:

@@ -23,7 +23,11 @@ TINY_MODELS: dict[str, dict] = {
     "dm_large": {"width": 0.125},
     "cnn_small": {"width": 0.5},
     "wide_resnet": {"widen_factor": 1, "base_width": 4, "fc_width": 16},
-    "resnext": {"cardinality": 2, "bottleneck_width": 2, "stem_width": 4, "fc_width": 16},
+    "resnext": {"num_blocks": [1, 1, 1], "cardinality": 2, "bottleneck_width": 2, "stem_width": 4,
+                "fc_width": 16},
+    "cnn_2layer": {"width": 1, "linear_size": 16},
+    "cnn_4layer": {"width": 1, "linear_size": 16},
+    "cnn_3layer_fixed": {"width": 1, "linear_size": 16},
 }
 
 MODEL_NAMES = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))

@@ -1,11 +1,14 @@
-"""Tests of ``python -m fastcert.certify``: end to end on a briefly trained TINY run,
+"""Tests of ``python -m fastcert.certify``: end to end on a briefly trained TINY run, the
+verifier cascade (each stage only on undecided examples, verdicts, stage times), α-CROWN,
 determinism, per-example invariants in certify.csv, the CROWN memory rule, the choice of run
-config, and clear errors for corrupt or mismatched checkpoints."""
+config (the checkpoint's own, even after a refused run), soundness violations recorded before
+failing, and clear errors for corrupt or mismatched checkpoints."""
 from __future__ import annotations
 
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +30,8 @@ from fastcert.pipeline import run
 TRAIN = TINY + ["model.widths=[32,32]", "epochs=4", "eps=0.05", "data.limit_train=256",
                 "optim.lr=5e-3"]
 EPS = [0.05, 0.1, 0.2]
-FAST_PGD = ["pgd.steps=10", "progress=false"]
+FAST_PGD = ["attack=pgd", "attack.steps=10", "attack.step_size=0.25", "progress=false"]
+CASCADE = ("ibp", "crown_ibp", "crown", "alpha_crown")
 
 
 def _compose(name: str, overrides):
@@ -55,7 +59,8 @@ def trained(tmp_path_factory):
 def certified(trained, tmp_path_factory):
     run_dir, _ = trained
     out = tmp_path_factory.mktemp("certify")
-    summary = certify(certify_cfg(run_dir / "last.pt", f"eps=[{','.join(map(str, EPS))}]"), out)
+    summary = certify(certify_cfg(run_dir / "last.pt", f"eps=[{','.join(map(str, EPS))}]",
+                                  "alpha_crown.iterations=5"), out)
     return out, summary
 
 
@@ -72,11 +77,16 @@ def test_end_to_end_outputs(trained, certified):
     assert saved == json.loads(json.dumps(summary))
     assert [r["eps"] for r in saved["results"]] == EPS
     assert saved["n_test"] == 48 and saved["config_source"] == "checkpoint"
-    assert saved["verifiers"] == ["ibp", "crown_ibp", "crown"] and saved["skipped"] == {}
-    assert saved["pgd"]["steps"] == 10 and saved["pgd"]["step_size"] == pytest.approx(0.25)
+    assert saved["verifiers"] == list(CASCADE) and saved["skipped"] == {}
+    assert saved["cascade"] is True
+    assert saved["attack"]["steps"] == 10 and saved["attack"]["step_size"] == pytest.approx(0.25)
     for r in saved["results"]:
-        assert set(r) >= {"eps", "clean", "pgd", "ibp", "crown_ibp", "crown", "any"}
-        assert max(r["ibp"], r["crown_ibp"], r["crown"]) <= r["any"] <= r["pgd"] <= r["clean"]
+        assert set(r) >= {"eps", "clean", "pgd", *CASCADE, "any", "stages", "time_s"}
+        # cumulative: verified by a stage or an earlier one
+        cumulative = [r[v] for v in CASCADE]
+        assert cumulative == sorted(cumulative) and cumulative[-1] == r["any"]
+        assert r["any"] <= r["pgd"] <= r["clean"]
+        assert r["violations"] == []
     # the clean accuracy does not depend on eps and equals the training run's own evaluation
     assert len({r["clean"] for r in saved["results"]}) == 1
     assert saved["results"][0]["clean"] == pytest.approx(results["clean_acc"])
@@ -84,29 +94,56 @@ def test_end_to_end_outputs(trained, certified):
     assert saved["results"][0]["any"] > 0
 
 
-def test_csv_rows_and_per_example_invariants(certified):
+def test_cascade_runs_each_stage_only_on_undecided_examples(certified):
+    """Per example: exactly one of misclassified / broken / verified-by-one-stage / unknown;
+    a stage ran on an example iff every earlier stage left it undecided; stage counts and
+    times in certify.json agree with certify.csv."""
     out, summary = certified
     rows = read_csv(out / "certify.csv")
     assert len(rows) == len(EPS) * summary["n_test"]
-    verifiers = ("ibp", "crown_ibp", "crown")
     for row in rows:
-        clean = int(row["clean_correct"])
+        clean, robust = int(row["clean_correct"]), int(row["pgd_robust"])
         assert clean == int(int(row["label"]) == int(row["prediction"]))
-        pgd = int(row["pgd_robust"])
-        assert pgd <= clean, row                                   # PGD-robust ⇒ correct
-        for v in verifiers:
-            ok = int(row[f"{v}_verified"])
-            assert ok == int(float(row[f"{v}_margin_lb"]) > 0), row
-            assert ok <= pgd, row                                  # verified ⇒ PGD-robust
-    # the CSV agrees with the summary
+        assert robust <= clean, row                                    # attack-robust ⇒ correct
+        ran = [row[f"{v}_verified"] != "" for v in CASCADE]
+        if not clean:
+            assert (row["verdict"], row["decided_by"]) == ("misclassified", "clean")
+            assert not any(ran), row
+            continue
+        if not robust:
+            assert (row["verdict"], row["decided_by"]) == ("broken", "attack")
+            assert float(row["attack_margin"]) <= 0 and not any(ran), row
+            continue
+        assert float(row["attack_margin"]) > 0
+        # the stages that ran are a prefix of the cascade, ending where one verified it
+        k = sum(ran)
+        assert ran == [True] * k + [False] * (len(CASCADE) - k), row
+        verdicts = [int(row[f"{v}_verified"]) for v in CASCADE[:k]]
+        for v in CASCADE[:k]:
+            assert int(row[f"{v}_verified"]) == int(float(row[f"{v}_margin_lb"]) > 0), row
+        if row["verdict"] == "verified":
+            assert verdicts == [0] * (k - 1) + [1] and row["decided_by"] == CASCADE[k - 1]
+        else:
+            assert row["verdict"] == "unknown" and row["decided_by"] == ""
+            assert verdicts == [0] * len(CASCADE), row          # every stage ran and failed
+        for v in CASCADE[k:]:
+            assert row[f"{v}_margin_lb"] == "", row             # skipped: decided earlier
     for r in summary["results"]:
         mine = [row for row in rows if float(row["eps"]) == r["eps"]]
         n = len(mine)
         assert sum(int(x["pgd_robust"]) for x in mine) / n == pytest.approx(r["pgd"])
-        for v in verifiers:
-            assert sum(int(x[f"{v}_verified"]) for x in mine) / n == pytest.approx(r[v])
-        anyv = sum(max(int(x[f"{v}_verified"]) for v in verifiers) for x in mine) / n
-        assert anyv == pytest.approx(r["any"])
+        stages = {s["stage"]: s for s in r["stages"]}
+        assert list(stages) == ["attack", *CASCADE]
+        for i, v in enumerate(CASCADE):
+            ran = [x for x in mine if x[f"{v}_verified"] != ""]
+            assert stages[v]["examples"] == len(ran)
+            assert stages[v]["decided"] == sum(x["decided_by"] == v for x in mine)
+            assert stages[v]["time_s"] >= 0
+            so_far = sum(x["decided_by"] in CASCADE[:i + 1] for x in mine) / n
+            assert r[v] == pytest.approx(so_far)
+        assert stages["attack"]["decided"] == sum(x["verdict"] == "broken" for x in mine)
+        assert r["undecided"] == sum(x["verdict"] == "unknown" for x in mine)
+        assert r["any"] == pytest.approx(sum(x["verdict"] == "verified" for x in mine) / n)
     # indices are the examples' positions in the full test set, the same at every eps
     by_eps = {}
     for row in rows:
@@ -114,36 +151,60 @@ def test_csv_rows_and_per_example_invariants(certified):
     assert len({tuple(v) for v in by_eps.values()}) == 1
 
 
+def test_cascade_verifies_what_every_verifier_alone_verifies(trained, certified, tmp_path):
+    """cascade=false runs every verifier on every example: each one's own accuracy.
+    The cascade verifies exactly the union, and α-CROWN adds examples CROWN alone misses
+    (the compat fix at work)."""
+    run_dir, _ = trained
+    _, cascaded = certified
+    alone = certify(certify_cfg(run_dir / "last.pt", f"eps=[{','.join(map(str, EPS))}]",
+                                "alpha_crown.iterations=5", "cascade=false"), tmp_path)
+    rows = read_csv(tmp_path / "certify.csv")
+    assert alone["cascade"] is False
+    for a, c in zip(alone["results"], cascaded["results"]):
+        assert a["any"] == pytest.approx(c["any"]) and a["pgd"] == c["pgd"]
+        for v in CASCADE:   # alone, each verifier ran on every example
+            assert {s["stage"]: s["examples"] for s in a["stages"]}[v] == 48
+        assert a["alpha_crown"] >= a["crown"]
+    mine = [r for r in rows if float(r["eps"]) == 0.2 and r["pgd_robust"] == "1"]
+    gains = [float(r["alpha_crown_margin_lb"]) - float(r["crown_margin_lb"]) for r in mine]
+    assert min(gains) >= -1e-4 and max(gains) > 1e-3, gains
+
+
 def test_verified_accuracy_non_increasing_in_eps(certified):
     out, summary = certified
     res = summary["results"]
-    for key in ("pgd", "ibp", "crown_ibp", "crown", "any"):
+    for key in ("ibp", "any"):
         values = [r[key] for r in res]
         assert all(a >= b for a, b in zip(values, values[1:])), (key, values)
     # IBP is inclusion-monotone: per example, verified at a larger eps ⇒ verified at smaller
     rows = read_csv(out / "certify.csv")
     ibp = {}
     for row in rows:
-        ibp.setdefault(int(row["index"]), {})[float(row["eps"])] = float(row["ibp_margin_lb"])
+        if row["ibp_margin_lb"]:
+            ibp.setdefault(int(row["index"]), {})[float(row["eps"])] = float(row["ibp_margin_lb"])
     for idx, by_eps in ibp.items():
-        lbs = [by_eps[e] for e in EPS]
+        lbs = [by_eps[e] for e in EPS if e in by_eps]
         assert all(a >= b - 1e-5 for a, b in zip(lbs, lbs[1:])), (idx, lbs)
 
 
 def test_certify_is_deterministic(trained, certified, tmp_path):
     run_dir, _ = trained
     out1, first = certified
-    second = certify(certify_cfg(run_dir / "last.pt", f"eps=[{','.join(map(str, EPS))}]"),
-                     tmp_path)
-    strip = [{k: v for k, v in r.items() if k != "time_s"} for r in first["results"]]
-    assert [{k: v for k, v in r.items() if k != "time_s"} for r in second["results"]] == strip
+    second = certify(certify_cfg(run_dir / "last.pt", f"eps=[{','.join(map(str, EPS))}]",
+                                 "alpha_crown.iterations=5"), tmp_path)
+    def strip(results):
+        return [{k: ([{**st, "time_s": 0} for st in v] if k == "stages" else v)
+                 for k, v in r.items() if k != "time_s"} for r in results]
+
+    assert strip(second["results"]) == strip(first["results"])
     assert (tmp_path / "certify.csv").read_bytes() == (out1 / "certify.csv").read_bytes()
 
 
 def test_default_eps_is_the_training_eps(trained, tmp_path):
     run_dir, _ = trained
     summary = certify(certify_cfg(run_dir / "last.pt", "limit_test=8", "verifiers=[ibp]",
-                                  "pgd.steps=2"), tmp_path)
+                                  "attack.steps=2"), tmp_path)
     assert [r["eps"] for r in summary["results"]] == [0.05]
     assert summary["n_test"] == 8 and summary["results"][0]["crown"] is None
 
@@ -151,12 +212,13 @@ def test_default_eps_is_the_training_eps(trained, tmp_path):
 def test_crown_skipped_over_memory_budget(trained, tmp_path, capsys):
     run_dir, _ = trained
     summary = certify(certify_cfg(run_dir / "last.pt", "limit_test=8", "batch_size=4",
-                                  "crown_max_elements=1000", "pgd.steps=2"), tmp_path)
-    assert "crown" in summary["skipped"] and summary["verifiers"] == ["ibp", "crown_ibp"]
-    assert summary["results"][0]["crown"] is None
+                                  "crown_max_elements=1000", "attack.steps=2"), tmp_path)
+    assert set(summary["skipped"]) == {"crown", "alpha_crown"}
+    assert summary["verifiers"] == ["ibp", "crown_ibp"]
+    assert summary["results"][0]["crown"] is None is summary["results"][0]["alpha_crown"]
     assert summary["results"][0]["ibp"] is not None
     printed = capsys.readouterr().out
-    assert "CROWN skipped" in printed and "crown_max_elements" in printed
+    assert "crown and alpha_crown skipped" in printed and "crown_max_elements" in printed
     assert json.loads((tmp_path / "certify.json").read_text())["results"][0]["crown"] is None
     rows = read_csv(tmp_path / "certify.csv")
     assert len(rows) == 8 and all(r["crown_verified"] == "" == r["crown_margin_lb"]
@@ -171,28 +233,46 @@ def test_crown_cost_rule():
     assert crown_cost(sizes, 64, 10, 4) == 4 * 58 * 64
 
 
-def test_prefers_hydra_config_next_to_checkpoint(trained, tmp_path):
+def test_prefers_the_checkpoints_own_config(trained, tmp_path, capsys):
+    """.hydra/config.yaml describes the last launch in the dir; the checkpoint's config is the
+    one that trained it: certify uses it and says that the two differ."""
     run_dir, _ = trained
     ckpt = tmp_path / "last.pt"
     shutil.copy(run_dir / "last.pt", ckpt)
+    cfg = _compose("config", TRAIN + ["seed=5"])  # unresolved, as Hydra saves it
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    summary = certify(certify_cfg(ckpt, "verifiers=[ibp]", "attack.steps=2"), tmp_path / "out")
+    assert summary["config_source"] == "checkpoint" and summary["run"]["seed"] == 0
+    assert "differs from the config that trained last.pt in seed" in capsys.readouterr().out
+
+
+def test_hydra_config_for_a_checkpoint_without_one(trained, tmp_path):
+    import torch
+
+    run_dir, _ = trained
+    state = torch.load(run_dir / "last.pt", weights_only=False)
+    del state["config"]
+    torch.save(state, tmp_path / "last.pt")
     cfg = _compose("config", TRAIN + ["data.limit_test=16"])  # unresolved, as Hydra saves it
     (tmp_path / ".hydra").mkdir()
     OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
     assert "${" in (tmp_path / ".hydra" / "config.yaml").read_text()
-    summary = certify(certify_cfg(ckpt, "verifiers=[ibp]", "pgd.steps=2"), tmp_path / "out")
+    summary = certify(certify_cfg(tmp_path / "last.pt", "verifiers=[ibp]", "attack.steps=2"),
+                      tmp_path / "out")
     assert summary["config_source"].endswith(os.path.join(".hydra", "config.yaml"))
     assert summary["n_test"] == 16
 
 
 def test_weights_not_matching_config(trained, tmp_path):
+    import torch
+
     run_dir, _ = trained
-    ckpt = tmp_path / "last.pt"
-    shutil.copy(run_dir / "last.pt", ckpt)
-    (tmp_path / ".hydra").mkdir()
-    OmegaConf.save(_compose("config", TRAIN + ["model.widths=[8,8]"]),
-                   tmp_path / ".hydra" / "config.yaml")
+    state = torch.load(run_dir / "last.pt", weights_only=False)
+    state["config"]["model"]["widths"] = [8, 8]
+    torch.save(state, tmp_path / "last.pt")
     with pytest.raises(CheckpointError, match="do not fit"):
-        certify(certify_cfg(ckpt, "verifiers=[ibp]"), tmp_path / "out")
+        certify(certify_cfg(tmp_path / "last.pt", "verifiers=[ibp]"), tmp_path / "out")
 
 
 def test_corrupt_checkpoint_names_the_file(trained, tmp_path):
@@ -225,8 +305,8 @@ def test_hydra_command_line(trained):
     """The real `python -m fastcert.certify`: outputs in <checkpoint dir>/certify/."""
     run_dir, _ = trained
     cmd = [sys.executable, "-m", "fastcert.certify", f"checkpoint={run_dir / 'last.pt'}",
-           "eps=[0.05,0.1]", "limit_test=8", "verifiers=[ibp,crown_ibp]", "pgd.steps=2",
-           "progress=false", "device=cpu"]
+           "eps=[0.05,0.1]", "limit_test=8", "verifiers=[ibp,crown_ibp]", "attack=pgd",
+           "attack.steps=2", "progress=false", "device=cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -235,6 +315,8 @@ def test_hydra_command_line(trained):
     assert [r["eps"] for r in summary["results"]] == [0.05, 0.1]
     assert (out / ".hydra" / "config.yaml").is_file()
     assert "CROWN-IBP" in proc.stdout and "IBP" in proc.stdout  # the printed table
+    assert "Traceback" not in proc.stderr and "torch.jit" not in proc.stderr
+    assert "No CUDA runtime" not in proc.stderr
     bad = subprocess.run([sys.executable, "-m", "fastcert.certify",
                           f"checkpoint={run_dir / 'missing.pt'}"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
@@ -253,10 +335,47 @@ def test_certify_conv_and_residual_models(model, tmp_path):
     """Certify (all three verifiers) a briefly trained BN model with residual blocks /
     grouped convolutions; the clean accuracy matches the run's own evaluation."""
     results = run(_compose("config", TINY + ["epochs=2", "eps=0.05"] + model), tmp_path / "run")
-    summary = certify(certify_cfg(tmp_path / "run" / "last.pt", "eps=[0.02,0.05]"),
-                      tmp_path / "out")
+    summary = certify(certify_cfg(tmp_path / "run" / "last.pt", "eps=[0.02,0.05]",
+                                  "cascade=false", "alpha_crown.iterations=2"), tmp_path / "out")
     assert summary["skipped"] == {} and summary["n_test"] == 48
     res = summary["results"]
     assert res[0]["clean"] == pytest.approx(results["clean_acc"])
     for r in res:
-        assert max(r["ibp"], r["crown_ibp"], r["crown"]) <= r["any"] <= r["pgd"] <= r["clean"]
+        assert max(r[v] for v in CASCADE) <= r["any"] <= r["pgd"] <= r["clean"]
+
+
+@pytest.mark.parametrize("override,match", [
+    ("cascade=maybe", "cascade='maybe': expected true or false"),
+    ("batch_size=0", "batch_size=0: must be a positive integer"),
+    ("limit_test=abc", "limit_test='abc': expected an integer"),
+    ("attack.steps=abc", "attack.steps='abc': expected an integer"),
+    ("attack.loss=hinge", "attack.loss='hinge': choose one of margin, ce"),
+    ("verifiers=[ibp,foo]", "unknown verifier 'foo'"),
+    ("alpha_crown.lr=abc", "alpha_crown.lr='abc': expected a number"),
+    ("crown_max_elements=lots", "crown_max_elements='lots': expected a number"),
+    ("eps=2", "eps=2.0 exceeds the data range"),
+    ("eps=8/255", None),
+])
+def test_certify_checks_its_own_keys(trained, tmp_path, override, match):
+    from fastcert.config import ConfigError
+
+    run_dir, _ = trained
+    cfg = certify_cfg(run_dir / "last.pt", "limit_test=4", "verifiers=[ibp]", override)
+    if match is None:   # a fraction is a radius
+        summary = certify(cfg, tmp_path)
+        assert summary["results"][0]["eps"] == pytest.approx(8 / 255)
+        return
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        certify(cfg, tmp_path)
+    assert not (tmp_path / "certify.json").exists()
+
+
+def test_command_line_config_error_is_one_line(trained, tmp_path):
+    run_dir, _ = trained
+    proc = subprocess.run([sys.executable, "-m", "fastcert.certify",
+                           f"checkpoint={run_dir / 'last.pt'}", "cascade=maybe",
+                           f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: ConfigError: cascade='maybe': expected true or false")

@@ -28,7 +28,7 @@ from fastcert.data import (
     DataSource,
 )
 
-from conftest import WNIDS, make_tiny_imagenet
+from conftest import WNIDS, _write_idx, make_tiny_imagenet
 
 
 def create_data(name: str, seed: int = 0, **settings) -> DataBundle:
@@ -43,7 +43,7 @@ def create_data(name: str, seed: int = 0, **settings) -> DataBundle:
 
 
 def test_options_and_unknown_name():
-    assert {"digits", "mnist", "cifar10", "tinyimagenet"} <= set(options("data"))
+    assert {"digits", "mnist", "fashion_mnist", "cifar10", "tinyimagenet"} <= set(options("data"))
     with pytest.raises(ConfigError) as e:
         create_data("svhn")
     for n in ("digits", "mnist", "cifar10", "tinyimagenet"):
@@ -90,7 +90,9 @@ def test_eps_box_scaling_and_clamping():
     assert torch.allclose(lo[0, :, 0, 0], b.x_min().flatten()) and torch.allclose(hi[0, :, 0, 1], b.x_max().flatten())
     # one radius per example; eps = 0 gives a point; negative eps is rejected
     lo2, hi2 = b.eps_box(xn, torch.tensor([0.0] * 8 + [eps] * 8))
-    assert torch.equal(lo2[:8], xn[:8]) and torch.equal(hi2[:8], xn[:8])
+    assert (lo2[:8] <= xn[:8]).all() and (hi2[:8] >= xn[:8]).all()  # rounded outward
+    assert torch.allclose(lo2[:8], xn[:8], rtol=0, atol=1e-6)
+    assert torch.allclose(hi2[:8], xn[:8], rtol=0, atol=1e-6)
     assert torch.allclose(lo2[8:], lo[8:]) and torch.allclose(hi2[8:], hi[8:])
     with pytest.raises(ValueError):
         b.eps_box(xn, -0.1)
@@ -98,16 +100,31 @@ def test_eps_box_scaling_and_clamping():
     u = _bundle((0.0,), (1.0,))
     x1 = torch.rand(4, 1, 4, 4, generator=g)
     lo, hi = u.eps_box(x1, 0.4)
-    assert torch.equal(lo, (x1 - 0.4).clamp(min=0)) and torch.equal(hi, (x1 + 0.4).clamp(max=1))
+    assert torch.allclose(lo, (x1 - 0.4).clamp(min=0), rtol=0, atol=1e-6)
+    assert torch.allclose(hi, (x1 + 0.4).clamp(max=1), rtol=0, atol=1e-6)
+    assert float(lo.min()) == 0.0 and float(hi.max()) == 1.0   # the range limits stay exact
 
 
 # ------------------------------------------------------------------------------- digits
 
 
+def test_digits_split_is_fixed_whatever_the_seed():
+    """The run's seed changes the training (order, init), never the split: "± std over seeds"
+    measures training alone. ``data.split_seed`` chooses another split."""
+    a = create_data("digits", seed=0)
+    b = create_data("digits", seed=7)
+    other = create_data("digits", seed=0, split_seed=1)
+    for part in ("train", "test"):
+        for ta, tb in zip(getattr(a, part).dataset.tensors, getattr(b, part).dataset.tensors):
+            assert torch.equal(ta, tb)
+    assert not torch.equal(a.test.dataset.tensors[0], other.test.dataset.tensors[0])
+    assert build_option("data", "digits").split_seed == 0
+
+
 def test_digits_split_deterministic_and_stratified():
     a = create_data("digits", batch_size=64, test_batch_size=512, seed=0)
     b = create_data("digits", batch_size=64, test_batch_size=512, seed=0)
-    c = create_data("digits", batch_size=64, test_batch_size=512, seed=1)
+    c = create_data("digits", batch_size=64, test_batch_size=512, seed=0, split_seed=1)
     assert a.input_shape == (1, 8, 8) and a.num_classes == 10 and a.name == "digits"
     xtr, ytr = a.train.dataset.tensors
     xte, yte = a.test.dataset.tensors
@@ -172,6 +189,75 @@ def test_mnist_missing(tmp_path):
     assert isinstance(e.value, FileNotFoundError)
 
 
+# ------------------------------------------------------------------------------- Fashion-MNIST
+
+
+def _fashion_files(folder: Path, gzipped: bool, seed: int = 3) -> dict:
+    """The four Fashion-MNIST idx files (small: 30 train / 12 test), gzipped as Debian's
+    dataset-fashion-mnist ships them or plain as torchvision extracts them."""
+    import gzip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    data = {}
+    for split, n in (("train", 30), ("t10k", 12)):
+        x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        y = rng.integers(0, 10, size=n, dtype=np.uint8)
+        for kind, arr in (("images-idx3", x), ("labels-idx1", y)):
+            path = folder / f"{split}-{kind}-ubyte"
+            _write_idx(path, arr)
+            if gzipped:
+                path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+                path.unlink()
+        data[split] = (x, y)
+    return data
+
+
+@pytest.mark.parametrize("layout", ["debian_gz", "torchvision_raw", "torchvision_raw_gz"])
+def test_fashion_mnist_reads_the_idx_files_where_they_lie(tmp_path, layout):
+    """``data.root`` may hold the gzipped files themselves (apt-get install
+    dataset-fashion-mnist: /usr/share/datasets/fashion-mnist) or torchvision's
+    FashionMNIST/raw folder; torchvision's readers and dataset class do the rest."""
+    folder = tmp_path if layout == "debian_gz" else tmp_path / "FashionMNIST" / "raw"
+    data = _fashion_files(folder, gzipped=layout.endswith("gz"))
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    b = create_data("fashion_mnist", root=str(tmp_path), batch_size=8, test_batch_size=12,
+                    num_workers=0)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written there
+    from torchvision.datasets import FashionMNIST as TorchFashionMNIST
+
+    assert isinstance(b.train.dataset, TorchFashionMNIST) and b.train.dataset.classes[0] == "T-shirt/top"
+    assert b.input_shape == (1, 28, 28) and b.num_classes == 10 and b.name == "fashionmnist"
+    assert len(b.train.dataset) == 30 and len(b.test.dataset) == 12
+    xt, yt = next(iter(b.test))  # unshuffled: exact pixels / 255
+    ref_x, ref_y = data["t10k"]
+    assert torch.equal(xt[:, 0], torch.tensor(ref_x, dtype=torch.float32) / 255.0)
+    assert yt.tolist() == ref_y.tolist()
+    assert torch.equal(b.train.dataset.targets, torch.tensor(data["train"][1], dtype=torch.long))
+    assert torch.equal(b.mean, torch.zeros(1)) and torch.equal(b.std, torch.ones(1))
+
+
+def test_fashion_mnist_missing_says_how_to_get_it(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"")  # one of four is not enough
+    with pytest.raises(DatasetNotFoundError) as e:
+        create_data("fashion_mnist", root=str(tmp_path))
+    msg = str(e.value)
+    assert "apt-get install dataset-fashion-mnist" in msg and "data.download=true" in msg
+    assert str(tmp_path / "FashionMNIST" / "raw") in msg and "t10k-labels-idx1-ubyte" in msg
+
+
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_from_the_debian_package():
+    """The real data set as Debian installs it: 60,000 / 10,000 balanced images."""
+    b = create_data("fashion_mnist", root=str(DEBIAN_FASHION), num_workers=0)
+    assert len(b.train.dataset) == 60000 and len(b.test.dataset) == 10000
+    assert torch.bincount(b.train.dataset.targets).tolist() == [6000] * 10
+    assert torch.bincount(b.test.dataset.targets).tolist() == [1000] * 10
+
+
 # ------------------------------------------------------------------------------- CIFAR-10
 
 
@@ -202,6 +288,40 @@ def test_cifar10_real_loader(cifar_root, cifar_md5):
     torch.manual_seed(0)
     x2, y2 = next(iter(bb.train))
     assert torch.equal(y, y2) and torch.equal(x, x2)  # seeded order and augmentation
+
+
+def test_cifar10_normalisation_and_crop_padding_are_fields(cifar_root, cifar_md5):
+    """Shi et al.'s released code normalises CIFAR-10 with std (0.2023, 0.1994, 0.2010) and
+    pads random crops by 2 (edge): data fields its presets set (the defaults stay)."""
+    root, batches, _ = cifar_root
+    shi_std = (0.2023, 0.1994, 0.2010)
+    b = create_data("cifar10", root=str(root), std=list(shi_std), test_batch_size=12)
+    assert torch.allclose(b.std, torch.tensor(shi_std))
+    xt, _ = next(iter(b.test))
+    ref = torch.tensor(batches["test_batch"][0], dtype=torch.float32).view(-1, 3, 32, 32) / 255.0
+    expected = (ref - torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)) / torch.tensor(shi_std).view(1, 3, 1, 1)
+    assert torch.allclose(xt, expected, atol=1e-5)
+    assert build_option("data", "cifar10").crop_padding == 4
+
+    def crop_offsets(padding):
+        """Per augmented training image, the offsets (i, j) at which it is a crop of its
+        original edge-padded by ``padding`` (or of that padded image's mirror)."""
+        kw = dict(root=str(root), batch_size=40, seed=0, num_workers=0)
+        aug = create_data("cifar10", crop_padding=padding, **kw)
+        torch.manual_seed(0)  # num_workers=0: the transforms draw from the global RNG
+        x, _ = next(iter(aug.train))
+        plain, _ = next(iter(create_data("cifar10", augment=False, **kw).train))  # same order
+        x, plain = aug.to_pixels(x), aug.to_pixels(plain)
+        padded = torch.nn.functional.pad(plain, (padding,) * 4, mode="replicate")
+        return [{(i, j) for i in range(2 * padding + 1) for j in range(2 * padding + 1)
+                 for img in (padded[k], padded[k].flip(-1))
+                 if torch.allclose(img[:, i:i + 32, j:j + 32], x[k], atol=1e-5)}
+                for k in range(len(x))]
+
+    assert all(crop_offsets(0))                            # flips only
+    shifts = crop_offsets(2)
+    assert all(shifts)                                     # every crop within 2 pixels
+    assert any((2, 2) not in hits for hits in shifts)      # and some are shifted
 
 
 def test_cifar10_md5_is_checked(cifar_root):
@@ -299,7 +419,8 @@ def test_prep_download_without_network(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "name,eps,bs",
-    [("digits", 0.1, 64), ("mnist", 0.4, 256), ("cifar10", 8 / 255, 128), ("tinyimagenet", 1 / 255, 128)],
+    [("digits", 0.1, 64), ("mnist", 0.4, 256), ("fashion_mnist", 0.1, 256), ("cifar10", 8 / 255, 128),
+     ("tinyimagenet", 1 / 255, 128)],
 )
 def test_yaml_configs(name, eps, bs):
     node = option_node("data", name)
@@ -319,3 +440,41 @@ def test_worker_processes():
     ya = torch.cat([y for _, y in a.train])
     yb = torch.cat([y for _, y in b.train])
     assert torch.equal(ya, yb) and len(ya) == 1437
+
+
+# ------------------------------------------------------------------------------- eps box, exactly
+
+
+def _exact_box(x: torch.Tensor, eps: float, mean, std):
+    """The box of :meth:`DataBundle.eps_box` in float64 (exact to ~1e-16) around the float32
+    inputs: [max(x - eps/std, -mean/std), min(x + eps/std, (1-mean)/std)]."""
+    m = torch.tensor(mean, dtype=torch.float64).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float64).view(-1, 1, 1)
+    x = x.double()
+    return torch.maximum(x - eps / s, -m / s), torch.minimum(x + eps / s, (1 - m) / s)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1 / 255, 2 / 255, 8 / 255, 0.1, 0.3])
+def test_eps_box_contains_the_exact_box(cifar_root, cifar_md5, tiny_root, eps):
+    """float32 rounding left the box up to 2e-7 inside the exact one on about half the
+    coordinates (CIFAR-10 / TinyImageNet statistics); rounded outward, it always contains it,
+    for the real loaders' inputs (every pixel value 0..255 in every channel), barely widened."""
+    from fastcert.data import TINYIMAGENET_MEAN, TINYIMAGENET_STD
+
+    root, _, _ = cifar_root
+    cifar = create_data("cifar10", root=str(root), test_batch_size=12, augment=False)
+    tiny = create_data("tinyimagenet", root=str(tiny_root), test_batch_size=6, augment=False)
+    levels = torch.arange(256, dtype=torch.float32).view(1, 1, 16, 16).expand(1, 3, 16, 16) / 255
+    for bundle, stats in ((cifar, (CIFAR10_MEAN, CIFAR10_STD)),
+                          (tiny, (TINYIMAGENET_MEAN, TINYIMAGENET_STD))):
+        x = torch.cat([next(iter(bundle.test))[0][..., :16, :16], bundle.from_pixels(levels)])
+        lo, hi = bundle.eps_box(x, eps)
+        assert lo.dtype == hi.dtype == torch.float32
+        for mean, std in (stats, (bundle.mean.tolist(), bundle.std.tolist())):
+            exact_lo, exact_hi = _exact_box(x, eps, mean, std)
+            inside = (lo.double() > exact_lo) | (hi.double() < exact_hi)
+            assert not inside.any(), (f"{bundle.name} eps={eps}: {int(inside.sum())} of "
+                                      f"{inside.numel()} coordinates inside the exact box")
+            # widened by at most 2^-20 (|x| + eps/std): 16 units in float32's last place
+            scale = 2.0**-20 * (x.double().abs() + eps / torch.tensor(std).double().view(-1, 1, 1))
+            assert (exact_lo - lo.double() <= scale).all() and (hi.double() - exact_hi <= scale).all()

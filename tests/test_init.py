@@ -8,13 +8,19 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.init_gain import PAPER_FAN_INS, PAPER_TABLE_3_1, ROWS, gain_table, main
+from experiments.init_gain import (PAPER_FAN_INS, PAPER_TABLE_3_1, RESIDUAL_ROWS, ROWS,
+                                   gain_table, main, residual_gain_table)
 from fastcert.config import ConfigError, build_option, option_node, options
 from fastcert.initializers import (
     DEFAULT_MAX_FAN_OUT,
     _orthogonal_cholesky_qr,
     difference_gain,
+    residual_block_gain,
+    residual_readers,
 )
+from fastcert.models import BasicResidualBlock, ResNeXtBlock, affine_layers
+
+from conftest import build_model
 
 INITS = options("init")
 NON_DEFAULT = sorted(set(INITS) - {"default"})
@@ -129,17 +135,22 @@ def test_difference_gain_is_reproducible():
 # ------------------------------------------------------------------------------- initialize
 
 
+def _with_head(layer: nn.Module) -> nn.Module:
+    """``layer`` followed by an output layer (which the IBP init leaves at PyTorch's init)."""
+    return nn.Sequential(layer, nn.ReLU(), nn.Flatten(), nn.Linear(1, 2))  # traced, never run
+
+
 def test_ibp_init_std():
     """Sec. 3.3.1 of Shi et al. 2021: sigma = sqrt(2 pi)/n with n the fan-in."""
     layer = nn.Linear(1024, 512)
-    initialize(layer, "ibp", seed=0)
+    initialize(_with_head(layer), "ibp", seed=0)
     assert layer.weight.std().item() == pytest.approx(math.sqrt(2 * math.pi) / 1024, rel=0.02)
     assert layer.weight.mean().item() == pytest.approx(0.0, abs=1e-4)
     conv = nn.Conv2d(64, 128, 3)
-    initialize(conv, "ibp", seed=0)
+    initialize(_with_head(conv), "ibp", seed=0)
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 * math.pi) / 576, rel=0.02)
     grouped = nn.Conv2d(64, 128, 3, groups=4)  # fan-in 16*9 = weight[0].numel()
-    initialize(grouped, "ibp", seed=0)
+    initialize(_with_head(grouped), "ibp", seed=0)
     assert grouped.weight.std().item() == pytest.approx(math.sqrt(2 * math.pi) / 144, rel=0.02)
 
 
@@ -156,7 +167,7 @@ def test_ibp_init_std():
 def test_fan_in_only_variances(init, std):
     """NOTES.md "Reading Table 3.1": the baselines use fan-in-only variances."""
     layer = nn.Linear(400, 2000)  # fan-in 400, fan-out 2000: fan-out must not matter
-    initialize(layer, init, seed=0)
+    initialize(_with_head(layer), init, seed=0)
     assert layer.weight.std().item() == pytest.approx(std(400), rel=0.02)
     if init.endswith("uniform"):
         assert layer.weight.abs().max().item() <= math.sqrt(3) * std(400) + 1e-7
@@ -176,8 +187,8 @@ def test_orthogonal_init():
     assert torch.allclose(tall.weight.t() @ tall.weight, torch.eye(10), atol=1e-5)
 
 
-@pytest.mark.parametrize("init", NON_DEFAULT)
-def test_biases_zeroed_and_all_layers_touched(init):
+@pytest.mark.parametrize("init", sorted(set(NON_DEFAULT) - {"ibp"}))
+def test_baselines_zero_biases_and_touch_all_layers(init):
     torch.manual_seed(0)
     model = _net()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -186,6 +197,98 @@ def test_biases_zeroed_and_all_layers_touched(init):
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             assert torch.count_nonzero(module.bias) == 0
             assert not torch.equal(module.weight, before[f"{name}.weight"])
+
+
+def test_ibp_init_keeps_output_layer_and_biases_as_released():
+    """Shi et al.'s ``manual_init.ibp_init``: every weight but the last registered one (the
+    classifier) is re-drawn from N(0, 2π/n²); biases keep PyTorch's default."""
+    torch.manual_seed(0)
+    model = _net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert initialize(model, "ibp", seed=1) is model
+    layers = affine_layers(model)
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            assert torch.equal(module.bias, before[f"{name}.bias"])  # untouched
+            assert torch.equal(module.weight, before[f"{name}.weight"]) == (module is layers[-1])
+    # same draws as the fill, layer by layer, from the seeded generator
+    g = torch.Generator().manual_seed(1)
+    for layer in layers[:-1]:
+        expected = torch.empty_like(layer.weight)
+        _init("ibp").fill(expected, g)
+        assert torch.equal(layer.weight, expected)
+
+
+def _released_rule(model: nn.Module, shape) -> list[nn.Module]:
+    """The rule of the released ``ibp_init`` on auto_LiRPA's graph: BoundConv/BoundLinear nodes
+    whose input node's first input is a BoundAdd."""
+    from fastcert import compat
+
+    compat.apply()
+    from auto_LiRPA import BoundedModule
+    from auto_LiRPA.bound_ops import BoundAdd, BoundConv, BoundLinear
+
+    bounded = BoundedModule(model, torch.zeros(2, *shape))
+    by_ptr = {m.weight.data_ptr(): m for m in affine_layers(model)}
+    out = []
+    for node in bounded._modules.values():
+        if isinstance(node, (BoundConv, BoundLinear)):
+            source = node.inputs[0]
+            if source.inputs and isinstance(source.inputs[0], BoundAdd):
+                out.append(by_ptr[node.inputs[1].param.data_ptr()])
+    return out
+
+
+@pytest.mark.parametrize("name,shape,options", [
+    ("wide_resnet", (3, 32, 32), {"widen_factor": 1, "base_width": 4, "fc_width": 16}),
+    ("resnext", (3, 32, 32), {"num_blocks": [1, 1, 1], "bottleneck_width": 2, "stem_width": 4,
+                              "fc_width": 16}),
+    ("resnext", (3, 64, 64), {"bottleneck_width": 2, "stem_width": 4, "fc_width": 16}),
+    ("wide_resnet", (1, 8, 8), {"num_blocks": [2, 1], "widen_factor": 1, "base_width": 4,
+                                "fc_width": 16, "bn": "none"}),
+])
+def test_residual_readers_are_the_layers_the_released_code_halves(name, shape, options):
+    """The layers halved (Shi et al.'s list, fidelity spec §2: wide_resnet_8 / ResNeXt_2_32:
+    layer2.0.conv1 + shortcut, layer3.0.conv1 + shortcut; ResNeXt_bn_imagenet64: also the
+    identity-shortcut blocks' conv1), found on torch.fx's graph, equal those the released rule
+    finds on auto_LiRPA's graph of the same model."""
+    model = build_model(name, shape, 10, **options)
+    readers = residual_readers(model)
+    blocks = [m for m in model.modules() if isinstance(m, (BasicResidualBlock, ResNeXtBlock))]
+    expected = []
+    for block in blocks[1:]:
+        expected.append(block.conv1)
+        if not isinstance(block.shortcut, nn.Identity):
+            expected.append(block.shortcut[0])
+    assert readers == expected
+    assert readers == _released_rule(model.eval(), shape)
+    if shape == (3, 64, 64):
+        assert len(readers) == 7  # ResNeXt_bn_imagenet64: 7 halved tensors, as released
+
+
+def test_ibp_init_halves_the_residual_readers():
+    model = build_model("resnext", (3, 64, 64), 10, bottleneck_width=2, stem_width=4, fc_width=16)
+    reference = build_model("resnext", (3, 64, 64), 10, bottleneck_width=2, stem_width=4,
+                            fc_width=16)
+    initialize(model, "ibp", seed=3)
+    g = torch.Generator().manual_seed(3)
+    readers = residual_readers(model)
+    assert readers
+    for layer, ref in zip(affine_layers(model)[:-1], affine_layers(reference)[:-1]):
+        _init("ibp").fill(ref.weight.data, g)
+        factor = 0.5 if layer in readers else 1.0
+        assert torch.equal(layer.weight, ref.weight * factor)
+    assert not residual_readers(build_model("cnn7", (3, 32, 32), 10, width=0.125))
+
+
+@pytest.mark.parametrize("n", [27, 576])
+def test_residual_block_gain_is_one_when_calibrated(n):
+    """App. A.3 of Shi et al. 2021: two unit-gain branches give 2; halving the layers that read
+    the block's input (as the released code does) gives 1."""
+    ibp = _init("ibp")
+    assert residual_block_gain(ibp, n, trials=40, seed=0) == pytest.approx(1.0, abs=0.05)
+    assert residual_block_gain(ibp, n, trials=40, seed=0, calibrated=False) == pytest.approx(
+        2.0, abs=0.1)
 
 
 def test_default_leaves_model_untouched():
@@ -227,11 +330,24 @@ def test_experiment_script_prints_markdown(capsys):
     assert main(["--trials", "3", "--fan-ins", "27", "100"]) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("|")]
-    assert len(lines) == 2 + len(ROWS)
+    assert len(lines) == 2 + len(ROWS) + len(RESIDUAL_ROWS)
     assert "n=27 paper" in lines[0] and "n=100 measured" in lines[0]
     ibp_row = next(line for line in lines if line.startswith("| IBP"))
     assert "| 1.01 |" in ibp_row  # printed paper value at n=27
     assert "–" in ibp_row  # no paper value at n=100
+    block = next(line for line in lines if line.startswith("| Residual block, IBP init + "))
+    cells = [c.strip() for c in block.strip("|").split("|")]
+    assert cells[1] == "1" and abs(float(cells[3]) - 1.0) <= 0.05  # closed form, measured n=27
+
+
+def test_residual_rows_of_the_table():
+    """The residual-block rows ``python -m experiments.init_gain`` prints: 1.00 ± 0.05 with the
+    released code's calibration, 2 without."""
+    table = residual_gain_table((27, 1152), trials=20)
+    for n in (27, 1152):
+        assert table["calibrated"][n][1] == pytest.approx(1.0, abs=0.05)
+        assert table["uncalibrated"][n][1] == pytest.approx(2.0, abs=0.1)
+        assert table["calibrated"][n][0] == 1.0 and table["uncalibrated"][n][0] == 2.0
 
 
 @pytest.mark.slow

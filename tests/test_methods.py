@@ -3,11 +3,14 @@ unknown keys are refused with the valid ones, and the shared behaviour of the IB
 (natural phase through the plain module, plot-only values only where they are used)."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import MODEL_NAMES, build_model, tiny_kwargs
 from fastcert.bounds import Bound, BoundedNet, robust_ce_from_margins
 from fastcert.config import ConfigError, build_option, options
 from fastcert.methods import Batch, Method
@@ -100,3 +103,32 @@ def test_fast_optimises_the_regularisers_only_while_lambda_is_positive():
     with torch.no_grad():
         _, lb = net.margin_bounds(b.x, b.y, b.lower, b.upper, Bound.IBP)
     torch.testing.assert_close(done.loss, robust_ce_from_margins(lb))
+
+
+@functools.lru_cache(maxsize=None)
+def _family_net(model_name: str) -> BoundedNet:
+    torch.manual_seed(0)
+    model = build_model(model_name, (3, 8, 8), 10, **tiny_kwargs(model_name))
+    return BoundedNet(model, torch.zeros(2, 3, 8, 8), 10)
+
+
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_runs_with_its_default_config_on_every_model_family(name, model_name):
+    """At the target ε (past the ramp: TAPS/STAPS run their latent PGD, SABR its small box),
+    on a diagnostic step: a finite loss whose gradient reaches every parameter."""
+    net = _family_net(model_name).train()
+    net.model.zero_grad(set_to_none=True)
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(6, 3, 8, 8, generator=g)
+    y = torch.randint(0, 10, (6,), generator=g)
+
+    def box(center, radius):
+        return (center - radius).clamp(0, 1), (center + radius).clamp(0, 1)
+
+    out = build_option("method", name).step(net, Batch(x, y, *box(x, 0.03), 0.03, 0.03, box,
+                                                       True))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for p in net.model.parameters()]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)

@@ -13,7 +13,8 @@ from fastcert import compat
 compat.apply()
 from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm  # noqa: E402
 
-from fastcert.config import ConfigError, build_option, option_node, parameters  # noqa: E402
+from fastcert.config import (ConfigError, build_option, option_node, options,  # noqa: E402
+                             parameters)
 from fastcert.models import (  # noqa: E402
     BN_MODES,
     BasicResidualBlock,
@@ -184,14 +185,60 @@ def test_cnn7_matches_shi2021():
 
 @pytest.mark.parametrize(
     "shape,fan_in",
-    [((1, 28, 28), 128 * 14 * 14), ((3, 32, 32), 128 * 16 * 16), ((3, 64, 64), 128 * 32 * 32),
+    [((1, 28, 28), 128 * 14 * 14), ((3, 32, 32), 128 * 16 * 16), ((3, 64, 64), 128 * 16 * 16),
      ((1, 8, 8), 128 * 4 * 4)],
 )
 def test_fc_fan_in_follows_input_shape(shape, fan_in):
+    """The FC fan-in follows the input; on 64x64 the released ``cnn_7layer_bn_imagenet`` has a
+    stride-2 fifth convolution, so it is 32768 there too (131072 with CIFAR's strides)."""
     model = create_model("cnn7", shape, 200 if shape[1] == 64 else 10, width=1.0)
     assert _fc_fan_in(model) == fan_in
     with torch.no_grad():
         assert model.eval()(torch.rand(2, *shape)).shape == (2, 200 if shape[1] == 64 else 10)
+
+
+def test_tinyimagenet_variants_are_the_released_networks():
+    """Shi et al.'s TinyImageNet networks (models/feedforward.py ``cnn_7layer_bn_imagenet``,
+    ``wide_resnet_bn_imagenet64``, ``ResNeXt_bn_imagenet64``) are what the defaults build on
+    64x64 inputs; explicit options still win."""
+    with torch.device("meta"):
+        cnn = create_model("cnn7", (3, 64, 64), 200)
+        wrn = create_model("wide_resnet", (3, 64, 64), 200)
+        rx = create_model("resnext", (3, 64, 64), 200)
+        rx_cifar_style = create_model("resnext", (3, 64, 64), 200, num_blocks=[1, 1, 1],
+                                      bottleneck_width=32, stem_width=64)
+    convs = [m for m in cnn.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.stride[0] for c in convs] == [1, 1, 2, 1, 2]
+    assert [(m.in_features, m.out_features) for m in cnn.modules()
+            if isinstance(m, nn.Linear)] == [(32768, 512), (512, 200)]
+    layers = list(cnn)
+    fc = next(i for i, m in enumerate(layers) if isinstance(m, nn.Linear))
+    assert isinstance(layers[fc + 1], nn.BatchNorm1d)  # BN after the FC 512, as released
+    blocks = [m for m in wrn.modules() if isinstance(m, BasicResidualBlock)]
+    assert [b.conv2.out_channels for b in blocks] == [160, 320, 640]
+    assert _fc_fan_in(wrn) == 640 * 16 * 16
+    blocks = [m for m in rx.modules() if isinstance(m, ResNeXtBlock)]
+    assert [b.out_channels for b in blocks] == [32, 32, 64, 64, 128, 128]
+    assert [isinstance(b.shortcut, nn.Identity) for b in blocks] == [False, True] * 3
+    assert next(m for m in rx.modules() if isinstance(m, nn.Conv2d)).out_channels == 16
+    assert _fc_fan_in(rx) == 128 * 16 * 16
+    assert len([m for m in rx_cifar_style.modules() if isinstance(m, ResNeXtBlock)]) == 3
+
+
+def test_wide_resnet_constructor_draws_kaiming_fan_out_convs_as_released():
+    """``wide_resnet_bn.py`` (MNIST/CIFAR) draws every conv weight from Kaiming-normal with
+    fan_out: std = sqrt(2 / (c_out k^2)); ``wide_resnet_bn_imagenet64.py`` keeps PyTorch's
+    default U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Linear layers keep the default in both."""
+    torch.manual_seed(0)
+    cifar = create_model("wide_resnet", (3, 32, 32), 10)
+    conv = cifar[3].conv2  # 128 -> 128, 3x3: fan_out 1152
+    assert conv.weight.std().item() == pytest.approx((2 / 1152) ** 0.5, rel=0.02)
+    torch.manual_seed(0)
+    imagenet = create_model("wide_resnet", (3, 64, 64), 200, widen_factor=8)
+    conv = imagenet[3].conv2  # same shape, default init: std = 1/sqrt(3 * fan_in)
+    assert conv.weight.std().item() == pytest.approx((1 / (3 * 1152)) ** 0.5, rel=0.02)
+    dense = next(m for m in cifar.modules() if isinstance(m, nn.Linear))
+    assert dense.weight.abs().max().item() <= dense.in_features ** -0.5
 
 
 @pytest.mark.parametrize("name", ["wide_resnet", "resnext"])
@@ -277,6 +324,118 @@ def test_conf_model_file_sets_every_option_of_its_builder(name):
 def test_conf_options_build_the_model(name):
     """As the pipeline builds it: the config node, shapes given as lists."""
     model = build_option("model", name, tiny_kwargs(name), input_shape=[1, 8, 8], num_classes=10)
-    assert model.bn == "full" and model.input_shape == (1, 8, 8)
+    assert model.bn == option_node("model", name)["bn"] and model.input_shape == (1, 8, 8)
     with torch.no_grad():
         assert model.eval()(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+# ------------------------------------------------------------------ parameter counts
+
+#: (input shape, classes) of each data set (fastcert.data; tests/test_data.py checks the loaders)
+DATA_SHAPES = {"digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10),
+               "fashion_mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10),
+               "tinyimagenet": ((3, 64, 64), 200)}
+
+#: Trainable parameters (weights, biases, BN γ/β; no buffers) of each conf/model option at its
+#: defaults on each data set. cnn7, wide_resnet and resnext on mnist/cifar10/tinyimagenet are the
+#: counts of the networks of Shi et al.'s released code (cnn_7layer_bn2, wide_resnet_8,
+#: ResNeXt_2_32; cnn_7layer_bn_imagenet, wide_resnet_bn_imagenet64, ResNeXt_bn_imagenet64),
+#: counted on its own model files (/work/notes/fidelity_spec.md §1). cnn_2layer/cnn_4layer/
+#: cnn_3layer_fixed on (fashion_)mnist are those of CROWN-IBP's model_defs.py. The rest are
+#: fastcert's own definitions, counted by hand from the layer shapes in their docstrings (e.g.
+#: dm_small on MNIST: 272 + 32 + 8224 + 64 + 540900 + 200 + 1010).
+PARAM_COUNTS = {
+    "cnn7":             {"digits": 1_462_858, "mnist": 13_259_338, "cifar10": 17_192_650,
+                         "tinyimagenet": 17_290_120},
+    "wide_resnet":      {"digits": 5_818_954, "mnist": 17_615_434, "cifar10": 21_547_882,
+                         "tinyimagenet": 91_424_776},
+    "resnext":          {"digits": 1_881_226, "mnist": 13_677_706, "cifar10": 17_611_018,
+                         "tinyimagenet": 16_981_960},
+    "dm_small":         {"digits": 38_702, "mnist": 550_702, "cifar10": 730_414,
+                         "tinyimagenet": 3_104_804},
+    "dm_medium":        {"digits": 502_634, "mnist": 1_977_194, "cifar10": 2_469_290,
+                         "tinyimagenet": 8_858_216},
+    "dm_large":         {"digits": 1_462_858, "mnist": 13_259_338, "cifar10": 17_192_650,
+                         "tinyimagenet": 67_621_768},
+    "cnn_small":        {"digits": 42_090, "mnist": 410_730, "cifar10": 533_898,
+                         "tinyimagenet": 2_119_112},
+    "mlp":              {"digits": 86_026, "mnist": 270_346, "cifar10": 856_074,
+                         "tinyimagenet": 3_264_200},
+    "cnn_2layer":       {"digits": 6_102, "mnist": 52_182, "cifar10": 67_670,
+                         "tinyimagenet": 288_788},
+    "cnn_4layer":       {"digits": 78_438, "mnist": 170_598, "cifar10": 201_390,
+                         "tinyimagenet": 643_436},
+    "cnn_3layer_fixed": {"digits": 4_130, "mnist": 27_170, "cifar10": 34_922,
+                         "tinyimagenet": 145_576},
+}
+for _counts in PARAM_COUNTS.values():
+    _counts["fashion_mnist"] = _counts["mnist"]
+
+
+def _count(name: str, data: str, **options) -> int:
+    shape, classes = DATA_SHAPES[data]
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = create_model(name, shape, classes, **options)
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_every_model_and_data_pair_has_a_count():
+    assert set(PARAM_COUNTS) == set(MODEL_NAMES)
+    assert set(DATA_SHAPES) == set(options("data"))
+
+
+@pytest.mark.parametrize("data", sorted(DATA_SHAPES))
+@pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
+def test_parameter_counts(name, data):
+    assert _count(name, data) == PARAM_COUNTS[name][data]
+
+
+@pytest.mark.parametrize("data,bn,count", [
+    ("mnist", "conv", 13_258_314), ("cifar10", "conv", 17_191_626),   # cnn_7layer_bn (Table 4)
+    ("mnist", "none", 13_257_290), ("cifar10", "none", 17_190_602),   # cnn_7layer
+])
+def test_cnn7_bn_variants_match_the_released_ablation_models(data, bn, count):
+    assert _count("cnn7", data, bn=bn) == count
+
+
+def test_dm_large_without_bn_is_crown_ibps_ibp_large():
+    """CROWN-IBP's model_defs_gowal.py IBP_large (config mnist_dm-large_0.4): 13,257,290."""
+    assert _count("dm_large", "mnist", bn="none") == 13_257_290
+
+
+def test_headline_command_builds_the_papers_resnext(compose, tiny_root):
+    """``python -m fastcert.run model=resnext data=tinyimagenet`` builds ResNeXt_bn_imagenet64
+    (through the whole pipeline: data → model → BoundedNet). The generated data set has 3
+    classes, so the classifier differs from the paper's 200-class one by 197 rows."""
+    import warnings
+
+    from fastcert.pipeline import build
+
+    cfg = compose(["model=resnext", "data=tinyimagenet", f"data.root={tiny_root}",
+                   "device=cpu", "data.num_workers=0", "eval.verifiers=[ibp]"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "3 classes, not 200"
+        built = build(cfg)
+    model = built.net.model
+    blocks = [m for m in model.modules() if isinstance(m, ResNeXtBlock)]
+    assert [b.out_channels for b in blocks] == [32, 32, 64, 64, 128, 128]
+    classes = built.data.num_classes
+    assert sum(p.numel() for p in model.parameters()) == 16_981_960 - (200 - classes) * 513
+
+
+def test_readme_lists_the_parameter_counts():
+    """The README's table (model × digits, MNIST/Fashion-MNIST, CIFAR-10, TinyImageNet) is
+    PARAM_COUNTS."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("#### Models and their parameter counts"):]
+    rows = {}
+    for line in section.splitlines():
+        m = re.match(r"\| `(\w+)` \|(.*)\|$", line)
+        if m and m.group(1) in PARAM_COUNTS:
+            rows[m.group(1)] = [int(re.search(r"[\d,]+", cell.replace("*", "")).group()
+                                    .replace(",", "")) for cell in m.group(2).split("|")]
+    assert rows == {name: [c["digits"], c["mnist"], c["cifar10"], c["tinyimagenet"]]
+                    for name, c in PARAM_COUNTS.items()}

@@ -75,7 +75,7 @@ def test_run_figures_are_pngs_with_the_metrics_data(runs):
         metrics = read_metrics(run_dir / "metrics.jsonl")
         assert len(metrics) == 3
         figs = plots.plot_run(run_dir)
-        expected = {"training_curves", "relu_states", "regularizers"}
+        expected = {"training_curves", "relu_states", "regularizers", "tightness"}
         assert set(figs) == expected | ({"certify"} if method == "fast" else set()), method
         for name, (path, data) in figs.items():
             assert path == run_dir / "plots" / f"{name}.png"
@@ -142,8 +142,9 @@ def test_scatter_of_several_runs_and_cli(runs, tmp_path):
         assert point["verified"] == r["any_verified_acc"]
         assert point["method"] == r["method"] and point["eps"] == r["eps"]
     # --out: a directory, or a .png path taken as the file name; default the current dir
-    assert plots._scatter_path(str(tmp_path / "s.png")) == tmp_path / "s.png"
-    assert plots._scatter_path(None) == Path.cwd() / "clean_vs_verified.png"
+    assert plots._scatter_path(str(tmp_path / "s.png"), [root]) == tmp_path / "s.png"
+    assert (plots._scatter_path(None, list(by_method.values()))
+            == root.resolve() / "plots" / "clean_vs_verified.png")
 
 
 def test_bound_explosion_data_and_figure(tmp_path):
@@ -189,3 +190,14 @@ def test_read_run_label(runs):
     assert rec.label == "fast-mlp-digits-s0"
     assert rec.results is not None and len(rec.metrics) == 3
     assert os.fspath(rec.path) == os.fspath(by_method["fast"])
+
+
+def test_cli_never_writes_into_the_current_directory(runs, tmp_path, monkeypatch):
+    """Without --out the scatter goes to plots/ in the runs' common folder."""
+    root, by_method = runs
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    written = plots.main([str(root)])
+    assert written["scatter"][0] == root.resolve() / "plots" / "clean_vs_verified.png"
+    assert list(cwd.iterdir()) == []

@@ -5,7 +5,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+import torch.nn.functional as F
+
 from fastcert.bounds import Bound, BoundedNet, ReluBounds
+from fastcert.config import build_option
+from fastcert.methods import Batch
 from fastcert.regularizers import relu_loss, relu_states, tightness_loss
 
 
@@ -19,7 +23,14 @@ def test_tightness_by_hand():
     layers = [_rb([[0.0, 1.0]], [[0.2, 1.2]]), _rb([[-1.0, -1.0]], [[0.0, 2.0]])]
     # terms: ReLU(0.5 - 0.2/0.2) = 0, ReLU(0.5 - 0.2/2.0) = 0.4 ; sum / (τ m) = 0.4 / 1.0
     assert tightness_loss(width0, layers, 0.5).item() == pytest.approx(0.4)
-    assert tightness_loss(torch.zeros(2, 3), layers, 0.5).item() == 0.0   # ε = 0
+
+
+def test_tightness_of_an_empty_box_is_the_formula_not_zero():
+    """As the released code: Δ0 = 0 gives ReLU(τ - 0)/τ = 1 per layer (a constant), not 0; the
+    fast method's ε = 0 phase avoids it with a tiny box (below)."""
+    layers = [_rb([[0.0, 1.0]], [[0.2, 1.2]]), _rb([[-1.0, -1.0]], [[0.0, 2.0]])]
+    assert tightness_loss(torch.zeros(2, 3), layers, 0.5).item() == 1.0
+    assert tightness_loss(torch.zeros(2, 3), [_rb([[0.0]], [[0.0]])], 0.5).item() == 1.0
 
 
 def test_relu_balance_by_hand():
@@ -64,3 +75,63 @@ def test_regularisers_on_a_tiny_net_with_known_bounds():
     a, b = 1.5, 29 / 49
     expected = (max(0, 0.9 - min(a, 1 / a)) + max(0, 0.9 - min(b, 1 / b))) / 0.9
     assert relu_loss([h], 0.9).item() == pytest.approx(expected, rel=1e-5)
+
+
+# ------------------------------------------------------------ the fast method's ε = 0 phase
+
+
+def _bn_net(seed: int = 0) -> BoundedNet:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                          nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    build_option("init", "ibp")(model, seed=seed)
+    return BoundedNet(model, torch.zeros(2, 1, 8, 8), 10).train()
+
+
+def _batch(eps: float, eps_target: float = 0.2) -> Batch:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(16, 1, 8, 8, generator=g)
+    y = torch.randint(0, 10, (16,), generator=g)
+
+    def box(center, radius):
+        return (center - radius).clamp(0, 1), (center + radius).clamp(0, 1)
+
+    lower, upper = box(x, eps)
+    return Batch(x, y, lower, upper, eps, eps_target, box)
+
+
+def test_fast_eps0_step_regularises_on_the_tiny_box_with_the_clean_ce():
+    """ε = 0 in the released code: bounds on the 1e-6 box (``--min-eps-reg``), loss = clean CE
+    + λ0 (L_tightness + L_relu); L_tightness is a real, differentiable term there."""
+    fast = build_option("method", "fast")
+    assert fast.min_eps_reg == 1e-6
+    net = _bn_net()
+    batch = _batch(0.0)
+    out = fast.step(net, batch)
+
+    reference = _bn_net()  # same weights: recompute by hand on the 1e-6 box
+    lower, upper = batch.box(batch.x, 1e-6)
+    logits, _ = reference.margin_bounds(batch.x, batch.y, lower, upper, Bound.IBP)
+    relus = reference.relu_bounds()
+    tight = tightness_loss(upper - lower, relus, fast.tau)
+    relu = relu_loss(relus, fast.tau)
+    expected = F.cross_entropy(logits, batch.y) + fast.lambda0 * (tight + relu)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert out.stats["lambda"] == fast.lambda0 and out.verified is None
+    assert 0 < tight.item() < 1   # a real term, not the forced 0 nor the empty-box constant
+    # its gradient reaches the weights
+    tight.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in reference.model.parameters())
+
+
+def test_tightness_at_the_tiny_box_is_that_of_small_eps():
+    """IBP widths scale linearly in ε for small ε, so Ê(Δ0)/Ê(Δi) and L_tightness at 1e-6 are
+    those of any small radius (fidelity spec §4): the ε = 0 phase trains the same quantity."""
+    values = []
+    for eps in (1e-6, 1e-4):
+        net = _bn_net()
+        batch = _batch(eps)
+        net.margin_bounds(batch.x, batch.y, batch.lower, batch.upper, Bound.IBP)
+        values.append(tightness_loss(batch.upper - batch.lower, net.relu_bounds(), 0.5).item())
+    assert values[0] == pytest.approx(values[1], rel=1e-3)

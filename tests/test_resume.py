@@ -1,4 +1,4 @@
-"""Preemption and resume: a run SIGKILLed mid-epoch and restarted with ``resume=true`` ends with
+"""Preemption and resume: a run SIGKILLed mid-epoch and restarted with ``resume.checkpoint=last`` ends with
 the same numbers as one that was never interrupted, and continues the same W&B run; a damaged
 checkpoint is an error naming the file, never a silent restart.
 
@@ -127,7 +127,7 @@ def test_killed_mid_epoch_and_resumed_matches_uninterrupted(tmp_path):
     assert not (run_dir / "results.json").exists()
     assert len(_metrics(run_dir)) in (killed_at, killed_at + 1)  # +1: killed before the save
 
-    resumed = _start(args + ["resume=true"], tmp_path, tmp_path / "resumed.log")
+    resumed = _start(args + ["resume.checkpoint=last"], tmp_path, tmp_path / "resumed.log")
     _wait(resumed, tmp_path / "resumed.log")
     _wait(ref, tmp_path / "ref.log")
 
@@ -167,7 +167,17 @@ def test_killed_mid_epoch_and_resumed_matches_uninterrupted(tmp_path):
     assert second.run.get("resume") is True and second.exit_code == 0
     first_epochs = [r["epoch"] for r in first.rows("epoch/loss")]
     assert first_epochs == list(range(1, len(first_epochs) + 1)) and len(first_epochs) <= killed_at
-    assert [r["epoch"] for r in second.rows("epoch/loss")] == list(range(killed_at + 1, EPOCHS + 1))
+    # the resumed process logs again the epochs up to the checkpoint (what the killed one may
+    # not have flushed), then its own, all at explicit steps on one axis: epoch × 45 steps
+    # (W&B keeps the first row it got for a step when both files are synced)
+    steps = 45  # ceil(1437 / 32)
+    rows = second.rows("epoch/loss")
+    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
+    assert [r["_step"] for r in rows] == [e * steps for e in range(1, EPOCHS + 1)]
+    for a, b in zip(rows, _metrics(run_dir)):
+        assert a["epoch/loss"] == pytest.approx(b["loss"], rel=1e-12, abs=0)
+    assert min(r["_step"] for r in second.history) >= steps   # no restart at step 0
+    assert [r["_step"] for r in first.rows("epoch/loss")] == [e * steps for e in first_epochs]
     assert second.summary["clean_acc"] == got["clean_acc"]
 
 
@@ -293,7 +303,7 @@ def test_truncated_checkpoint_fails_naming_it_and_changes_nothing(finished_run, 
     ckpt = run_dir / "last.pt"
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # killed mid-write
     before = _snapshot(run_dir)
-    proc = subprocess.run([sys.executable, "-m", "fastcert.run", *TINY, "resume=true",
+    proc = subprocess.run([sys.executable, "-m", "fastcert.run", *TINY, "resume.checkpoint=last",
                            f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=TIMEOUT_S, env=_env(tmp_path))
     assert proc.returncode != 0
@@ -354,3 +364,59 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         save_atomic({"model": {"w": torch.zeros(3)}, "epoch": 2}, path)
     assert path.read_bytes() == good                   # the old checkpoint is intact
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+# ---- resuming checks the config ---------------------------------------------------------
+@pytest.mark.parametrize("override,keys", [
+    (["seed=1"], ["seed: 0 -> 1"]),
+    (["method=fast"], ["method.name: 'ibp' -> 'fast'"]),
+    (["model.widths=[8,8]"], ["model.widths: [256, 256] -> [8, 8]"]),
+    (["eps=0.05", "schedule.length=2"], ["eps: 0.1 -> 0.05", "schedule.length: 1 -> 2"]),
+])
+def test_resume_refuses_a_changed_config_listing_the_keys(finished_run, tmp_path, compose,
+                                                           override, keys):
+    from fastcert.config import ConfigError
+
+    run_dir = _copy_run(finished_run, tmp_path / "run")
+    before = _snapshot(run_dir)
+    with pytest.raises(ConfigError, match="resume.allow_changes=true") as e:
+        run(compose(TINY + override), run_dir, resume=True)
+    for key in keys:
+        assert key in str(e.value), str(e.value)
+    assert _snapshot(run_dir) == before
+
+
+def test_resume_allows_evaluation_and_location_changes(finished_run, tmp_path, compose):
+    run_dir = _copy_run(finished_run, tmp_path / "run")
+    results = run(compose(TINY + ["data.root=/elsewhere", "eval.verifiers=[ibp,crown]",
+                                  "epochs=2"]), run_dir, resume=True)
+    assert results["resumed"] == {"from_epoch": 2, "changes": {}}
+
+
+def test_allow_changes_resumes_and_records_the_changes(finished_run, tmp_path, compose):
+    run_dir = _copy_run(finished_run, tmp_path / "run")
+    results = run(compose(TINY + ["seed=3", "resume.allow_changes=true"]), run_dir,
+                  resume=True)
+    assert results["resumed"] == {"from_epoch": 2, "changes": {"seed": [0, 3]}}
+    assert json.loads((run_dir / "results.json").read_text())["resumed"]["changes"] == {
+        "seed": [0, 3]}
+
+
+def test_wall_time_after_a_resume_is_the_total(tmp_path, compose, monkeypatch):
+    """results.json's wall_time_s counts the interrupted process up to its checkpoint and the
+    resumed one (it used to count the resumed process only)."""
+    run_dir = tmp_path / "run"
+    first = time.perf_counter()
+    with monkeypatch.context() as m:
+        _interrupt_at(m, "mid_epoch")
+        with pytest.raises(Preempted):
+            run(compose(TINY), run_dir)
+    first = time.perf_counter() - first
+    at_checkpoint = torch.load(run_dir / "last.pt", weights_only=False)["wall_time_s"]
+    second = time.perf_counter()
+    results = run(compose(TINY), run_dir, resume=True)
+    second = time.perf_counter() - second
+    epoch2 = _metrics(run_dir)[1]["epoch_time_s"]
+    assert 0 < at_checkpoint < first
+    assert at_checkpoint + epoch2 < results["wall_time_s"] <= at_checkpoint + second
+    assert results["wall_time_s"] > second   # more than the resumed process alone

@@ -42,7 +42,18 @@ def test_cli_run_writes_the_run_dir(tmp_path):
     for key in ("eps", "loss", "train_clean_acc", "epoch_time_s", "phase"):
         assert key in lines[0]
     assert (run_dir / "last.pt").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
-    assert "IBP-verified accuracy" in proc.stdout          # the final table is printed
+    assert {p.name for p in (run_dir / ".hydra").iterdir()} == {"config.yaml", "hydra.yaml",
+                                                                "overrides.yaml"}
+    # the final table: every accuracy, any-verified and the number of test examples
+    assert "IBP-verified accuracy" in proc.stdout and "verified by any" in proc.stdout
+    assert f"{results['n_test']} test examples" in proc.stdout
+    assert results["any_verified_acc"] is not None and "pgd_attack" in results
+    # the run dir, printed first and last
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == lines[-1] == f"run dir: {run_dir}"
+    # no known-harmless warnings, no tracebacks
+    for noise in ("torch.jit", "No CUDA runtime", "alembic", "Traceback"):
+        assert noise not in proc.stdout + proc.stderr, noise
 
 
 @pytest.mark.parametrize("method", ["natural", "ibp", "crown_ibp", "fast"])
@@ -85,3 +96,38 @@ def test_wandb_offline_run_completes(tmp_path):
     offline = list(Path(run_dir).glob(f"wandb/offline-run-*-{run_id}"))
     assert offline, list(Path(run_dir).rglob("*"))[:20]
     assert list(offline[0].glob("run-*.wandb"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=abc", "error: ConfigError: optim.lr='abc': expected a number"),
+    ("+epoch=3", "error: ConfigError: epoch is not a top-level key; did you mean epochs=...?"),
+    ("resume=true", "error: ConfigError: resume=True: resume is a group of keys"),
+    ("resume.checkpoint=last", "error: CheckpointError: resume: no checkpoint at"),
+])
+def test_config_errors_print_one_line_without_traceback(tmp_path, override, message):
+    proc = _cli(TINY + [override, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), proc.stderr[-3000:]
+
+
+def test_a_refused_run_leaves_the_trained_config_and_certify_reads_it(tmp_path):
+    """Train, then a fresh run with another seed in the same dir: refused, .hydra/ untouched
+    (it used to be overwritten while "nothing was changed" was printed), and certify reports
+    the true numbers of the trained model (with the new seed's digits split it did not)."""
+    from fastcert.certify import certify
+    from test_certify import certify_cfg
+
+    run_dir = tmp_path / "run"
+    trained = _cli(TINY + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    before = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
+    refused = _cli(TINY + ["seed=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert refused.returncode == 2 and "already holds a run" in refused.stderr
+    assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == before
+    summary = certify(certify_cfg(run_dir / "last.pt", "verifiers=[ibp]", "attack.steps=3",
+                                  "attack.step_size=0.25"), tmp_path / "certify")
+    assert summary["run"]["seed"] == 0 and summary["n_test"] == results["n_test"]
+    assert summary["results"][0]["clean"] == pytest.approx(results["clean_acc"])

@@ -198,3 +198,80 @@ def test_bounds_sound_large(name, trained, bn):
     counts = check_soundness(net, x, lower, upper, n_samples=64, pgd_steps=20,
                              attack_all_labels=True, seed=5)
     assert counts["certified"] > 0
+
+
+# ---- a violation is recorded, then the run fails ------------------------------------------
+
+
+def test_tie_within_tolerance_is_not_a_violation():
+    """judge(): certified m̲ > 0 and an attack margin below it by at most the tolerance
+    (1e-5 · max(1, max_k |f_k|): two forward passes of one input) is a tie, counted as not
+    verified; by more, a violation."""
+    from fastcert.evaluate import judge, tie_tolerance
+
+    logits = torch.tensor([[3.0, -1.0], [3.0, -1.0], [3.0, -1.0], [3.0, -1.0]])
+    tol = tie_tolerance(logits)
+    assert tol.tolist() == pytest.approx([3e-5] * 4)
+    lb = torch.tensor([1e-6, 0.5, 0.5, float("nan")])
+    margin = torch.tensor([-1e-6, -0.5, 0.7, -1.0])     # what the attack saw
+    robust = margin > 0
+    verified, tie, violation = judge(lb, margin, robust, tol)
+    assert verified.tolist() == [False, False, True, False]
+    assert tie.tolist() == [True, False, False, False]
+    assert violation.tolist() == [False, True, False, False]
+
+
+@pytest.mark.parametrize("shift", [1000.0, 0.0], ids=["unsound", "sound"])
+def test_a_violation_is_recorded_before_the_run_fails(compose, tmp_path, monkeypatch, shift):
+    """A real auto_LiRPA bound shifted up by 1000 at the final evaluation: results.json is
+    written with the violations (example, verifier, bound, attack margin) and the run then
+    raises SoundnessError; unshifted, the same run has none."""
+    import json
+
+    import fastcert.evaluate as ev
+    from fastcert.pipeline import run
+
+    from conftest import TINY
+
+    real = ev._margin_lb
+    monkeypatch.setattr(ev, "_margin_lb", lambda *a, **k: real(*a, **k) + shift)
+    cfg = compose(TINY + ["eval.verifiers=[ibp,crown]"])
+    if not shift:
+        results = run(cfg, tmp_path)
+        assert results["soundness"]["violations"] == []
+        return
+    with pytest.raises(ev.SoundnessError, match="soundness violation"):
+        run(cfg, tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    violations = results["soundness"]["violations"]
+    assert violations and {v["verifier"] for v in violations} == {"ibp", "crown"}
+    for v in violations:
+        assert v["margin_lb"] > 0 and v["attack_margin"] < v["margin_lb"] - v["tolerance"]
+        assert 0 <= v["index"] < results["n_test"]
+    assert results["clean_acc"] is not None            # the rest of the run is kept
+
+
+def test_cli_fails_loudly_after_writing_results(tmp_path):
+    """The CLI: exit status 3, one clear line, results.json on disk."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TINY
+
+    sitecustomize = tmp_path / "shift" / "sitecustomize.py"   # shifts the bound in the child
+    sitecustomize.parent.mkdir()
+    sitecustomize.write_text(
+        "import fastcert.evaluate as ev\n"
+        "_real = ev._margin_lb\n"
+        "ev._margin_lb = lambda *a, **k: _real(*a, **k) + 1000.0\n")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastcert.run", *TINY, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": f"{sitecustomize.parent}{os.pathsep}{ROOT}"})
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "error: SoundnessError" in proc.stderr and "Traceback" not in proc.stderr
+    assert json.loads((run_dir / "results.json").read_text())["soundness"]["violations"]
+    assert "SOUNDNESS VIOLATIONS" in proc.stdout

@@ -92,7 +92,7 @@ def _cli(args, cwd, env, timeout=600):
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     """``python -m fastcert.run`` with logger=wandb under an experiment preset, offline via
-    ``WANDB_MODE`` (the config's default mode), then ``resume=true`` in the same run dir."""
+    ``WANDB_MODE`` (the config's default mode), then ``resume.checkpoint=last`` in the same run dir."""
     root = tmp_path_factory.mktemp("wandb_cli")
     run_dir = root / "run"
     args = ["experiment=digits_ablation", *TINY, "logger=wandb", "logger.log_every=2",
@@ -101,7 +101,7 @@ def cli_run(tmp_path_factory):
     first = _cli(args, root, env)
     assert first.returncode == 0, first.stderr[-3000:]
     files_after_first = offline_runs(run_dir)
-    second = _cli(args + ["resume=true"], root, env)  # the run had finished: evaluates only
+    second = _cli(args + ["resume.checkpoint=last"], root, env)  # finished: evaluates only
     assert second.returncode == 0, second.stderr[-3000:]
     return run_dir, files_after_first
 
@@ -176,8 +176,13 @@ def test_resume_continues_the_same_wandb_run(cli_run):
     assert resumed.run.get("resume") is True
     import torch
     assert torch.load(run_dir / "last.pt", weights_only=False)["logger_run_id"] == run_id
-    # the finished run was not retrained: no step or epoch rows, only the final summary again
-    assert not resumed.rows("train/loss") and not resumed.rows("epoch/loss")
+    # the finished run was not retrained: no step rows; its epochs logged again from
+    # metrics.jsonl at the same explicit steps (W&B keeps the first row of a step on sync)
+    assert not resumed.rows("train/loss")
+    again, before = resumed.rows("epoch/loss"), first.rows("epoch/loss")
+    assert [(r["_step"], r["epoch/loss"]) for r in again] == [
+        (r["_step"], r["epoch/loss"]) for r in before] == [(2, before[0]["epoch/loss"]),
+                                                           (4, before[1]["epoch/loss"])]
     results = json.loads((run_dir / "results.json").read_text())
     for key in ("clean_acc", "pgd_acc", "ibp_verified_acc", "wall_time_s"):
         assert resumed.summary[key] == results[key], key
@@ -304,3 +309,50 @@ def test_unknown_logger_option_is_an_error(wandb_tmp):
         build_option("logger", "wandb", {"projct": "x", "mode": "disabled"},
                      run_dir=wandb_tmp, run_name="r", config={}, resume_id=None,
                      group_default=None)
+
+
+# ---- preemption and login ------------------------------------------------------------------
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_ends_the_run_cleanly_and_marks_it_preempting(tmp_path, sig):
+    """SIGTERM / SIGINT mid-training: no traceback, a message saying how to continue, exit
+    status 128 + the signal, the last checkpoint kept, and the W&B run marked preempting."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    args = ["debug=smoke", "device=cpu", "epochs=40", "data.limit_train=null",
+            "data.batch_size=32", "logger=wandb", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "fastcert.run", *args], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **wandb_env(tmp_path)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "last.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, sig))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + getattr(signal, sig), err[-3000:]
+    assert "Traceback" not in err and "resume.checkpoint=last" in err, err[-3000:]
+    assert out.strip().splitlines()[-1] == f"run dir: {run_dir}"
+    assert (run_dir / "last.pt").is_file() and not (run_dir / "results.json").exists()
+    (file,) = offline_runs(run_dir)
+    run = OfflineRun(file)
+    assert [r for r in run.records if r["type"] == "preempting"]
+    assert run.exit_code == 1
+
+
+def test_no_login_says_how_to_run_offline(tmp_path, monkeypatch):
+    from fastcert.config import ConfigError
+    from fastcert.wandb_logger import WandbLogger
+
+    for k, v in wandb_env(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))       # no ~/.netrc with a key
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    try:
+        with pytest.raises(ConfigError, match=r"wandb login.*logger.mode=offline.*logger=none"):
+            WandbLogger(run_dir=tmp_path / "run", run_name="r", config={}, mode="online")
+    finally:
+        import wandb
+        wandb.teardown()

@@ -1,17 +1,20 @@
-"""CROWN-IBP training (Zhang et al. 2020), with loss fusion (Xu et al. 2020)."""
+"""CROWN-IBP training (Zhang et al. 2020), with loss fusion (Xu et al. 2020) and the
+relaxation-tightening regularisers of Zhu et al. 2020."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from fastcert.bounds import Mix, robust_ce_from_margins
-from fastcert.methods.base import Method, StepOutput, mix, natural_step
+from fastcert.bounds import Bound, Mix, beta_mix, compute_bounds, robust_ce_from_margins
+from fastcert.methods.base import StepOutput, mix, natural_step
+from fastcert.methods.crown import RelaxationRegularized
+from fastcert.relaxation import relaxed_margins
 from fastcert.schedules import linear_coefficient
 
 
 @dataclass
-class CrownIBP(Method):
+class CrownIBP(RelaxationRegularized):
     """CROWN-IBP (Zhang et al. 2020): margin bounds β·CROWN-IBP + (1-β)·IBP, β going
     β_start → β_end over the ramp, natural CE mixed in with κ_start → κ_end:
 
@@ -20,6 +23,13 @@ class CrownIBP(Method):
     ``loss_fusion=true`` bounds the CE directly (Xu et al. 2020; O(1) instead of O(K) backward
     passes): the form Shi et al. 2021 use as their baseline, where the IBP weight is ε/ε_target
     (i.e. β = 1 - ε/ε_target, the defaults). ``loss_fusion=false`` bounds the K-1 margins.
+
+    With a λ or γ weight (see :class:`RelaxationRegularized`), d and r of Zhu et al. are added,
+    measured on the CROWN-IBP part of the bound (IBP intermediate bounds, CROWN's adaptive
+    relaxation for the output: their Tables 2-3 setting, where r is phased out during training,
+    e.g. ``gamma_start=γ, gamma_end=0``). Without loss fusion the CROWN-IBP pass of the loss
+    gives them; with it they take one more margin-bound pass, whose clean forward pass also
+    updates BatchNorm's running statistics (twice per step with the fused one).
     """
 
     loss_fusion: bool = True
@@ -33,19 +43,32 @@ class CrownIBP(Method):
             return natural_step(net, batch)
         beta = linear_coefficient(self.beta_start, self.beta_end, batch.ratio)
         kappa = linear_coefficient(self.kappa_start, self.kappa_end, batch.ratio)
-        bound = Mix(beta)
+        regularized = max(self.weights(batch)) > 0
         if self.loss_fusion:
             natural, robust, logits = net.fused_ce(batch.x, batch.y, batch.lower, batch.upper,
-                                                   bound)
+                                                   Mix(beta))
             natural, robust = natural.mean(), robust.mean()
-            verified = None
-        else:
-            logits, lb = net.margin_bounds(batch.x, batch.y, batch.lower, batch.upper, bound)
-            natural = F.cross_entropy(logits, batch.y)
+            verified, relus = None, net.relu_bounds(fused=True) if batch.diagnostics else None
+        if regularized:  # the CROWN-IBP margin bound with its A matrices
+            clean, C, lin = relaxed_margins(net.bounded, batch.x, batch.y, batch.lower,
+                                            batch.upper, net.num_classes, Bound.CROWN_IBP)
+        if not self.loss_fusion:
+            if regularized:  # β·CROWN-IBP + (1-β)·IBP from the same forward pass
+                lb = lin.lower
+                if beta < 1:
+                    ibp, _ = compute_bounds(net.bounded, Bound.IBP, C=C, bound_upper=False)
+                    lb = beta_mix(lin.lower, ibp, beta)
+                relus = lin.relus if batch.diagnostics else None
+            else:
+                clean, lb = net.margin_bounds(batch.x, batch.y, batch.lower, batch.upper,
+                                              Mix(beta))
+                relus = net.relu_bounds() if batch.diagnostics else None
+            natural = F.cross_entropy(clean, batch.y)
             robust = robust_ce_from_margins(lb)
-            logits, verified = logits.detach(), (lb > 0).all(1).detach()
+            logits, verified = clean.detach(), (lb > 0).all(1).detach()
         loss = mix(natural, robust, kappa)
         stats = {"loss/natural": natural.detach(), "loss/robust": robust.detach(),
                  "kappa": kappa, "beta": beta}
-        relus = net.relu_bounds(fused=self.loss_fusion) if batch.diagnostics else None
+        if regularized:
+            loss = self.regularize(net.bounded, lin, C, batch, "adaptive", loss, stats)
         return StepOutput(loss, logits, stats, verified, relus)

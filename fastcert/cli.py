@@ -1,0 +1,102 @@
+"""What the command-line front ends (``fastcert.run``, ``fastcert.certify``, ``fastcert.export``)
+share at the edge: a console free of known-harmless warnings, one clear line (no traceback)
+for mistakes the user can fix, and a clean stop on SIGTERM / SIGINT.
+
+Known-harmless, silenced (each says nothing about this run):
+
+* ``torch.jit.script is deprecated`` (FutureWarning): auto_LiRPA decorates helpers with it;
+* ``No CUDA runtime is found`` (torch.utils.cpp_extension, logged when auto_LiRPA imports it on
+  a CPU-only machine);
+* ``The feature will be removed`` (DeprecationWarning of torch's own ONNX exporter internals,
+  seen by ``fastcert.export``);
+* alembic's INFO lines (Optuna's database migrations in ``hparams_search`` sweeps).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import warnings
+from contextlib import contextmanager
+
+#: Exit status of a run stopped by a signal: 128 + the signal's number (the shell's convention).
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+#: Messages of the known-harmless warnings.
+HARMLESS = ("`torch.jit.script` is deprecated", "The feature will be removed")
+
+
+def quiet_known_warnings() -> None:
+    """Silence the known-harmless warnings (call before torch / auto_LiRPA are imported).
+
+    auto_LiRPA replaces the warning filters at import (``warnings.simplefilter("once")``), so
+    the warnings are dropped where they are shown, not by a filter."""
+    show = warnings.showwarning
+
+    def showwarning(message, category, *args, **kwargs):
+        if not any(h in str(message) for h in HARMLESS):
+            show(message, category, *args, **kwargs)
+
+    warnings.showwarning = showwarning
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+class Preempted(KeyboardInterrupt):
+    """The process received SIGTERM or SIGINT. A KeyboardInterrupt, which no ``except
+    Exception`` swallows and which the pipeline treats as a preemption (the logger marks the
+    run preempting)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_preempted(signum, frame):
+    raise Preempted(signum)
+
+
+@contextmanager
+def preemptible():
+    """Turn SIGTERM and SIGINT into :class:`Preempted` inside the block (the previous
+    handlers come back after it)."""
+    previous = {s: signal.signal(s, _raise_preempted) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from fastcert.checkpoint import CheckpointError
+    from fastcert.config import ConfigError
+    from fastcert.data import DatasetNotFoundError
+
+    return ConfigError, CheckpointError, DatasetNotFoundError
+
+
+@contextmanager
+def exit_on_known_errors():
+    """A mistake the user can fix (a config value, a checkpoint, missing data) prints one line
+    ``error: <Type>: <message>`` and exits with status 2; a soundness violation (results are
+    already written) exits with status 3; a signal exits with 128 + its number. Anything else
+    is a bug and keeps its traceback."""
+    try:
+        yield
+    except Preempted as e:
+        print(f"stopped by {signal.Signals(e.signum).name}: the last checkpoint (last.pt, "
+              f"written after each epoch) is kept; continue with resume.checkpoint=last "
+              f"hydra.run.dir=<run dir>", file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)
+    except Exception as e:  # noqa: BLE001 - sorted below; the rest is re-raised
+        from fastcert.evaluate import SoundnessError
+
+        if isinstance(e, SoundnessError):
+            print(f"error: SoundnessError: {e}", file=sys.stderr, flush=True)
+            sys.exit(3)
+        if isinstance(e, _known_errors()):
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        raise
