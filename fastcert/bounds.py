@@ -126,6 +126,14 @@ def _tie_buffers(bounded: BoundedModule, model: nn.Module, prefix: str = "") -> 
                 node._buffers["buffer"] = buffers[name]
 
 
+def _output_layer_trains(model: nn.Module) -> bool:
+    """Whether the last ``nn.Linear`` of ``model`` holds its weight and bias as parameters
+    (not e.g. the buffers of :class:`fastcert.models.FixedLinear`)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return bool(linears) and all(isinstance(getattr(linears[-1], k), nn.Parameter)
+                                 for k in ("weight", "bias"))
+
+
 def relu_bounds_of(module: BoundedModule) -> list[ReluBounds]:
     """Bounds of every ReLU's input from ``module``'s last bound computation, forward order."""
     out = []
@@ -226,9 +234,13 @@ class BoundedNet(nn.Module):
             was_training = self.model.training
             self.model.eval()
             wrapper = CrossEntropyWrapper(self.model).eval()
-            self._fused = BoundedModule(
-                wrapper, (self._example, labels),
-                bound_opts={**self._bound_opts, "loss_fusion": True}, device=self._example.device)
+            opts = {**self._bound_opts, "loss_fusion": True}
+            if not _output_layer_trains(self.model):
+                # auto_LiRPA's IBP shortcut for the fused CE reads the output layer's weight and
+                # bias as parameters (``.param``); a fixed layer (buffers) takes the general path
+                opts["no_ibp_loss_fusion"] = True
+            self._fused = BoundedModule(wrapper, (self._example, labels), bound_opts=opts,
+                                        device=self._example.device)
             _tie_buffers(self._fused, self.model, prefix="model.")
             self._fused.train(was_training)
             self.model.train(was_training)

@@ -568,7 +568,7 @@ class FixedLinear(nn.Linear):
 def two_layer(
     input_shape: tuple[int, int, int],
     num_classes: int,
-    bn: str = "full",
+    bn: str = "none",
     *,
     m: int = 1000,
 ) -> nn.Module:
@@ -582,8 +582,8 @@ def two_layer(
     own signs, so with two classes the logits are (0, f), the margin of class 1 is f and that
     of class 0 is -f: y·f with y = ±1, and cross entropy is the logistic loss log(1 + e^{-yf})
     (Eq. 4.2). Draws from torch's global RNG (the pipeline seeds it before building).
-    ``bn="full"`` puts BatchNorm after the hidden layer (not part of Eq. 4.1: use
-    ``bn="none"`` for it)."""
+    ``bn="none"`` (the default) is Eq. 4.1; ``bn="full"`` puts BatchNorm after the hidden
+    layer."""
     m = _positive_int("m", m)
     _, bn_fc = _bn_flags(bn)
     hidden = nn.Linear(input_shape[0] * input_shape[1] * input_shape[2], m, bias=False)

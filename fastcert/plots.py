@@ -366,7 +366,7 @@ def main(argv=None) -> dict:
         if res is not None:
             written["scatter"] = res
             print(f"wrote {res[0]}")
-        res = plot_tightness_runs(runs, _scatter_path(args.out).with_name("tightness.png"))
+        res = plot_tightness_runs(runs, _scatter_path(args.out, run_dirs).with_name("tightness.png"))
         if res is not None:
             written["tightness"] = res
             print(f"wrote {res[0]}")

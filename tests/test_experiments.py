@@ -38,7 +38,7 @@ def test_certify(compose, tmp_path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = hydra_compose("certify", overrides=[f"checkpoint={tmp_path / 'run' / 'last.pt'}",
-                                                  "verifiers=[ibp]", "pgd.steps=1",
+                                                  "verifiers=[ibp]", "attack=pgd", "attack.steps=1",
                                                   "limit_test=8", "cpu_threads=1",
                                                   "device=cpu", "progress=false"])
     GlobalHydra.instance().clear()

@@ -18,14 +18,20 @@ from test_methods import _batch, _net
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_default_head_is_the_last_hidden_block_and_the_output_layer(name):
-    """head_blocks=1 (the default) exists in every model family: the head holds exactly one
-    ReLU block (the hidden FC layer) and ends with the output Linear."""
+    """The default (head_blocks=None) exists in every model family: the head holds exactly one
+    ReLU block (the hidden FC layer) and ends with the output Linear; in a network with a
+    single hidden block (two_layer) the head is the output layer alone."""
     model = build_model(name, (3, 8, 8), 10, **tiny_kwargs(name))
-    head = model[head_start(model, 1):]
+    head = model[head_start(model, None):]
     relus = [m for m in head.modules() if isinstance(m, nn.ReLU)]
-    assert len(relus) == 1 and isinstance(head[-1], nn.Linear)
     linears = [m for m in head if isinstance(m, nn.Linear)]
-    assert len(linears) == 2  # hidden FC + output
+    assert isinstance(head[-1], nn.Linear)
+    if sum(isinstance(m, nn.ReLU) for m in model.modules()) == 1:
+        assert relus == [] and len(linears) == 1
+        assert head_start(model, None) == head_start(model, 0)
+    else:
+        assert len(relus) == 1 and len(linears) == 2  # hidden FC + output
+        assert head_start(model, None) == head_start(model, 1)
 
 
 def test_cnn7_split_points_match_ctbench_block_sizes():

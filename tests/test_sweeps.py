@@ -59,7 +59,7 @@ def test_sweep_dirs_are_named_by_job_num_and_overrides(compose):
     assert sweep["subdir"] == "${hydra.job.num}_${hydra.job.override_dirname}"
     assert sweep["dir"].startswith("multirun/")
     exclude = set(cfg.hydra.job.config.override_dirname.exclude_keys)
-    assert {"device", "devices", "resume"} <= exclude
+    assert {"device", "devices", "resume.checkpoint", "resume.allow_changes"} <= exclude
 
 
 def test_slurm_launcher_config(compose):

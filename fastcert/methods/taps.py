@@ -15,18 +15,22 @@ from fastcert.methods.warmup import regularize
 from fastcert.schedules import linear_coefficient
 
 
-def head_start(model: nn.Module, head_blocks: int) -> int:
+def head_start(model: nn.Module, head_blocks: int | None) -> int:
     """Index of the first top-level layer of a classifier head holding the last
     ``head_blocks`` ReLU blocks of an ``nn.Sequential`` (a block ends at a top-level ReLU or
     is a top-level module containing ReLUs, e.g. a residual block) and the output layer.
 
     ``head_blocks=1`` is the last hidden block and the output layer (CTBench/TAPS
     ``--block-sizes 17 4`` on CNN-7); 2 starts at CNN-7's fifth convolution (``13 8``), 3 at
-    its fourth (``10 11``), 5 after its first (``4 17``)."""
+    its fourth (``10 11``), 5 after its first (``4 17``). ``None`` (the default): 1, or 0 (the
+    output layer alone) in a network with a single hidden block, so that the default exists
+    in every model."""
     if not isinstance(model, nn.Sequential):
         raise ValueError(f"TAPS splits an nn.Sequential model; got {type(model).__name__}")
     ends = [i for i, m in enumerate(model)
             if isinstance(m, nn.ReLU) or any(isinstance(c, nn.ReLU) for c in m.modules())]
+    if head_blocks is None:
+        head_blocks = min(1, len(ends) - 1)
     if not 0 <= head_blocks < len(ends):
         raise ValueError(f"method.head_blocks={head_blocks}: this model has {len(ends)} ReLU "
                          f"blocks; choose 0..{len(ends) - 1} (the feature extractor keeps at "
@@ -107,7 +111,8 @@ class TAPS(FastIBP):
     (:class:`_GradientLink`, threshold ``soft_threshold``). L = κ·CE(f(x), y) + (1-κ)·L_rob.
 
     ``head_blocks``: ReLU blocks in the head (:func:`head_start`; 1 = last hidden block +
-    output layer, which every model has). ``latent_attack``: the pivot PGD (margin objective,
+    output layer; null, the default: 1, or the output layer alone where a network has one
+    hidden block). ``latent_attack``: the pivot PGD (margin objective,
     random start in [l, u]); TAPS steps ``max(0.2, 2/T)·(u - l)``, i.e. 2·max(0.2, 2/T) of the
     half-width (0.4 for T = 10); CTBench's step decay (×0.2 at 0.7T for T ≥ 10) is not
     reproduced. BatchNorm: clean-batch statistics for the bounds, the search and the
@@ -116,7 +121,7 @@ class TAPS(FastIBP):
     STAPS's small box); ``acc/taps`` is the accuracy of the (unsound) TAPS estimate.
     """
 
-    head_blocks: int = 1
+    head_blocks: int | None = None
     grad_scale: float = 5.0
     soft_threshold: float = 0.5
     latent_attack: PGDConfig = field(default_factory=lambda: PGDConfig(
@@ -124,7 +129,7 @@ class TAPS(FastIBP):
     ibp_during_ramp: bool = True
 
     def __post_init__(self):
-        if self.head_blocks < 0:
+        if self.head_blocks is not None and self.head_blocks < 0:
             raise ValueError(f"head_blocks={self.head_blocks}: must be >= 0")
         if self.grad_scale < 0 or not 0 < self.soft_threshold <= 1:
             raise ValueError("grad_scale must be >= 0 and soft_threshold in (0, 1]")
