@@ -133,3 +133,14 @@ def test_command_line_writes_into_the_checkpoint_dir(trained):  # noqa: F811
     assert summary["eps"] == pytest.approx(0.05) and len(summary["properties"]) == 4
     assert (out / "model.onnx").is_file() and len(list((out / "vnnlib").iterdir())) == 4
     assert "Traceback" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
+
+
+def test_default_radius_is_the_runs_test_radius(trained, tmp_path):  # noqa: F811
+    """Like certify: without eps= the export uses the run's eval.eps (e.g. CROWN-IBP's MNIST
+    train 0.4 / test 0.3), else its training eps."""
+    run_dir, _ = trained
+    state = ckpt.load(run_dir / "last.pt")
+    state["config"]["eval"]["eps"] = 0.04
+    torch.save(state, tmp_path / "last.pt")
+    summary = export(export_cfg(tmp_path / "last.pt", "limit_test=2"), tmp_path / "export")
+    assert summary["eps"] == pytest.approx(0.04)
