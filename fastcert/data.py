@@ -847,7 +847,8 @@ class DeviceBatches:
 @dataclass
 class UnclippedBundle(DataBundle):
     """A :class:`DataBundle` whose L∞ box is not clipped to the data range: [x - ε, x + ε]
-    (the perturbation set of Wang 2022's convergence analysis, Eq. 4.3)."""
+    (the perturbation set of Wang 2022's convergence analysis, Eq. 4.3), rounded outward like
+    :meth:`DataBundle.eps_box` so that it contains the exact box."""
 
     def eps_box(self, x: torch.Tensor, eps: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, std = self._stats(x)
@@ -858,7 +859,8 @@ class UnclippedBundle(DataBundle):
         elif eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
         delta = eps / std
-        return x - delta, x + delta
+        slack = _outward(x.abs() + delta)  # rounded outward, as DataBundle.eps_box
+        return x - delta - slack, x + delta + slack
 
 
 def _labels(ds: Dataset) -> torch.Tensor:

@@ -22,7 +22,14 @@ What each rank does (the rest of fastcert sees only a :class:`Dist`):
   the model in eval mode, where SyncBatchNorm is a plain ``batch_norm``, so the bounded view
   would normalise each rank's share with its own statistics (tests/test_distributed.py shows the
   traced node), and SyncBatchNorm refuses CPU tensors (no ``gloo`` test).
-* Only rank 0 writes (checkpoints, metrics.jsonl, results.json, W&B) and prints.
+* Random draws of the methods (the attack starts of PGD-AT, SABR, TAPS, MTL/CC/Exp-IBP) come
+  from each rank's global RNG, seeded per epoch and rank (rank 0: the one-process stream), so
+  the ranks' draws are independent; a data-parallel run of such a method equals a one-process
+  run in distribution, and bit for bit (up to float summation order) for the deterministic
+  methods (natural, IBP, fast, CROWN-IBP).
+* Gradient accumulation (``optim.grad_acc_steps > 1``) is refused: the ranks split the batch.
+* Only rank 0 writes (checkpoints, metrics.jsonl, results.json, W&B) and prints; every rank
+  runs the same steps (ranks > 0 keep rank 0's logging cadence, so the diagnostic steps match).
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from fastcert.config import (CONF_DIR, ConfigError, check_keys, check_node, coer
                              parse_number)
 from fastcert.data import DataBundle
 from fastcert.devices import acquire_device, release_device
-from fastcert.evaluate import EvalConfig, EvalResult, evaluate
+from fastcert.evaluate import EvalConfig, EvalResult, SoundnessError, evaluate
 from fastcert.loggers import NullLogger
 from fastcert.methods import Method
 from fastcert.optim import Optimizer
@@ -50,7 +50,8 @@ RUNTIME = {
 RESUME_GUARDED = ("model", "data", "method", "seed", "eps", "schedule", "optim")
 #: Keys inside :data:`RESUME_GUARDED` that say only where data lives or how it is tested.
 RESUME_FREE = ("data.root", "data.download", "data.num_workers", "data.test_batch_size",
-               "data.limit_test")
+               "data.limit_test", "data.on_device", "data.source.root", "data.source.download",
+               "data.source.num_workers")
 #: The keys of the ``resume`` node.
 RESUME_KEYS = ("checkpoint", "allow_changes")
 
@@ -344,54 +345,86 @@ def run_parallel(cfg: DictConfig, run_dir: Path, nproc: int, resume=None,
     results."""
     from fastcert.devices import acquire_devices, release_device
 
-    validate(cfg)  # refuse a mistake, or a fresh run into a used run dir, before spawning
-    checkpoint, _ = resume_options(cfg)
-    _resume_state(run_dir, checkpoint if resume is None else resume, torch.device("cpu"))
+    # what the ranks would refuse, refused here with its own error (a rank's error reaches
+    # this process only as a ProcessRaisedException): the config, the run dir, the resume
+    settings = validate(cfg)
+    check_parallel(settings, nproc)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    _check_resume(cfg, resolved, run_dir, resume, torch.device("cpu"))
     if started is not None:
         started()
     devices = acquire_devices(cfg.device, cfg.get("devices"), nproc)
+    results_path = run_dir / "results.json"
+    t_spawn = time.time()
     try:
-        distributed.spawn(_rank_run, (OmegaConf.to_container(cfg, resolve=True), str(run_dir),
-                                      resume, group),
-                          devices)
+        distributed.spawn(_rank_run, (resolved, str(run_dir), resume, group), devices)
+    except Exception:
+        # a soundness violation: rank 0 wrote results.json with it, then the ranks raised
+        if results_path.is_file() and results_path.stat().st_mtime >= t_spawn:
+            written = json.loads(results_path.read_text())
+            violations = written.get("soundness", {}).get("violations")
+            if violations:
+                raise SoundnessError(f"{len(violations)} soundness violation(s) recorded in "
+                                     f"{results_path}; e.g. {violations[0]}") from None
+        raise
     finally:
         release_device()
-    return json.loads((run_dir / "results.json").read_text())
+    return json.loads(results_path.read_text())
 
 
 def _rank_run(ctx, cfg: dict, run_dir: str, resume, group) -> None:
     run(OmegaConf.create(cfg), run_dir, resume, ctx.device, group)
 
 
+def _check_resume(cfg: DictConfig, resolved: dict, run_dir: Path, resume, device):
+    """The checkpoint to continue from, checked: (state or None, the ``resumed`` record, the
+    metrics up to it, the wall time it had used). A fresh run into a run dir holding a
+    checkpoint, or a resume whose config differs from the checkpoint's in what it trains
+    (:data:`RESUME_GUARDED`) without ``resume.allow_changes``, is refused (ConfigError)."""
+    checkpoint, allow_changes = resume_options(cfg)
+    state = _resume_state(run_dir, checkpoint if resume is None else resume, device)
+    if state is None:
+        return None, None, [], 0.0
+    changes = config_changes(state.get("config") or {}, resolved)
+    if changes and not allow_changes:
+        raise ConfigError(
+            f"resume: this config differs from the one that trained the checkpoint (epoch "
+            f"{state['epoch']}) in what it trains:\n"
+            + "\n".join(f"  {k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            + "\nResuming would mix two runs. Start the new config in another "
+              "hydra.run.dir, or force it with resume.allow_changes=true (recorded in "
+              "results.json)")
+    resumed = {"from_epoch": int(state["epoch"]),
+               "changes": {k: list(v) for k, v in changes.items()}}
+    history = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["epoch"] <= state["epoch"]]
+    previous_wall = float(state.get("wall_time_s", sum(r["epoch_time_s"] for r in history)))
+    return state, resumed, history, previous_wall
+
+
+def check_parallel(settings: Settings, world: int) -> None:
+    """What a data-parallel run of ``world`` ranks cannot do: split its share of a batch into
+    gradient-accumulation chunks (the ranks' shares differ by up to one example, so their
+    chunk counts, hence their BatchNorm all-reduces, could differ)."""
+    if world > 1 and settings.optim.grad_acc_steps > 1:
+        raise ConfigError(
+            f"optim.grad_acc_steps={settings.optim.grad_acc_steps} with {world} data-parallel "
+            f"ranks: the ranks already split each batch (memory per rank falls {world}-fold); "
+            f"set optim.grad_acc_steps=1")
+
+
 def _run(cfg: DictConfig, run_dir: Path, resume, device: torch.device, group: str | None,
          t0: float, started) -> dict:
-    validate(cfg)
-    checkpoint, allow_changes = resume_options(cfg)
-    resume_state = _resume_state(run_dir, checkpoint if resume is None else resume, device)
+    settings = validate(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    resumed = None
-    previous_wall = 0.0
-    if resume_state is not None:
-        changes = config_changes(resume_state.get("config") or {}, resolved)
-        if changes and not allow_changes:
-            raise ConfigError(
-                f"resume: this config differs from the one that trained the checkpoint (epoch "
-                f"{resume_state['epoch']}) in what it trains:\n"
-                + "\n".join(f"  {k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
-                + "\nResuming would mix two runs. Start the new config in another "
-                  "hydra.run.dir, or force it with resume.allow_changes=true (recorded in "
-                  "results.json)")
-        resumed = {"from_epoch": int(resume_state["epoch"]),
-                   "changes": {k: list(v) for k, v in changes.items()}}
-        history = [r for r in read_metrics(run_dir / "metrics.jsonl")
-                   if r["epoch"] <= resume_state["epoch"]]
-        previous_wall = float(resume_state.get("wall_time_s",
-                                               sum(r["epoch_time_s"] for r in history)))
+    resume_state, resumed, history, previous_wall = _check_resume(cfg, resolved, run_dir, resume,
+                                                                  device)
+    ctx = distributed.current()
+    if ctx is not None:
+        check_parallel(settings, ctx.world)
     if started is not None:
         started()
     run_dir.mkdir(parents=True, exist_ok=True)
     built = build(cfg, device)
-    ctx = distributed.current()
     main = ctx is None or ctx.main
     if ctx is not None:
         distributed.barrier()  # every rank checked the run dir before rank 0 writes to it
@@ -399,7 +432,9 @@ def _run(cfg: DictConfig, run_dir: Path, resume, device: torch.device, group: st
                          config=resolved,
                          resume_id=(resume_state or {}).get("logger_run_id"),
                          group_default=group,
-                         steps_per_epoch=len(built.data.train)) if main else NullLogger()
+                         steps_per_epoch=len(built.data.train)) if main else (
+        # rank 0's cadence, so that every rank runs the same steps (the same collectives)
+        NullLogger(log_every=int(cfg.logger.get("log_every") or 0)))
     try:
         if resume_state is not None:
             for record in history:  # what a killed process may not have sent

@@ -46,6 +46,10 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+#: Offset of rank r's global-RNG seed in a data-parallel run (r · this), far from epoch seeds.
+RANK_SEED_STRIDE = 7_919_000_003
+
+
 @dataclass
 class TrainSetup:
     net: BoundedNet
@@ -204,7 +208,10 @@ def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
     log_every = int(s.logger.log_every or 0)
     record_every = max(1, steps // RECORD_STEPS)
     for epoch in range(start_epoch, s.epochs):
-        seed_everything(epoch_seed(s.seed, epoch))
+        # the global RNG feeds the methods' random draws (attack starts); each rank draws its
+        # own (rank 0 the one-process stream): the batches come from the loader's generator
+        seed_everything(epoch_seed(s.seed, epoch) + (s.dist.rank * RANK_SEED_STRIDE
+                                                     if s.dist is not None else 0))
         generator = getattr(s.train_loader, "generator", None)
         if generator is not None:
             generator.manual_seed(epoch_seed(s.seed, epoch))
@@ -237,7 +244,8 @@ def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
             optimizer.step()
             stats.add(out, y, out.loss, record_now, weight / (s.dist.world if s.dist else 1))
             if diagnose:
-                _check_finite(out.loss, epoch, i, eps)
+                _check_finite(out.loss if s.dist is None else  # every rank stops together
+                              distributed.all_reduce_(out.loss.detach().clone()), epoch, i, eps)
                 if log_now:
                     s.logger.log_step({"train/loss": out.loss.item(), "train/eps": eps,
                                        "train/lr": optimizer.param_groups[0]["lr"],

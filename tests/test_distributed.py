@@ -298,3 +298,103 @@ def test_one_fit_step_on_two_ranks_is_the_whole_batch_step(tmp_path):
         got = torch.load(tmp_path / f"delta{i}.pt")
         assert want.norm() > 0
         assert (got - want).norm() <= 1e-5 * want.norm(), (case, (got - want).norm() / want.norm())
+
+
+# ---- what the parent process refuses before spawning; errors by type ----------------------
+
+def _no_spawn(*args, **kwargs):
+    raise AssertionError("spawned ranks for a run that should have been refused")
+
+
+def test_a_changed_config_on_resume_is_refused_before_spawning(runs, compose, monkeypatch):
+    """nproc=2: the resume check runs in the parent, so the one-line ConfigError (exit 2)
+    names the changed key instead of the ranks' tracebacks."""
+    from fastcert import distributed
+    from fastcert.config import ConfigError
+
+    base, _, _ = runs
+    monkeypatch.setattr(distributed, "spawn", _no_spawn)
+    cfg = compose(ARGS + ["nproc=2", "seed=1", "resume.checkpoint=last"])
+    with pytest.raises(ConfigError, match=r"seed: 0 -> 1"):
+        run(cfg, base / "one")
+
+
+def test_gradient_accumulation_is_refused_for_data_parallel_runs(compose, monkeypatch, tmp_path):
+    from fastcert import distributed
+    from fastcert.config import ConfigError
+
+    monkeypatch.setattr(distributed, "spawn", _no_spawn)
+    with pytest.raises(ConfigError, match=r"optim.grad_acc_steps=2 with 2 data-parallel ranks"):
+        run(compose(ARGS + ["nproc=2", "optim.grad_acc_steps=2"]), tmp_path / "run")
+
+
+def test_a_violation_recorded_by_the_ranks_is_raised_as_such(compose, monkeypatch, tmp_path):
+    """Rank 0 writes results.json with the violation and the ranks fail; the parent raises
+    SoundnessError (exit 3), not the spawn's generic error."""
+    from fastcert import distributed
+    from fastcert.evaluate import SoundnessError
+
+    def ranks_that_found_a_violation(fn, args, devices):
+        (tmp_path / "run").mkdir(exist_ok=True)
+        (tmp_path / "run" / "results.json").write_text(json.dumps(
+            {"soundness": {"violations": [{"index": 3, "verifier": "ibp"}], "ties": 0}}))
+        raise RuntimeError("process 0 terminated with an exception")
+
+    monkeypatch.setattr(distributed, "spawn", ranks_that_found_a_violation)
+    with pytest.raises(SoundnessError, match=r"1 soundness violation"):
+        run(compose(ARGS + ["nproc=2"]), tmp_path / "run")
+
+
+# ---- the methods' random draws: independent per rank, rank 0 the one-process stream ---------
+
+@dataclass
+class _DrawRecorder(IBP):
+    """Natural training (ε=0) that records one global-RNG draw per step, as an attack's
+    random start would make."""
+
+    out_dir: str = ""
+
+    def step(self, net, batch):
+        from fastcert import distributed
+
+        ctx = distributed.current()
+        torch.save(torch.rand(5), Path(self.out_dir) / f"draw-{0 if ctx is None else ctx.rank}"
+                                                        f"-{0 if ctx is None else ctx.world}.pt")
+        return super().step(net, batch)
+
+
+def _draw_fit(out_dir, ctx=None):
+    from fastcert.bounds import BoundedNet
+    from fastcert.config import build_option
+    from fastcert.loggers import NullLogger
+    from fastcert.schedules import LinearSchedule
+    from fastcert.train import TrainSetup, fit
+
+    torch.manual_seed(0)
+    model = build_option("model", "mlp", {"widths": [8]}, input_shape=(1, 8, 8), num_classes=10)
+    x, y = torch.rand(6, 1, 8, 8), torch.arange(6)
+    share = slice(None) if ctx is None else slice(ctx.rank, None, ctx.world)
+    run_dir = Path(out_dir) / ("fit" if ctx is None else f"fit-rank{ctx.rank}")
+    run_dir.mkdir()
+    fit(TrainSetup(net=BoundedNet(model, x[:2], 10).train(), method=_DrawRecorder(out_dir=out_dir),
+                   train_loader=_OneBatch(x[share], y[share], 6),
+                   box_fn=lambda c, r: (c - r, c + r),
+                   schedule=LinearSchedule(0, 0, eps_target=0.0, steps_per_epoch=1),
+                   optim=build_option("optim", "adam"), epochs=1, seed=0,
+                   device=torch.device("cpu"), run_dir=run_dir, logger=NullLogger(), dist=ctx))
+
+
+def _rank_draws(ctx, out_dir):
+    torch.set_num_threads(1)
+    _draw_fit(out_dir, ctx)
+
+
+def test_ranks_draw_their_own_random_numbers(tmp_path):
+    """Attack starts of two ranks are independent draws (not the same noise on both shares),
+    and rank 0 draws what a one-process run draws."""
+    from fastcert import distributed
+
+    distributed.spawn(_rank_draws, (str(tmp_path),), [torch.device("cpu")] * 2)
+    _draw_fit(str(tmp_path))
+    one, r0, r1 = (torch.load(tmp_path / f"draw-{k}.pt") for k in ("0-0", "0-2", "1-2"))
+    assert torch.equal(r0, one) and not torch.equal(r0, r1)

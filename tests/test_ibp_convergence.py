@@ -51,6 +51,16 @@ def test_the_box_is_unclipped_unless_asked():
     assert lower.min() == 0 and upper.max() == 1
 
 
+def test_the_unclipped_box_contains_the_exact_box():
+    """Rounded outward like the clipped box: float32 x ± ε can fall 1 ulp inside [x-ε, x+ε]."""
+    x = torch.rand(4096, generator=torch.Generator().manual_seed(0)).view(1, 1, 64, 64)
+    bundle = build_option("data", "digits_2v5").load(0)
+    for eps in (0.1, 0.3, 1 / 255):
+        lower, upper = bundle.eps_box(x, eps)
+        assert (lower.double() <= x.double() - eps).all() and (upper.double() >= x.double() + eps).all()
+        assert ((x - eps) > x.double() - eps).any() or ((x + eps) < x.double() + eps).any()
+
+
 def test_any_mnist_format_set_gives_the_task(compose, mnist_root):
     root, data = mnist_root
     cfg = compose(["data=mnist_2v5", f"data.root={root}"])  # the source reads data.root

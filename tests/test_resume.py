@@ -420,3 +420,20 @@ def test_wall_time_after_a_resume_is_the_total(tmp_path, compose, monkeypatch):
     assert 0 < at_checkpoint < first
     assert at_checkpoint + epoch2 < results["wall_time_s"] <= at_checkpoint + second
     assert results["wall_time_s"] > second   # more than the resumed process alone
+
+
+def test_where_data_lives_and_how_it_is_batched_may_change_on_resume():
+    """Data location, workers, the on-device path (also of a two-class task's source) and test
+    settings change how a run reads its data, not what it trains; a checkpoint written before a
+    key existed (its config lacks it) is no change either."""
+    from fastcert.pipeline import config_changes
+
+    old = {"data": {"name": "mnist_2v5", "batch_size": 16,
+                    "source": {"root": "/a", "download": False, "num_workers": 2}},
+           "seed": 0}
+    new = {"data": {"name": "mnist_2v5", "batch_size": 16, "on_device": False,
+                    "source": {"root": "/b", "download": True, "num_workers": 0}},
+           "seed": 0}
+    assert config_changes(old, new) == {}
+    new["data"]["batch_size"] = 32
+    assert config_changes(old, new) == {"data.batch_size": (16, 32)}

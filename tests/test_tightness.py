@@ -206,3 +206,25 @@ def test_certify_reports_the_test_set_tightness(digits_runs, tmp_path):
         assert r["tightness"] == pytest.approx(mean_tightness(
             built.net.model, built.data.test, built.data.eps_box, r["eps"], 10), rel=1e-6)
     assert json.loads((tmp_path / "certify.json").read_text())["results"][1]["tightness"] > 0
+
+
+def test_a_failing_tightness_does_not_cost_the_certification(digits_runs, tmp_path, monkeypatch):
+    """τ is a diagnostic: where it cannot be computed (a layer without a radius rule, memory)
+    certify still writes its accuracies, with tightness null and the reason under skipped."""
+    from fastcert import tightness
+    from fastcert.certify import certify
+
+    def no_rule(*args, **kwargs):
+        raise TypeError("tightness: no radius rule for AvgPool2d (test)")
+
+    monkeypatch.setattr(tightness, "mean_tightness", no_rule)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose("certify", [f"checkpoint={digits_runs['ibp'] / 'last.pt'}",
+                                        "attack=pgd", "attack.steps=2", "progress=false",
+                                        "verifiers=[ibp]", "eps=[0.05]", "device=cpu"])
+    GlobalHydra.instance().clear()
+    summary = certify(cfg, tmp_path)
+    saved = json.loads((tmp_path / "certify.json").read_text())
+    assert saved["results"][0]["tightness"] is None and saved["results"][0]["clean"] > 0
+    assert "AvgPool2d" in saved["skipped"]["tightness"] and summary["skipped"] == saved["skipped"]
