@@ -14,8 +14,8 @@ repetition times one step of every row, in alternating order. Rows:
   fastcert's CROWN-IBP at this ε: natural CE and the upper bound of the CE, β·CROWN-IBP +
   (1-β)·IBP, β = 1 - ε/ε_target; backward, Adam step.
 * ``fit <method>`` for every ``conf/method`` option but :data:`EXPENSIVE`: the real training
-  step, i.e. the loop of :func:`fastcert.train.fit` (box, Batch, ``method.step``, backward, gradient clipping, Adam,
-  per-step statistics) over a loader that repeats the batch; a step is the time between two
+  step, i.e. the loop of :func:`fastcert.train.fit` (box, Batch, ``method.step``, backward,
+  gradient clipping, Adam, per-step statistics) over a loader that repeats the batch; a step is the time between two
   batches the loop asks for. The first step of each call (a diagnostic step with a fresh
   optimiser) is not timed; the loader reports a CIFAR-10 epoch's length, so the diagnostic
   cadence is a real epoch's.
