@@ -71,3 +71,13 @@ def test_ablation_digits(tmp_path, three_threads):
     main(["--seeds", "0", "--methods", "ibp", "--out", str(tmp_path), *TINY, "epochs=1",
           "eval.verifiers=[ibp]", "cpu_threads=1"])
     assert torch.get_num_threads() == 1
+
+
+def test_allocators_compares_in_fresh_processes():
+    """experiments.allocators: the default glibc allocator faults its freed memory back in every
+    step; fastcert's mallopt setting does not (a tiny CNN-7, one round)."""
+    from experiments import allocators
+
+    summary = allocators.main(["--rounds", "1", "--steps", "2", "--width", "0.25", "--batch", "8"])
+    assert {"glibc/natural", "glibc/ibp", "mallopt/natural", "mallopt/ibp"} <= set(summary)
+    assert summary["mallopt/ibp"]["faults_median"] < summary["glibc/ibp"]["faults_median"]
