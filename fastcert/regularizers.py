@@ -24,22 +24,28 @@ def tightness_loss(input_width: torch.Tensor, relus: list[ReluBounds], tau: floa
     if not relus:
         return input_width.new_zeros(())
     delta0 = input_width.mean()
-    terms = [torch.relu(tau - delta0 / (r.upper - r.lower).mean().clamp_min(1e-12)) for r in relus]
+    # Ê(Δ_i) = Ê(h̄_i) - Ê(h̲_i): two reductions, no width tensor
+    terms = [torch.relu(tau - delta0 / (r.upper.mean() - r.lower.mean()).clamp_min(1e-12))
+             for r in relus]
     return torch.stack(terms).sum() / (tau * len(relus))
 
 
 def _balance_ratios(lower: torch.Tensor, upper: torch.Tensor):
     """α_i and β_i of Sec. 3.3.3: contribution of active vs inactive neurons to Ê(c) and Var(c),
     and whether the layer has both an active and an inactive neuron (else the regulariser is
-    not applied). c = (h̲ + h̄)/2; active neurons have h̲ > 0, inactive ones h̄ < 0. All three
-    are tensors: nothing is read on the host."""
-    c = (lower + upper) / 2
-    active = lower > 0
-    inactive = upper < 0
-    both = active.any() & inactive.any()
-    alpha = (c * active).sum().clamp_min(1e-12) / (-(c * inactive).sum()).clamp_min(1e-12)
-    dev = (c - c.mean()) ** 2
-    beta = (dev * active).sum().clamp_min(1e-12) / (dev * inactive).sum().clamp_min(1e-12)
+    not applied). c = (h̲ + h̄)/2; active neurons have h̲ > 0, inactive ones h̄ < 0. The masked
+    sums are dot products with the 0/1 masks (one fused pass each, no masked temporaries). All
+    three are tensors: nothing is read on the host."""
+    lower, upper = lower.flatten(), upper.flatten()
+    with torch.no_grad():
+        active = (lower > 0).to(lower.dtype)
+        inactive = (upper < 0).to(lower.dtype)
+        both = (active.sum() > 0) & (inactive.sum() > 0)
+    c = (lower + upper) * 0.5
+    dev = c - c.mean()
+    dev = dev * dev
+    alpha = torch.dot(c, active).clamp_min(1e-12) / (-torch.dot(c, inactive)).clamp_min(1e-12)
+    beta = torch.dot(dev, active).clamp_min(1e-12) / torch.dot(dev, inactive).clamp_min(1e-12)
     return alpha, beta, both
 
 
