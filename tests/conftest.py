@@ -60,21 +60,30 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
-@pytest.fixture
-def compose():
-    """compose(overrides) -> DictConfig from conf/config.yaml, as `python -m fastcert.run` would."""
+def compose_config(name: str = "config", overrides=(), return_hydra_config: bool = False):
+    """The DictConfig of ``conf/<name>.yaml`` with ``overrides``, as the command line composes
+    it (``config``: ``python -m fastcert.run``; ``certify``, ``export``: those commands)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    def _compose(overrides=(), return_hydra_config=False):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return hydra_compose("config", overrides=list(overrides),
-                                 return_hydra_config=return_hydra_config)
-
-    yield _compose
     GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return hydra_compose(name, overrides=list(overrides),
+                                 return_hydra_config=return_hydra_config)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def compose():
+    """compose(overrides) -> DictConfig from conf/config.yaml, as `python -m fastcert.run` would."""
+
+    def _compose(overrides=(), return_hydra_config=False):
+        return compose_config("config", overrides, return_hydra_config)
+
+    return _compose
 
 
 # ---- small datasets in their true on-disk formats (real loaders read them) ----------------

@@ -15,12 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from conftest import CONF, ROOT, TINY, build_model
+from conftest import ROOT, TINY, build_model, compose_config
 from fastcert.certify import _precheck, certify
 from fastcert.checkpoint import CheckpointError
 from fastcert.diagnostics import crown_cost, relu_sizes
@@ -34,24 +31,15 @@ FAST_PGD = ["attack=pgd", "attack.steps=10", "attack.step_size=0.25", "progress=
 CASCADE = ("ibp", "crown_ibp", "crown", "alpha_crown")
 
 
-def _compose(name: str, overrides):
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return hydra_compose(name, overrides=list(overrides))
-    finally:
-        GlobalHydra.instance().clear()
-
-
 def certify_cfg(checkpoint, *overrides):
-    return _compose("certify", [f"checkpoint={checkpoint}", *FAST_PGD, *overrides])
+    return compose_config("certify", [f"checkpoint={checkpoint}", *FAST_PGD, *overrides])
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A TINY IBP run trained for 4 epochs: its run dir (last.pt, metrics.jsonl, results)."""
     run_dir = tmp_path_factory.mktemp("run")
-    results = run(_compose("config", TRAIN), run_dir)
+    results = run(compose_config("config", TRAIN), run_dir)
     return run_dir, results
 
 
@@ -239,7 +227,7 @@ def test_prefers_the_checkpoints_own_config(trained, tmp_path, capsys):
     run_dir, _ = trained
     ckpt = tmp_path / "last.pt"
     shutil.copy(run_dir / "last.pt", ckpt)
-    cfg = _compose("config", TRAIN + ["seed=5"])  # unresolved, as Hydra saves it
+    cfg = compose_config("config", TRAIN + ["seed=5"])  # unresolved, as Hydra saves it
     (tmp_path / ".hydra").mkdir()
     OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
     summary = certify(certify_cfg(ckpt, "verifiers=[ibp]", "attack.steps=2"), tmp_path / "out")
@@ -254,7 +242,7 @@ def test_hydra_config_for_a_checkpoint_without_one(trained, tmp_path):
     state = torch.load(run_dir / "last.pt", weights_only=False)
     del state["config"]
     torch.save(state, tmp_path / "last.pt")
-    cfg = _compose("config", TRAIN + ["data.limit_test=16"])  # unresolved, as Hydra saves it
+    cfg = compose_config("config", TRAIN + ["data.limit_test=16"])  # unresolved, as Hydra saves it
     (tmp_path / ".hydra").mkdir()
     OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
     assert "${" in (tmp_path / ".hydra" / "config.yaml").read_text()
@@ -334,7 +322,7 @@ def test_hydra_command_line(trained):
 def test_certify_conv_and_residual_models(model, tmp_path):
     """Certify (all three verifiers) a briefly trained BN model with residual blocks /
     grouped convolutions; the clean accuracy matches the run's own evaluation."""
-    results = run(_compose("config", TINY + ["epochs=2", "eps=0.05"] + model), tmp_path / "run")
+    results = run(compose_config("config", TINY + ["epochs=2", "eps=0.05"] + model), tmp_path / "run")
     summary = certify(certify_cfg(tmp_path / "run" / "last.pt", "eps=[0.02,0.05]",
                                   "cascade=false", "alpha_crown.iterations=2"), tmp_path / "out")
     assert summary["skipped"] == {} and summary["n_test"] == 48

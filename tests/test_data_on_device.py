@@ -205,19 +205,10 @@ def test_on_device_augmented_run_resumes_identically(compose, tmp_path, monkeypa
                                                      cifar_md5):
     """CIFAR-shaped data augmented on the device: interrupted mid-epoch and resumed, the run
     ends with the records and results of an uninterrupted one."""
-    from test_resume import ACC_KEYS, Preempted, _assert_same_record, _interrupt_at, _metrics
+    from test_resume import assert_resumes_identically
 
     root, _, _ = cifar_root
-    over = ["debug=smoke", "device=cpu", "data=cifar10", f"data.root={root}",
-            "data.on_device=true", "data.num_workers=0", "data.batch_size=20",
-            "data.limit_train=40", "data.limit_test=12", "model=cnn7", "model.width=0.125"]
-    want = run(compose(over), tmp_path / "ref")
-    with monkeypatch.context() as m:
-        _interrupt_at(m, "mid_epoch")
-        with pytest.raises(Preempted):
-            run(compose(over), tmp_path / "run")
-    got = run(compose(over), tmp_path / "run", resume=True)
-    for a, b in zip(_metrics(tmp_path / "ref"), _metrics(tmp_path / "run"), strict=True):
-        _assert_same_record(a, b, f"epoch {a['epoch']}")
-    for key in ACC_KEYS:
-        assert got[key] == want[key], key
+    assert_resumes_identically(compose, [
+        "debug=smoke", "device=cpu", "data=cifar10", f"data.root={root}", "data.on_device=true",
+        "data.num_workers=0", "data.batch_size=20", "data.limit_train=40", "data.limit_test=12",
+        "model=cnn7", "model.width=0.125"], tmp_path, monkeypatch)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
-from test_certify import TRAIN, _compose, trained  # noqa: F401  (the module's trained run)
+from conftest import ROOT, compose_config
+from test_certify import TRAIN, trained  # noqa: F401  (the module's trained run)
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="dev extra: pip install -e '.[dev]'")
 
@@ -28,7 +28,7 @@ EPS = 0.05
 
 
 def export_cfg(checkpoint, *overrides):
-    return _compose("export", [f"checkpoint={checkpoint}", *overrides])
+    return compose_config("export", [f"checkpoint={checkpoint}", *overrides])
 
 
 def parse_vnnlib(text: str):

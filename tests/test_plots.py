@@ -10,26 +10,14 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from conftest import CONF, TINY
+from conftest import TINY, compose_config
 from fastcert import plots
 from fastcert.diagnostics import bound_explosion, find_runs, read_metrics, read_run
 from fastcert.config import options
 from fastcert.pipeline import run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _compose(overrides):
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return hydra_compose("config", overrides=list(overrides))
-    finally:
-        GlobalHydra.instance().clear()
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +28,7 @@ def runs(tmp_path_factory):
     common = TINY + ["epochs=3", "schedule.start=1", "schedule.length=1"]
     out = {}
     for i, method in enumerate(("fast", "ibp")):
-        run(_compose(common + [f"method={method}"]), root / str(i))
+        run(compose_config("config", common + [f"method={method}"]), root / str(i))
         out[method] = root / str(i)
     return root, out
 

@@ -273,9 +273,9 @@ class DigitsJitter(Digits):
         return splits
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_augmentation_randomness_survives_resume(compose, tmp_path, monkeypatch, workers):
-    over = TINY + [f"data._target_={__name__}.DigitsJitter", f"data.num_workers={workers}"]
+def assert_resumes_identically(compose, over: list[str], tmp_path: Path, monkeypatch) -> None:
+    """A run of ``over`` interrupted mid-epoch and resumed ends with the records and results
+    of an uninterrupted one."""
     want = run(compose(over), tmp_path / "ref")
     with monkeypatch.context() as m:
         _interrupt_at(m, "mid_epoch")
@@ -286,6 +286,13 @@ def test_augmentation_randomness_survives_resume(compose, tmp_path, monkeypatch,
         _assert_same_record(a, b, f"epoch {a['epoch']}")
     for key in ACC_KEYS:
         assert got[key] == want[key], key
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_augmentation_randomness_survives_resume(compose, tmp_path, monkeypatch, workers):
+    assert_resumes_identically(compose, TINY + [f"data._target_={__name__}.DigitsJitter",
+                                                f"data.num_workers={workers}"],
+                               tmp_path, monkeypatch)
 
 
 def _copy_run(src: Path, dst: Path) -> Path:

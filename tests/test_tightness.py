@@ -11,23 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from conftest import CONF, MODEL_NAMES, TINY, build_model, tiny_kwargs
+from conftest import MODEL_NAMES, TINY, build_model, compose_config, tiny_kwargs
 from fastcert.bounds import BoundedNet, margin_spec
 from fastcert.pipeline import run
 from fastcert.tightness import TightnessProbe, propagation_tightness
-
-
-def _compose(overrides):
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return hydra_compose("config", overrides=list(overrides))
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def test_hand_computed_two_unit_network():
@@ -143,7 +131,7 @@ def digits_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tightness")
     out = {}
     for method in ("natural", "ibp"):
-        run(_compose(DIGITS + [f"method={method}"]), root / method)
+        run(compose_config("config", DIGITS + [f"method={method}"]), root / method)
         out[method] = root / method
     return out
 
@@ -179,7 +167,7 @@ def test_tightness_is_logged_to_wandb_each_epoch(tmp_path, monkeypatch):
     for k, v in wandb_env(tmp_path).items():
         monkeypatch.setenv(k, v)
     run_dir = tmp_path / "run"
-    run(_compose(TINY + ["logger=wandb", "epochs=2"]), run_dir)
+    run(compose_config("config", TINY + ["logger=wandb", "epochs=2"]), run_dir)
     import wandb
     wandb.teardown()
     rows = OfflineRun(offline_runs(run_dir)[0]).rows("epoch/tightness")
@@ -192,14 +180,11 @@ def test_certify_reports_the_test_set_tightness(digits_runs, tmp_path):
     from fastcert.tightness import mean_tightness
     from fastcert.pipeline import build
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose("certify", [f"checkpoint={digits_runs['ibp'] / 'last.pt'}",
-                                        "attack=pgd", "attack.steps=2", "progress=false", "verifiers=[ibp]",
-                                        "eps=[0.05,0.1]", "device=cpu"])
-    GlobalHydra.instance().clear()
+    cfg = compose_config("certify", [f"checkpoint={digits_runs['ibp'] / 'last.pt'}",
+                         "attack=pgd", "attack.steps=2", "progress=false", "verifiers=[ibp]",
+                         "eps=[0.05,0.1]", "device=cpu"])
     summary = certify(cfg, tmp_path)
-    built = build(_compose(DIGITS + ["method=ibp"]), torch.device("cpu"))
+    built = build(compose_config("config", DIGITS + ["method=ibp"]), torch.device("cpu"))
     built.net.model.load_state_dict(torch.load(digits_runs["ibp"] / "last.pt",
                                                weights_only=False)["model"])
     for r in summary["results"]:
@@ -218,12 +203,9 @@ def test_a_failing_tightness_does_not_cost_the_certification(digits_runs, tmp_pa
         raise TypeError("tightness: no radius rule for AvgPool2d (test)")
 
     monkeypatch.setattr(tightness, "mean_tightness", no_rule)
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose("certify", [f"checkpoint={digits_runs['ibp'] / 'last.pt'}",
-                                        "attack=pgd", "attack.steps=2", "progress=false",
-                                        "verifiers=[ibp]", "eps=[0.05]", "device=cpu"])
-    GlobalHydra.instance().clear()
+    cfg = compose_config("certify", [f"checkpoint={digits_runs['ibp'] / 'last.pt'}",
+                         "attack=pgd", "attack.steps=2", "progress=false",
+                         "verifiers=[ibp]", "eps=[0.05]", "device=cpu"])
     summary = certify(cfg, tmp_path)
     saved = json.loads((tmp_path / "certify.json").read_text())
     assert saved["results"][0]["tightness"] is None and saved["results"][0]["clean"] > 0
