@@ -13,10 +13,10 @@ repetition times one step of every row, in alternating order. Rows:
 * ``floor loss fusion``: a bare auto_LiRPA loss-fusion step (Xu et al. 2020) with the bound of
   fastcert's CROWN-IBP at this ε: natural CE and the upper bound of the CE, β·CROWN-IBP +
   (1-β)·IBP, β = 1 - ε/ε_target; backward, Adam step.
-* ``fit <method>`` for every ``conf/method`` option but :data:`EXPENSIVE`: the real training
-  step, i.e. the loop of :func:`fastcert.train.fit` (box, Batch, ``method.step``, backward,
-  gradient clipping, Adam, per-step statistics) over a loader that repeats the batch; a step is the time between two
-  batches the loop asks for. The first step of each call (a diagnostic step with a fresh
+* ``fit <method>`` for every ``conf/method`` option but :data:`experiments.EXPENSIVE_METHODS`:
+  the real training step, i.e. the loop of :func:`fastcert.train.fit` (box, Batch,
+  ``method.step``, backward, gradient clipping, Adam, per-step statistics) over a loader that
+  repeats the batch; a step is the time between two batches the loop asks for. The first step of each call (a diagnostic step with a fresh
   optimiser) is not timed; the loader reports a CIFAR-10 epoch's length, so the diagnostic
   cadence is a real epoch's.
 
@@ -51,8 +51,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from experiments import default_methods
 from fastcert.bounds import BoundedNet, margin_spec, robust_ce_from_margins
-from fastcert.config import build_option, options
+from fastcert.config import build_option
 from fastcert.data import CIFAR10_MEAN, CIFAR10_STD, CropFlip, DataBundle, DeviceBatches
 from fastcert.loggers import NullLogger
 from fastcert.memory import keep_freed_memory
@@ -64,9 +65,7 @@ from fastcert.train import TrainSetup, fit
 GOALS = {"fit natural": ("torch natural", 1.05), "fit ibp": ("floor ibp", 1.05),
          "fit fast": ("floor ibp", 1.05), "fit crown_ibp": ("floor loss fusion", 1.10)}
 CIFAR_TRAIN = 50_000
-#: Methods timed only when named with --methods: full-CROWN training bounds every intermediate
-#: layer by its own backward pass (CNN-7 at CIFAR shapes: ~200k neurons), far beyond a step.
-EXPENSIVE = ("crown",)
+
 #: Table 3 of Shi et al. 2021 (s/epoch, CNN-7, CIFAR-10, one RTX 2080 Ti): method -> phase
 TABLE3 = {"ibp": {"eps0": 30.0, "ramp": 54.8, "final": 54.8},
           "crown_ibp": {"eps0": 30.0, "ramp": 78.5, "final": 54.8},
@@ -518,7 +517,7 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     reps = 2 if args.quick and "--reps" not in argv else args.reps
     s = setting(args, device)
-    methods = args.methods or [m for m in options("method") if m not in EXPENSIVE]
+    methods = args.methods or default_methods()
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # fit's checkpoints: not on disk
     with tempfile.TemporaryDirectory(dir=shm, prefix="fastcert-bench-") as tmp:
         names = row_names(methods)

@@ -3,9 +3,9 @@
     python -m experiments.compare_methods [--quick] [--seeds 0 1 2] [--methods ...] [--eps ...]
                                           [--epochs N] [--out DIR] [overrides ...]
 
-Each method (every option of ``conf/method`` but full-CROWN training, :data:`EXPENSIVE`; each
-with its default config: the IBP-based
-ones with IBP initialisation and the warmup regularisers, as their authors train them) trains
+Each method (every option of ``conf/method`` but full-CROWN training,
+:data:`experiments.EXPENSIVE_METHODS`; each with its default config: the IBP-based ones with IBP
+initialisation and the warmup regularisers, as their authors train them) trains
 ``cnn_small`` (full BatchNorm) on the digits with the same short schedule: ``--epochs`` (36)
 epochs, ε = 0 for the first, a smoothed ramp over a third of the rest (11 of 36;
 ``SmoothedSchedule``, the shape of auto_LiRPA / CTBench), Adam lr 1e-3 ×0.2 at 75 % and 90 %
@@ -31,16 +31,13 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from experiments import EXPENSIVE_METHODS, default_methods
 from fastcert.config import options
 from fastcert.pipeline import run
 from fastcert.train import read_metrics
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EPS = (0.1, 0.2)
-#: Methods left out unless named with --methods: full-CROWN training (``method=crown``, Zhu et
-#: al.'s Table 1 setting for MLPs and small CNNs; experiments.relaxation_regularizers) costs
-#: ~100x an IBP epoch on cnn_small (measured: ~56 s vs ~0.5 s per digits epoch).
-EXPENSIVE = ("crown",)
 COLUMNS = (("clean", "clean_acc"), ("PGD", "pgd_acc"), ("IBP-verified", "ibp_verified_acc"),
            ("CROWN-verified", "crown_verified_acc"))
 
@@ -105,7 +102,7 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="one seed, 3 epochs (smoke check)")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--methods", nargs="+", default=None,
-                   help=f"default: every conf/method but {', '.join(EXPENSIVE)}")
+                   help=f"default: every conf/method but {', '.join(EXPENSIVE_METHODS)}")
     p.add_argument("--eps", type=float, nargs="+", default=list(EPS))
     p.add_argument("--epochs", type=int, default=None, help="default 36 (--quick: 3)")
     p.add_argument("--out", default="outputs/compare_methods")
@@ -113,7 +110,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     epochs = args.epochs or (3 if args.quick else 36)
-    methods = args.methods or [m for m in options("method") if m not in EXPENSIVE]
+    methods = args.methods or default_methods()
     unknown = sorted(set(methods) - set(options("method")))
     if unknown:
         p.error(f"unknown method(s) {unknown}; choose from {options('method')}")

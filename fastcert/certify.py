@@ -130,6 +130,13 @@ def load_run_config(checkpoint_path: str | os.PathLike, state: dict) -> tuple[Di
     return cfg, str(hydra_cfg)
 
 
+def tested_radius(run_cfg: DictConfig):
+    """The radius a run is tested at: its ``eval.eps`` (e.g. 0.3 for CROWN-IBP's MNIST train-0.4
+    setting), else its training ``eps``; what certify and export use without ``eps=``."""
+    test_eps = OmegaConf.select(run_cfg, "eval.eps")
+    return run_cfg.eps if test_eps is None else test_eps
+
+
 def _eps_list(value, default) -> list[float]:
     from fastcert.config import parse_number
 
@@ -338,8 +345,7 @@ def _certify(cfg: DictConfig, out_dir: Path, device) -> dict:
     state = ckpt.load(path, map_location="cpu")
     run_cfg, source = load_run_config(path, state)
     run_cfg = _apply_data_overrides(run_cfg, cfg)
-    test_eps = OmegaConf.select(run_cfg, "eval.eps")  # the run's test radius, else its training one
-    eps_list = _eps_list(cfg.get("eps"), run_cfg.eps if test_eps is None else test_eps)
+    eps_list = _eps_list(cfg.get("eps"), tested_radius(run_cfg))
     for e in eps_list:
         check_eps(e, parse_number(run_cfg.data.eps_max, "data.eps_max"))
     seed = int(run_cfg.seed) if seed is None else seed

@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fastcert import certify as _certify_module  # registers the checkpoint-dir resolver
 
@@ -95,8 +95,7 @@ def export(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     state = ckpt.load(path, map_location="cpu")
     run_cfg, source = _certify_module.load_run_config(path, state)
     run_cfg = _certify_module._apply_data_overrides(run_cfg, cfg)
-    test_eps = OmegaConf.select(run_cfg, "eval.eps")  # the run's test radius, as certify
-    default = run_cfg.eps if test_eps is None else test_eps
+    default = _certify_module.tested_radius(run_cfg)
     eps = parse_number(default if cfg.get("eps") is None else cfg.eps, "eps")
     check_eps(eps, parse_number(run_cfg.data.eps_max, "data.eps_max"))
     timeout = coerce(cfg.timeout, float, "timeout")
