@@ -412,9 +412,18 @@ def test_allow_changes_resumes_and_records_the_changes(finished_run, tmp_path, c
 def test_wall_time_after_a_resume_is_the_total(tmp_path, compose, monkeypatch):
     """results.json's wall_time_s counts the interrupted process up to its checkpoint and the
     resumed one (it used to count the resumed process only)."""
+    from fastcert.methods import IBP
+
     run_dir = tmp_path / "run"
+    step = IBP.step
+
+    def slow_step(self, net, batch):  # the first process's time dwarfs any start-up noise
+        time.sleep(0.25)
+        return step(self, net, batch)
+
     first = time.perf_counter()
     with monkeypatch.context() as m:
+        m.setattr(IBP, "step", slow_step)
         _interrupt_at(m, "mid_epoch")
         with pytest.raises(Preempted):
             run(compose(TINY), run_dir)
