@@ -20,9 +20,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from fastcert.config import CONF_DIR
 from fastcert.pipeline import run
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _mean_std(values):
@@ -45,7 +44,7 @@ def main(argv=None):
     for method in args.methods:
         for seed in args.seeds:
             GlobalHydra.instance().clear()
-            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
                 cfg = compose("config", overrides=["experiment=digits_ablation", f"method={method}",
                                                    f"seed={seed}", *args.overrides])
             run_dir = Path(args.out) / f"{method}-s{seed}"

@@ -32,11 +32,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from experiments import EXPENSIVE_METHODS, default_methods
-from fastcert.config import options
+from fastcert.config import CONF_DIR, options
 from fastcert.pipeline import run
 from fastcert.train import read_metrics
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 EPS = (0.1, 0.2)
 COLUMNS = (("clean", "clean_acc"), ("PGD", "pgd_acc"), ("IBP-verified", "ibp_verified_acc"),
            ("CROWN-verified", "crown_verified_acc"))
@@ -59,7 +58,7 @@ def overrides(method: str, eps: float, seed: int, epochs: int, extra=()) -> list
 
 def train_one(method: str, eps: float, seed: int, epochs: int, out: Path, extra=()) -> dict:
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides(method, eps, seed, epochs, extra))
     GlobalHydra.instance().clear()
     run_dir = out / f"eps{eps}" / f"{method}-s{seed}"

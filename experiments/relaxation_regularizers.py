@@ -27,10 +27,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from fastcert.bounds import Bound
+from fastcert.config import CONF_DIR
 from fastcert.pipeline import build, run
 from fastcert.relaxation import measure
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 VARIANTS = {"crown_ibp": "CROWN-IBP", "crown_ibp_r": "CROWN-IBP + r"}
 QUICK = ["epochs=6", "schedule.start=1", "schedule.length=3", "optim.milestones=[5]"]
 COLUMNS = ("clean_acc", "crown_verified_acc", "ibp_verified_acc", "d", "r")
@@ -38,7 +38,7 @@ COLUMNS = ("clean_acc", "crown_verified_acc", "ibp_verified_acc", "d", "r")
 
 def _compose(overrides):
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 

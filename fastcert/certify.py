@@ -458,7 +458,7 @@ def _precheck(argv: list[str]) -> str | None:
     return f"checkpoint {v} does not exist"
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="certify")
+@hydra.main(version_base="1.3", config_path="conf", config_name="certify")
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
 

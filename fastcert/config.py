@@ -19,7 +19,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, Union
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 #: Keys of a node that are not arguments of its target.
 META_KEYS = ("name", "_target_")
 

@@ -155,7 +155,7 @@ def export(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path="conf", config_name="export")
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
 

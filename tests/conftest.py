@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = ROOT / "fastcert" / "conf"
 
 # Tiny kwargs per model family (tests fall back to a heuristic for a newly registered model).
 TINY_MODELS: dict[str, dict] = {

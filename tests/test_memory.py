@@ -12,7 +12,7 @@ import pytest
 
 from fastcert import memory
 
-from conftest import ROOT, TINY
+from conftest import CONF, ROOT, TINY
 
 pytestmark = pytest.mark.skipif(memory._libc() is None, reason="needs glibc")
 
@@ -79,7 +79,7 @@ print(memory.applied())
                                              ("false", "False")])
 def test_runs_keep_freed_memory_on_cpu_unless_switched_off(setting, applied):
     over = TINY + ([f"keep_freed_memory={setting}"] if setting else [])
-    assert _python(BUILD, str(ROOT / "conf"), *over) == applied
+    assert _python(BUILD, str(CONF), *over) == applied
 
 
 def test_the_key_is_checked(compose):
