@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 # Config keys (or prefixes, "logger" covers "logger.*") that never define a group.
-IGNORED = ("seed", "device", "devices", "resume", "optimized_metric", "logger", "data.root",
+IGNORED = ("seed", "device", "devices", "resume", "optimized_metric", "logger", "paths", "data.root",
            "data.download", "data.num_workers", "hydra", "checkpoint")
 # Grouping columns in this order, then the rest in config order. The table's identity columns
 # (ALWAYS) are shown whenever they differ; any other key only when it splits a group further

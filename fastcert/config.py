@@ -40,7 +40,9 @@ def options(group: str) -> list[str]:
 
 def option_node(group: str, option: str) -> Mapping[str, Any]:
     """The node ``conf/<group>/<option>.yaml`` defines (for a ``# @package _global_`` file, its
-    ``<group>`` entry), as a plain dict; tools and experiments build from it without Hydra."""
+    ``<group>`` entry), as a plain dict; tools and experiments build from it without Hydra.
+    Its ``${paths.*}`` interpolations resolve against ``conf/paths/default.yaml``, as in a
+    composed run config."""
     from omegaconf import OmegaConf
 
     path = CONF_DIR / group / f"{option}.yaml"
@@ -49,7 +51,9 @@ def option_node(group: str, option: str) -> Mapping[str, Any]:
     node = OmegaConf.load(path)
     if "_target_" not in node and group in node:
         node = node[group]
-    return OmegaConf.to_container(node, resolve=True)
+    tree = OmegaConf.create({"paths": OmegaConf.load(CONF_DIR / "paths" / "default.yaml"),
+                             "node": node})
+    return OmegaConf.to_container(tree.node, resolve=True)
 
 
 def build_option(group: str, option: str, overrides: Mapping[str, Any] | None = None,
