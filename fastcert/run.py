@@ -1,4 +1,5 @@
-"""``python -m fastcert.run [overrides]``: train and certify one model (a Hydra app).
+"""``fastcert-train [overrides]`` (or ``python -m fastcert.run``): train and certify one model
+(a Hydra app).
 
 With no overrides it runs the embedded default (digits, IBP, ε=0.1) on the CPU in about
 30 s. ``-m`` sweeps, e.g. ``python -m fastcert.run -m method=ibp,fast seed=0,1,2``.
@@ -66,9 +67,14 @@ def _join_torchrun() -> None:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``fastcert-train`` (the console script) and ``python -m fastcert.run``."""
     _join_torchrun()
     try:
         main()
     finally:
         distributed.shutdown()
+
+
+if __name__ == "__main__":
+    cli()
