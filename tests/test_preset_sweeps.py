@@ -24,8 +24,8 @@ from fastcert.run import experiment_name
 DOCUMENTED = re.compile(r"-m '([^']*glob\([^']*\))'")
 #: Folders of presets (a group path has no '.', so a folder such as mnist_dm_large_0.4 holds a
 #: single preset, named in full instead).
-FOLDERS = sorted({p.rsplit("/", 1)[0] for p in options("experiment") if "/" in p} -
-                 {f for f in (p.rsplit("/", 1)[0] for p in options("experiment")) if "." in f})
+FOLDERS = sorted({f for f in (p.rsplit("/", 1)[0] for p in options("experiment") if "/" in p)
+                  if "." not in f})
 
 
 def _documented() -> dict[str, list[str]]:
