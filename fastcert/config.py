@@ -1,8 +1,9 @@
 """Config nodes → objects, checked before anything trains.
 
-Every config group option (``conf/<group>/<option>.yaml``) is one node: ``name`` (the option's
-label, used in run names, tables and W&B), ``_target_`` (the class or function it builds) and
-that target's arguments. :func:`instantiate` is the one way nodes become objects: it checks every
+Every config group option (``conf/<group>/<option>.yaml``; ``conf/`` is the package's
+``fastcert/conf``, :data:`CONF_DIR`) is one node: ``name`` (the option's label, used in run
+names, tables and W&B), ``_target_`` (the class or function it builds) and that target's
+arguments. :func:`instantiate` is the one way nodes become objects: it checks every
 key against the target's signature (an unknown key is refused with the nearest valid one and the
 full list), coerces each value to its annotated type (so ``optim.lr=abc`` is refused naming the
 key, and ``eps=8/255`` reads as a fraction), then calls ``hydra.utils.instantiate``. The config
