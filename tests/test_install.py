@@ -9,11 +9,12 @@ import shutil
 import site
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import CONF, ROOT
 
 #: What a wheel is built from (everything pyproject.toml packages or reads).
 SOURCES = ("pyproject.toml", "README.md", "fastcert", "experiments")
@@ -54,11 +55,16 @@ def venv(tmp_path_factory):
          wheel], tmp, env)
     env = {**env, "PATH": f"{root / 'bin'}{os.pathsep}{env.get('PATH', '')}",
            "OMP_NUM_THREADS": "1"}
-    return root, env
+    return root, env, wheel
+
+
+def test_the_wheel_carries_every_config(venv):
+    names = set(zipfile.ZipFile(venv[2]).namelist())
+    assert {f"fastcert/conf/{p.relative_to(CONF).as_posix()}" for p in CONF.rglob("*.yaml")} <= names
 
 
 def test_the_wheel_trains_and_certifies_from_an_empty_directory(venv, tmp_path):
-    root, env = venv
+    root, env, _ = venv
     work = tmp_path / "empty"
     work.mkdir()
     where = _sh([root / "bin" / "python", "-c", "import fastcert; print(fastcert.__file__)"],
@@ -76,7 +82,7 @@ def test_the_wheel_trains_and_certifies_from_an_empty_directory(venv, tmp_path):
 
 
 def test_console_scripts_refuse_a_missing_checkpoint_in_one_line(venv, tmp_path):
-    root, env = venv
+    root, env, _ = venv
     for script in ("fastcert-certify", "fastcert-export"):
         proc = subprocess.run([root / "bin" / script, "checkpoint=nope.pt"], cwd=tmp_path,
                               env=env, capture_output=True, text=True, timeout=120)
