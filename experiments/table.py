@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 # Config keys (or prefixes, "logger" covers "logger.*") that never define a group.
-IGNORED = ("seed", "device", "devices", "resume", "optimized_metric", "logger", "data.root",
+IGNORED = ("seed", "device", "devices", "resume", "optimized_metric", "logger", "paths", "data.root",
            "data.download", "data.num_workers", "hydra", "checkpoint")
 # Grouping columns in this order, then the rest in config order. The table's identity columns
 # (ALWAYS) are shown whenever they differ; any other key only when it splits a group further
@@ -79,12 +79,12 @@ CTBENCH_SETTINGS = {"mnist_0_1": ("mnist", 0.1), "mnist_0_3": ("mnist", 0.3),
 CTBENCH_METHODS = ("ibp", "fast", "crown_ibp", "sabr", "taps", "staps", "mtl_ibp", "cc_ibp",
                    "exp_ibp", "pgd")
 _SABR = "Müller et al. 2023 (SABR) Table 1, MN-BaB"
-_CTB = "CTBench arXiv v4 Table 22 (second-hand, shared/ANCHORS.md)"
-_EL = "De Palma et al. 2024 Table 1 (second-hand, shared/ANCHORS.md)"
-_TALK = "Mao et al. 2024 talk table (shared/papers), PGD accuracy not certified"
+_CTB = "CTBench arXiv v4 Table 22 (second-hand)"
+_EL = "De Palma et al. 2024 Table 1 (second-hand)"
+_TALK = "Mao 2024 talk table, PGD accuracy not certified"
 #: (setting, method) -> (clean %, certified %, source) for CNN-7; None where not published or
-#: not readable here. CTBench's own table could not be read (methods_spec.md Sec. 8.2), so
-#: most rows quote the methods' papers; "fast" carries the IBP rows, since CTBench's and the
+#: not readable here ("second-hand": as a third party quotes the table). CTBench's own table
+#: was not readable, so most rows quote the methods' papers; "fast" carries the IBP rows, since CTBench's and the
 #: SABR paper's IBP baseline is Shi et al.'s recipe (IBP init + warmup regularisers).
 PUBLISHED = {
     "ctbench": {

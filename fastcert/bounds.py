@@ -5,7 +5,8 @@ A :class:`BoundedNet` is *one network state* seen three ways: the plain ``nn.Mod
 loss-fusion ``BoundedModule`` of Xu et al. 2020 (``CrossEntropyWrapper``). auto_LiRPA shares
 the parameters with the wrapped module but keeps *copies* of BatchNorm running statistics;
 :func:`_tie_buffers` makes all three views use the same buffer tensors, so a metric measured
-through any view sees the same BN statistics (see NOTES.md, "Pitfalls seen").
+through any view sees the same BN statistics (with copies, a model trained through the
+BoundedModule and measured through the plain module can show verified > clean accuracy).
 """
 from __future__ import annotations
 

@@ -468,7 +468,9 @@ def main(cfg: DictConfig):
         certify(cfg, HydraConfig.get().runtime.output_dir)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``fastcert-certify`` (the console script) and ``python -m fastcert.certify``: a missing or
+    mistyped ``checkpoint=`` is refused in one line (exit 2) before Hydra starts."""
     import sys
 
     from fastcert.cli import quiet_known_warnings
@@ -479,3 +481,7 @@ if __name__ == "__main__":
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

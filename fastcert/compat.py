@@ -2,10 +2,10 @@
 α-CROWN optimise on torch >= 2.14 whatever the auto_LiRPA version.
 
 auto_LiRPA 0.3 (Sept 2022) was written for torch<1.13. On today's stack it breaks in four
-places (measured, see shared/NOTES.md), and α-CROWN fails in two more. Each fix below is applied
-only when a probe shows the feature it restores is missing, so a newer auto_LiRPA (or an older
-torch) is left untouched (tested versions: auto_LiRPA 0.3 from PyPI and 0.7.1 from source, on
-torch 2.14.1):
+places (each probed by tests/test_compat.py), and α-CROWN fails in two more. Each fix below is
+applied only when a probe shows the feature it restores is missing, so a newer auto_LiRPA (or an
+older torch) is left untouched (tested versions: auto_LiRPA 0.3 from PyPI and 0.7.1 from source,
+on torch 2.14.1):
 
 1. ``numpy_isin``        NumPy 2 removed ``numpy.lib.arraysetops``; 0.3 imports ``isin`` from it.
 2. ``onnx_opset``        ``torch.onnx.symbolic_helper._set_opset_version`` is gone (the opset now

@@ -1,8 +1,9 @@
 """Config nodes → objects, checked before anything trains.
 
-Every config group option (``conf/<group>/<option>.yaml``) is one node: ``name`` (the option's
-label, used in run names, tables and W&B), ``_target_`` (the class or function it builds) and
-that target's arguments. :func:`instantiate` is the one way nodes become objects: it checks every
+Every config group option (``conf/<group>/<option>.yaml``; ``conf/`` is the package's
+``fastcert/conf``, :data:`CONF_DIR`) is one node: ``name`` (the option's label, used in run
+names, tables and W&B), ``_target_`` (the class or function it builds) and that target's
+arguments. :func:`instantiate` is the one way nodes become objects: it checks every
 key against the target's signature (an unknown key is refused with the nearest valid one and the
 full list), coerces each value to its annotated type (so ``optim.lr=abc`` is refused naming the
 key, and ``eps=8/255`` reads as a fraction), then calls ``hydra.utils.instantiate``. The config
@@ -40,7 +41,9 @@ def options(group: str) -> list[str]:
 
 def option_node(group: str, option: str) -> Mapping[str, Any]:
     """The node ``conf/<group>/<option>.yaml`` defines (for a ``# @package _global_`` file, its
-    ``<group>`` entry), as a plain dict; tools and experiments build from it without Hydra."""
+    ``<group>`` entry), as a plain dict; tools and experiments build from it without Hydra.
+    Its ``${paths.*}`` interpolations resolve against ``conf/paths/default.yaml``, as in a
+    composed run config."""
     from omegaconf import OmegaConf
 
     path = CONF_DIR / group / f"{option}.yaml"
@@ -49,7 +52,9 @@ def option_node(group: str, option: str) -> Mapping[str, Any]:
     node = OmegaConf.load(path)
     if "_target_" not in node and group in node:
         node = node[group]
-    return OmegaConf.to_container(node, resolve=True)
+    tree = OmegaConf.create({"paths": OmegaConf.load(CONF_DIR / "paths" / "default.yaml"),
+                             "node": node})
+    return OmegaConf.to_container(tree.node, resolve=True)
 
 
 def build_option(group: str, option: str, overrides: Mapping[str, Any] | None = None,

@@ -4,8 +4,8 @@ A training step allocates and frees the same large buffers every step (activatio
 tensors, gradients). glibc serves a request above ``M_MMAP_THRESHOLD`` (dynamic, at most
 32 MiB on 64-bit) with its own ``mmap`` and unmaps it on ``free``, and trims the heap top above
 ``M_TRIM_THRESHOLD``: each step the same memory goes back to the kernel and is faulted in again,
-page by page. Measured here (CNN-7, batch 32, one thread): 50k-400k minor page faults per step,
-10-25 % of the wall time (/work/shared/NOTES.md; README "Speed" has this module's numbers).
+page by page. Measured on a 2-core x86 CPU (CNN-7, batch 32, one thread): 50k-400k minor page
+faults per step, 10-25 % of the wall time (``python -m experiments.allocators`` measures it).
 
 :func:`keep_freed_memory` sets ``M_MMAP_MAX = 0`` (every request comes from the heap, which
 ``free`` does not unmap) and ``M_TRIM_THRESHOLD = 1 GiB`` (freed heap memory stays mapped up to

@@ -1,4 +1,5 @@
-"""``python -m fastcert.run [overrides]``: train and certify one model (a Hydra app).
+"""``fastcert-train [overrides]`` (or ``python -m fastcert.run``): train and certify one model
+(a Hydra app).
 
 With no overrides it runs the embedded default (digits, IBP, ε=0.1) on the CPU in about
 30 s. ``-m`` sweeps, e.g. ``python -m fastcert.run -m method=ibp,fast seed=0,1,2``.
@@ -39,6 +40,17 @@ def write_hydra_dir(run_dir: Path, cfg: DictConfig) -> None:
     (out / "overrides.yaml").write_text(OmegaConf.to_yaml(hydra_cfg.overrides.task))
 
 
+def experiment_name(choices) -> str | None:
+    """The preset a run was launched with (its W&B group by default), e.g. ``shi2021/table4/row3``
+    from ``experiment=shi2021/table4/row3`` or from ``+experiment/shi2021/table4=row3``, the form
+    a sweep over a folder of presets takes (``-m '+experiment/shi2021/table4=glob(*)'``)."""
+    if choices.get("experiment"):
+        return choices["experiment"]
+    return next((f"{group.removeprefix('experiment/')}/{option}"
+                 for group, option in choices.items()
+                 if group.startswith("experiment/") and option), None)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
     hydra_cfg = HydraConfig.get()
@@ -49,7 +61,7 @@ def main(cfg: DictConfig):
             ctx = distributed.current()
             # a fresh run writes .hydra/ once accepted; under torchrun rank 0 alone
             fresh = resume_options(cfg)[0] is None and (ctx is None or ctx.main)
-            results = run(cfg, run_dir, group=hydra_cfg.runtime.choices.get("experiment"),
+            results = run(cfg, run_dir, group=experiment_name(hydra_cfg.runtime.choices),
                           started=(lambda: write_hydra_dir(run_dir, cfg)) if fresh else None)
     finally:
         print(f"run dir: {run_dir}", flush=True)
@@ -66,9 +78,14 @@ def _join_torchrun() -> None:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``fastcert-train`` (the console script) and ``python -m fastcert.run``."""
     _join_torchrun()
     try:
         main()
     finally:
         distributed.shutdown()
+
+
+if __name__ == "__main__":
+    cli()

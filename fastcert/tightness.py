@@ -16,8 +16,8 @@ the margins C·f (C the specification matrix of :func:`fastcert.bounds.margin_sp
 Residual blocks propagate the radius through both branches and add (as IBP does). τ → 1
 means IBP is nearly exact; on CIFAR-10 CNN-7 at 2/255 and 8/255 the authors measure τ ≈
 0.001 / 0.007 after PGD training, 0.18 / 0.95 after SABR and 0.80 / 0.98 after IBP (the table
-of their talk, shared/papers). Both radii are floored at 1e-8 before the division, as in the
-authors' code (a fully dead network has τ = 1).
+of Y. Mao's 2024 talk "Training Certifiably Robust Neural Networks"). Both radii are floored at
+1e-8 before the division, as in the authors' code (a fully dead network has τ = 1).
 
 Everything runs on the plain ``nn.Module`` in eval mode and restores its mode; the gradients
 are taken with respect to the input only, so no parameter gradient, BatchNorm statistic or

@@ -137,7 +137,8 @@ def test_loss_fusion_bound_is_above_the_natural_loss(training):
 
 def test_views_share_batchnorm_statistics():
     """Training through the BoundedModule or the loss-fusion module moves the BN statistics of
-    the plain model (one network state; NOTES.md 'Pitfalls seen')."""
+    the plain model (one network state: with copies, clean accuracy measured through the plain
+    model could fall below the verified accuracy)."""
     torch.manual_seed(0)
     model = _cnn()
     net = BoundedNet(model, torch.zeros(2, 1, 8, 8), 10).train()

@@ -252,6 +252,20 @@ def test_hydra_config_for_a_checkpoint_without_one(trained, tmp_path):
     assert summary["n_test"] == 16
 
 
+def test_a_checkpoint_saved_before_the_paths_group(trained, tmp_path):
+    """A checkpoint whose config has no ``paths`` node (data.root stored resolved) certifies."""
+    import torch
+
+    run_dir, _ = trained
+    state = torch.load(run_dir / "last.pt", weights_only=False)
+    del state["config"]["paths"]
+    state["config"]["data"]["root"] = "./data"
+    torch.save(state, tmp_path / "last.pt")
+    summary = certify(certify_cfg(tmp_path / "last.pt", "verifiers=[ibp]", "attack.steps=2",
+                                  "limit_test=8"), tmp_path / "out")
+    assert summary["config_source"] == "checkpoint" and summary["n_test"] == 8
+
+
 def test_weights_not_matching_config(trained, tmp_path):
     import torch
 

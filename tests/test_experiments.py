@@ -1,7 +1,7 @@
 """Every entry point honours ``cpu_threads`` (torch's CPU thread count): the run, certify, the
 benchmark and the experiment scripts. Each call starts from 3 threads and must leave torch
 with the configured 1 (two or more spin against each other on a small or busy machine:
-measured up to 65x slower, /work/shared/NOTES.md)."""
+up to 65x slower with two threads on a loaded 2-core machine)."""
 from __future__ import annotations
 
 import pytest

@@ -165,7 +165,8 @@ def test_ibp_init_std():
     ],
 )
 def test_fan_in_only_variances(init, std):
-    """NOTES.md "Reading Table 3.1": the baselines use fan-in-only variances."""
+    """The baselines use fan-in-only variances: they reproduce Table 5 of Shi et al. 2021
+    (thesis Table 3.1), e.g. Xavier uniform's gain sqrt(27)/4 = 1.30 at fan-in 27."""
     layer = nn.Linear(400, 2000)  # fan-in 400, fan-out 2000: fan-out must not matter
     initialize(_with_head(layer), init, seed=0)
     assert layer.weight.std().item() == pytest.approx(std(400), rel=0.02)

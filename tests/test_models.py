@@ -340,8 +340,8 @@ DATA_SHAPES = {"digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10),
 #: defaults on each data set. cnn7, wide_resnet and resnext on mnist/cifar10/tinyimagenet are the
 #: counts of the networks of Shi et al.'s released code (cnn_7layer_bn2, wide_resnet_8,
 #: ResNeXt_2_32; cnn_7layer_bn_imagenet, wide_resnet_bn_imagenet64, ResNeXt_bn_imagenet64),
-#: counted on its own model files (/work/notes/fidelity_spec.md §1). cnn_2layer/cnn_4layer/
-#: cnn_3layer_fixed on (fashion_)mnist are those of CROWN-IBP's model_defs.py. The rest are
+#: counted on its own model files. cnn_2layer/cnn_4layer/cnn_3layer_fixed on (fashion_)mnist
+#: are those of CROWN-IBP's model_defs.py. The rest are
 #: fastcert's own definitions, counted by hand from the layer shapes in their docstrings (e.g.
 #: dm_small on MNIST: 272 + 32 + 8224 + 64 + 540900 + 200 + 1010).
 PARAM_COUNTS = {

@@ -73,7 +73,7 @@ def test_table2_fast_presets_carry_the_released_lambda0(compose):
         assert cfg.method.lambda0 == (0.2 if table.startswith("table2") else 0.5), table
 
 
-#: What the released code ran (/work/notes/fidelity_spec.md §3, §5-6): auto_LiRPA's smoothed
+#: What the released code ran (its README command lines and config/*.json): auto_LiRPA's smoothed
 #: schedule (start here = its start - 1), LR milestones (x0.2), batch, grad-acc chunks, and the
 #: CIFAR normalisation std and crop padding of its datasets.py.
 SHI_STD = [0.2023, 0.1994, 0.2010]
@@ -132,8 +132,7 @@ def test_tinyimagenet_presets_keep_the_batch_and_split_it(compose, tiny_root):
 
 # ------------------------------------------------------------------------- CROWN-IBP presets
 
-#: Parameter counts of the CROWN-IBP code's Fashion-MNIST models (its model_defs.py on 1x28x28;
-#: /work/notes/fidelity_spec.md §7).
+#: Parameter counts of the CROWN-IBP code's Fashion-MNIST models (its model_defs.py on 1x28x28).
 CROWN_IBP_FASHION = {
     "fashion_mnist_crown/cnn_2layer_width_1": 52_182,
     "fashion_mnist_crown/cnn_2layer_width_2": 205_730,

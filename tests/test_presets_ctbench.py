@@ -60,7 +60,7 @@ def _values(compose, key):
 
 
 def test_published_settings_and_hyper_parameters(compose):
-    """CTBench's scripts (methods_spec.md Sec. 7), setting by setting in SETTINGS order."""
+    """CTBench's example scripts (scripts/examples), setting by setting in SETTINGS order."""
     cfgs = [compose([f"experiment=ctbench/{s}/ibp"]) for s in SETTINGS]
     assert [(c.epochs, c.data.batch_size, c.schedule.start, c.schedule.length,
              list(c.optim.milestones)) for c in cfgs] == [

@@ -411,7 +411,7 @@ def test_allow_changes_resumes_and_records_the_changes(finished_run, tmp_path, c
 
 def test_wall_time_after_a_resume_is_the_total(tmp_path, compose, monkeypatch):
     """results.json's wall_time_s counts the interrupted process up to its checkpoint and the
-    resumed one (it used to count the resumed process only)."""
+    resumed one, not the resumed process alone."""
     from fastcert.methods import IBP
 
     run_dir = tmp_path / "run"

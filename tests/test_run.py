@@ -114,8 +114,8 @@ def test_config_errors_print_one_line_without_traceback(tmp_path, override, mess
 
 def test_a_refused_run_leaves_the_trained_config_and_certify_reads_it(tmp_path):
     """Train, then a fresh run with another seed in the same dir: refused, .hydra/ untouched
-    (it used to be overwritten while "nothing was changed" was printed), and certify reports
-    the true numbers of the trained model (with the new seed's digits split it did not)."""
+    (the refusal says "nothing was changed", and .hydra/ must agree), and certify reports the
+    true numbers of the trained model (the new seed's digits split would give others)."""
     from fastcert.certify import certify
     from test_certify import certify_cfg
 

@@ -38,8 +38,8 @@ def test_smoothed_is_monotone_continuous_and_slower_at_first():
 
 def _formula(step: int, start: int, length: int, steps: int, target: float,
              mid: float = 0.25, p: float = 4.0) -> float:
-    """auto_LiRPA's SmoothedScheduler as written in /work/notes/fidelity_spec.md §3, with its
-    own 1-based ``start`` (one more than the schedule's)."""
+    """auto_LiRPA's SmoothedScheduler (auto_LiRPA/eps_scheduler.py) written out, with its own
+    1-based ``start`` (one more than the schedule's)."""
     init, final = (start - 1) * steps, (start + length - 1) * steps
     mid_step = int((final - init) * mid) + init
     t = (mid_step - init) ** (p - 1)

@@ -1,0 +1,35 @@
+"""The optimiser options: ``optim=sgd`` composes and builds torch's SGD with its momentum, the
+step-wise LR decay and the checks every optimiser shares."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastcert.config import ConfigError, instantiate
+from fastcert.optim import SGD
+
+
+def test_sgd_option_builds_momentum_sgd_with_its_decay(compose):
+    cfg = compose(["optim=sgd", "optim.momentum=0.5", "optim.milestones=[1]"])
+    optim = instantiate(cfg.optim, "optim")
+    assert isinstance(optim, SGD) and cfg.optim.name == "sgd"
+    opt, sched = optim.build([torch.nn.Parameter(torch.ones(2))])
+    assert isinstance(opt, torch.optim.SGD)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.01, 0.5, 0.0)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.2)
+
+
+def test_sgd_keys_are_checked(compose):
+    with pytest.raises(ConfigError, match="optim.momentum='fast': expected a number"):
+        instantiate(compose(["optim=sgd", "optim.momentum=fast"]).optim, "optim")
+    with pytest.raises(ConfigError, match="learning rate must be > 0"):
+        instantiate(compose(["optim=sgd", "optim.lr=0"]).optim, "optim")
+
+
+@pytest.mark.parametrize("preset", ["wang2022/digits_2v5/ibp", "wang2022/mnist_2v5/natural"])
+def test_the_sgd_presets_select_the_option(compose, preset):
+    optim = compose([f"experiment={preset}"]).optim
+    assert (optim.name, optim._target_, optim.momentum) == ("sgd", "fastcert.optim.SGD", 0.0)
