@@ -57,7 +57,7 @@ from fastcert.config import build_option
 from fastcert.data import CIFAR10_MEAN, CIFAR10_STD, CropFlip, DataBundle, DeviceBatches
 from fastcert.loggers import NullLogger
 from fastcert.memory import keep_freed_memory
-from fastcert.pipeline import resolve_device
+from fastcert.devices import acquire_device
 from fastcert.schedules import PHASES
 from fastcert.train import TrainSetup, fit
 
@@ -510,7 +510,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore")
     if args.cpu_threads > 0:
         torch.set_num_threads(args.cpu_threads)
-    device = resolve_device(args.device)
+    device = acquire_device(args.device)
     if device.type == "cpu" and args.keep_freed_memory:
         keep_freed_memory()
     if device.type == "cuda":

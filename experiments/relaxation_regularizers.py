@@ -28,6 +28,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from fastcert.bounds import Bound
 from fastcert.pipeline import build, run
+from fastcert.settings import validate
 from fastcert.relaxation import measure
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -45,7 +46,7 @@ def _compose(overrides):
 def final_indicators(cfg, run_dir: Path) -> dict[str, float]:
     """Means of Σ_t d_t and Σ_t r_t of the trained model (run_dir/last.pt) on the test set at
     the training ε, CROWN-IBP bound with the adaptive relaxation, the r form it trained with."""
-    built = build(cfg)
+    built = build(validate(cfg))
     state = torch.load(run_dir / "last.pt", map_location=built.device, weights_only=False)
     built.net.model.load_state_dict(state["model"])
     return measure(built.net, built.data.test, built.data.eps_box, built.settings.eps,

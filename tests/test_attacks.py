@@ -23,6 +23,7 @@ def default_checkpoint(tmp_path_factory):
     from hydra.core.global_hydra import GlobalHydra
 
     from fastcert.pipeline import build, run
+    from fastcert.settings import validate
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -32,7 +33,7 @@ def default_checkpoint(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("default")
     run(cfg, run_dir)
     state = torch.load(run_dir / "last.pt", weights_only=False)
-    built = build(cfg, torch.device("cpu"))
+    built = build(validate(cfg), torch.device("cpu"))
     built.net.model.load_state_dict(state["model"])
     model = built.net.model.eval()
     x, y = map(torch.cat, zip(*built.data.test))

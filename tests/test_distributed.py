@@ -186,7 +186,7 @@ def test_torchrun_starts_the_same_run(runs, tmp_path):
 
 def test_nproc_is_checked(compose, monkeypatch):
     from fastcert.config import ConfigError
-    from fastcert.pipeline import validate
+    from fastcert.settings import validate
 
     with pytest.raises(ConfigError, match="nproc=0"):
         validate(compose(TINY + ["nproc=0"]))

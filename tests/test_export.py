@@ -23,6 +23,7 @@ onnxruntime = pytest.importorskip("onnxruntime", reason="dev extra: pip install 
 from fastcert import checkpoint as ckpt  # noqa: E402
 from fastcert.export import export  # noqa: E402
 from fastcert.pipeline import build  # noqa: E402
+from fastcert.settings import validate  # noqa: E402
 
 EPS = 0.05
 
@@ -49,7 +50,7 @@ def model_and_data(trained):  # noqa: F811
     state = ckpt.load(run_dir / "last.pt")
     from omegaconf import OmegaConf
     cfg = OmegaConf.create(state["config"])
-    built = build(cfg, torch.device("cpu"))
+    built = build(validate(cfg), torch.device("cpu"))
     built.net.model.load_state_dict(state["model"])
     return built.net.model.eval(), built.data
 

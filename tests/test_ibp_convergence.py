@@ -166,13 +166,14 @@ def test_auto_lirpa_ibp_equals_the_closed_form_and_its_gradient(eps):
 
 def test_a_run_trains_only_the_first_layer_and_evaluates_on_the_training_set(compose, tmp_path):
     from fastcert.pipeline import build, run
+    from fastcert.settings import validate
 
     overrides = ["experiment=wang2022/digits_2v5/ibp", "device=cpu", "model.m=64", "epochs=2",
                  "eps=0.02", "eval.pgd.steps=2"]
     cfg = compose(overrides)
     assert cfg.schedule.start == 0 and cfg.schedule.length == 0  # ε fixed from the first step
     assert cfg.optim._target_ == "fastcert.optim.SGD" and cfg.init.name == "default"
-    built = build(cfg)
+    built = build(validate(cfg))
     before = {k: v.clone() for k, v in built.net.model.state_dict().items()}
     results = run(cfg, tmp_path)
     state = torch.load(tmp_path / "last.pt", weights_only=False)["model"]

@@ -418,12 +418,13 @@ def test_headline_command_builds_the_papers_resnext(compose, tiny_root):
     import warnings
 
     from fastcert.pipeline import build
+    from fastcert.settings import validate
 
     cfg = compose(["model=resnext", "data=tinyimagenet", f"data.root={tiny_root}",
                    "device=cpu", "data.num_workers=0", "eval.verifiers=[ibp]"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "3 classes, not 200"
-        built = build(cfg)
+        built = build(validate(cfg))
     model = built.net.model
     blocks = [m for m in model.modules() if isinstance(m, ResNeXtBlock)]
     assert [b.out_channels for b in blocks] == [32, 32, 64, 64, 128, 128]

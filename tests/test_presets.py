@@ -10,6 +10,7 @@ import torch
 from fastcert.bounds import Bound
 from fastcert.config import options
 from fastcert.pipeline import build, run
+from fastcert.settings import validate
 from fastcert.schedules import SmoothedSchedule
 
 from conftest import TINY, _write_idx
@@ -125,7 +126,7 @@ def test_tinyimagenet_presets_keep_the_batch_and_split_it(compose, tiny_root):
                    "device=cpu", "data.num_workers=0", "model.width=0.125"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        built = build(cfg)
+        built = build(validate(cfg))
     assert built.data.train.batch_size == 128 and built.settings.optim.grad_acc_steps == 2
     assert isinstance(built.schedule, SmoothedSchedule)
 
@@ -247,7 +248,7 @@ def test_preset_builds(compose, roots, preset):
                    "data.num_workers=0", "data.limit_test=4"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "3 classes found, expected 200" for the tiny files
-        built = build(cfg)
+        built = build(validate(cfg))
     x, y = next(iter(built.data.train))
     assert tuple(x.shape[1:]) == built.data.input_shape
     assert built.schedule.eps_target == pytest.approx(cfg.eps)

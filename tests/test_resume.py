@@ -442,7 +442,7 @@ def test_where_data_lives_and_how_it_is_batched_may_change_on_resume():
     """Data location, workers, the on-device path (also of a two-class task's source) and test
     settings change how a run reads its data, not what it trains; a checkpoint written before a
     key existed (its config lacks it) is no change either."""
-    from fastcert.pipeline import config_changes
+    from fastcert.resume import config_changes
 
     old = {"data": {"name": "mnist_2v5", "batch_size": 16,
                     "source": {"root": "/a", "download": False, "num_workers": 2}},

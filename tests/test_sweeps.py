@@ -15,7 +15,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from fastcert.devices import default_n_jobs  # importing registers ${fastcert.n_jobs:...}
+from fastcert import resolvers
+from fastcert.resolvers import default_n_jobs
 from experiments import table as T
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,7 @@ def no_cuda(monkeypatch):
 
 @pytest.mark.filterwarnings(r"ignore:\s*'hydra/launcher/joblib' is validated")  # joblib.yaml
 def test_joblib_launcher_defaults_to_pool_size(compose, no_cuda):
+    resolvers.register()  # as fastcert.run does: ${fastcert.n_jobs:...}
     cfg = compose(["hydra/launcher=joblib"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("JoblibLauncher")

@@ -179,12 +179,13 @@ def test_certify_reports_the_test_set_tightness(digits_runs, tmp_path):
     from fastcert.certify import certify
     from fastcert.tightness import mean_tightness
     from fastcert.pipeline import build
+    from fastcert.settings import validate
 
     cfg = compose_config("certify", [f"checkpoint={digits_runs['ibp'] / 'last.pt'}",
                          "attack=pgd", "attack.steps=2", "progress=false", "verifiers=[ibp]",
                          "eps=[0.05,0.1]", "device=cpu"])
     summary = certify(cfg, tmp_path)
-    built = build(compose_config("config", DIGITS + ["method=ibp"]), torch.device("cpu"))
+    built = build(validate(compose_config("config", DIGITS + ["method=ibp"])), torch.device("cpu"))
     built.net.model.load_state_dict(torch.load(digits_runs["ibp"] / "last.pt",
                                                weights_only=False)["model"])
     for r in summary["results"]:
