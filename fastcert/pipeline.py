@@ -33,7 +33,8 @@ from fastcert.resume import Resume, check_resume
 from fastcert.schedules import EpsSchedule
 from fastcert.settings import Settings, Speed, validate
 from fastcert.tightness import TightnessProbe
-from fastcert.train import TrainSetup, fit, seed_everything
+from fastcert.seeding import seed_everything
+from fastcert.train import TrainSetup, fit
 
 
 def run_name(settings: Settings) -> str:

@@ -26,12 +26,12 @@ def _epochs(loader, seed: int, epochs: int = 3):
     tqdm.auto as fit does."""
     from tqdm.auto import tqdm
 
-    from fastcert.train import epoch_seed
+    from fastcert.seeding import stream_seed
 
     out = []
     for epoch in range(epochs):
-        loader.generator.manual_seed(epoch_seed(seed, epoch))
-        torch.manual_seed(epoch_seed(seed, epoch))
+        loader.generator.manual_seed(stream_seed(seed, epoch))
+        torch.manual_seed(stream_seed(seed, epoch))
         out.append([(x.clone(), y.clone()) for x, y in tqdm(loader, disable=True)])
     return out
 
