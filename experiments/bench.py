@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments import default_methods
-from fastcert.bounds import BoundedNet, margin_spec, robust_ce_from_margins
+from fastcert.bounds import BoundedNet, auto_lirpa, margin_spec, robust_ce_from_margins
 from fastcert.config import build_option
 from fastcert.data import CIFAR10_MEAN, CIFAR10_STD, CropFlip, DataBundle, DeviceBatches
 from fastcert.loggers import NullLogger
@@ -135,17 +135,15 @@ class FloorIBP:
     the margins (Eq. 9 of Shi et al. 2021) through a BoundedModule built here."""
 
     def __init__(self, model, x, y, box, eps, num_classes):
-        from auto_LiRPA import BoundedModule, BoundedTensor
-        from auto_LiRPA.perturbations import PerturbationLpNorm
-
+        lirpa = auto_lirpa()
         model.eval()
-        self.bounded = BoundedModule(model, x[:2], bound_opts={"relu": "adaptive"},
+        self.bounded = lirpa.BoundedModule(model, x[:2], bound_opts={"relu": "adaptive"},
                                      device=x.device)
         self.bounded.train()
         model.train()
         lower, upper = box.eps_box(x, eps)
-        self.x_in = BoundedTensor(x, PerturbationLpNorm(norm=float("inf"), eps=eps,
-                                                        x_L=lower, x_U=upper))
+        self.x_in = lirpa.BoundedTensor(x, lirpa.PerturbationLpNorm(norm=float("inf"), eps=eps,
+                                                                    x_L=lower, x_U=upper))
         self.y, self.C, self.device = y, margin_spec(y, num_classes), x.device
         self.opt = torch.optim.Adam(model.parameters(), lr=5e-4)
 
@@ -164,21 +162,18 @@ class FloorLossFusion:
     (1-β)·IBP with β = 1 - ε/ε_target (fastcert's CROWN-IBP defaults)."""
 
     def __init__(self, model, x, y, box, eps, beta):
-        from auto_LiRPA import BoundedModule, BoundedTensor, CrossEntropyWrapper
-        from auto_LiRPA.operators import BoundExp
-        from auto_LiRPA.perturbations import PerturbationLpNorm
-
+        lirpa = auto_lirpa()
         model.eval()
-        wrapper = CrossEntropyWrapper(model).eval()
-        self.fused = BoundedModule(wrapper, (x[:2], y[:2]),
+        wrapper = lirpa.CrossEntropyWrapper(model).eval()
+        self.fused = lirpa.BoundedModule(wrapper, (x[:2], y[:2]),
                                    bound_opts={"relu": "adaptive", "loss_fusion": True},
                                    device=x.device)
         self.fused.train()
         model.train()
-        self.exp = next(n for n in self.fused.modules() if isinstance(n, BoundExp))
+        self.exp = next(n for n in self.fused.modules() if isinstance(n, lirpa.BoundExp))
         lower, upper = box.eps_box(x, eps)
-        self.x_in = BoundedTensor(x, PerturbationLpNorm(norm=float("inf"), eps=eps,
-                                                        x_L=lower, x_U=upper))
+        self.x_in = lirpa.BoundedTensor(x, lirpa.PerturbationLpNorm(norm=float("inf"), eps=eps,
+                                                                    x_L=lower, x_U=upper))
         self.y, self.beta, self.device = y, beta, x.device
         self.opt = torch.optim.Adam(model.parameters(), lr=5e-4)
 

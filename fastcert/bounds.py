@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Union
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -21,13 +23,30 @@ import torch.nn.functional as F
 
 from fastcert import compat
 
-compat.apply()
+if TYPE_CHECKING:
+    from auto_LiRPA import BoundedModule, BoundedTensor
+    from auto_LiRPA.operators import BoundExp, BoundRelu
 
-from auto_LiRPA import BoundedModule, BoundedTensor, CrossEntropyWrapper  # noqa: E402
-from auto_LiRPA.operators import (BoundBatchNormalization, BoundExp,  # noqa: E402
-                                  BoundGatherElements, BoundRelu)
-from auto_LiRPA.operators.leaf import BoundBuffers  # noqa: E402
-from auto_LiRPA.perturbations import PerturbationLpNorm  # noqa: E402
+
+@functools.cache
+def auto_lirpa() -> SimpleNamespace:
+    """auto_LiRPA's classes that fastcert uses, imported after :func:`fastcert.compat.apply`
+    (some of its patches must precede the first ``import auto_LiRPA``, e.g. NumPy 2's
+    ``isin``). Every use of auto_LiRPA goes through here, or calls it before importing
+    auto_LiRPA itself; the first call applies the patches."""
+    compat.apply()
+    from auto_LiRPA import BoundedModule, BoundedTensor, CrossEntropyWrapper
+    from auto_LiRPA.operators import (BoundBatchNormalization, BoundExp, BoundGatherElements,
+                                      BoundRelu)
+    from auto_LiRPA.operators.leaf import BoundBuffers
+    from auto_LiRPA.perturbations import PerturbationLpNorm
+
+    return SimpleNamespace(BoundedModule=BoundedModule, BoundedTensor=BoundedTensor,
+                           CrossEntropyWrapper=CrossEntropyWrapper,
+                           BoundBatchNormalization=BoundBatchNormalization, BoundExp=BoundExp,
+                           BoundGatherElements=BoundGatherElements, BoundRelu=BoundRelu,
+                           BoundBuffers=BoundBuffers, PerturbationLpNorm=PerturbationLpNorm)
+
 
 class Bound(enum.Enum):
     """A bound propagation method (the value is auto_LiRPA's name for it)."""
@@ -60,7 +79,7 @@ class Mix:
     beta: float
 
 
-BoundChoice = Union[Bound, Mix]
+BoundChoice = Bound | Mix
 
 
 def beta_mix(tight: torch.Tensor, ibp: torch.Tensor, beta: float) -> torch.Tensor:
@@ -120,7 +139,7 @@ class ReluBounds:
 def _tie_buffers(bounded: BoundedModule, model: nn.Module, prefix: str = "") -> None:
     buffers = dict(model.named_buffers())
     for node in bounded.modules():
-        if isinstance(node, BoundBuffers):
+        if isinstance(node, auto_lirpa().BoundBuffers):
             name = node.ori_name[len(prefix):] if node.ori_name.startswith(prefix) else node.ori_name
             if name in buffers:
                 node._buffers["buffer"] = buffers[name]
@@ -138,7 +157,7 @@ def relu_bounds_of(module: BoundedModule) -> list[ReluBounds]:
     """Bounds of every ReLU's input from ``module``'s last bound computation, forward order."""
     out = []
     for node in module.modules():
-        if isinstance(node, BoundRelu):
+        if isinstance(node, auto_lirpa().BoundRelu):
             pre = node.inputs[0]
             if getattr(pre, "lower", None) is None or getattr(pre, "upper", None) is None:
                 raise RuntimeError("relu_bounds() needs a bound computation first")
@@ -217,7 +236,7 @@ class BoundedNet(nn.Module):
         self._bound_opts = {**defaults, **(bound_opts or {})}
         was_training = model.training
         model.eval()
-        self.bounded = BoundedModule(model, self._example, bound_opts=self._bound_opts,
+        self.bounded = auto_lirpa().BoundedModule(model, self._example, bound_opts=self._bound_opts,
                                      device=example.device)
         _tie_buffers(self.bounded, model)
         self._fused: BoundedModule | None = None
@@ -233,13 +252,13 @@ class BoundedNet(nn.Module):
                                  device=self._example.device)
             was_training = self.model.training
             self.model.eval()
-            wrapper = CrossEntropyWrapper(self.model).eval()
+            wrapper = auto_lirpa().CrossEntropyWrapper(self.model).eval()
             opts = {**self._bound_opts, "loss_fusion": True}
             if not _output_layer_trains(self.model):
                 # auto_LiRPA's IBP shortcut for the fused CE reads the output layer's weight and
                 # bias as parameters (``.param``); a fixed layer (buffers) takes the general path
                 opts["no_ibp_loss_fusion"] = True
-            self._fused = BoundedModule(wrapper, (self._example, labels), bound_opts=opts,
+            self._fused = auto_lirpa().BoundedModule(wrapper, (self._example, labels), bound_opts=opts,
                                         device=self._example.device)
             _tie_buffers(self._fused, self.model, prefix="model.")
             self._fused.train(was_training)
@@ -272,9 +291,9 @@ class BoundedNet(nn.Module):
             with torch.no_grad():
                 latent = features(self._example)
             device = self._example.device
-            fb = BoundedModule(features, self._example, bound_opts=self._bound_opts,
+            fb = auto_lirpa().BoundedModule(features, self._example, bound_opts=self._bound_opts,
                                device=device)
-            hb = BoundedModule(head, latent, bound_opts=self._bound_opts, device=device)
+            hb = auto_lirpa().BoundedModule(head, latent, bound_opts=self._bound_opts, device=device)
             _tie_buffers(fb, features)
             _tie_buffers(hb, head)
             self._splits[index] = SplitNet(fb, hb, head, self.num_classes)
@@ -298,7 +317,7 @@ class BoundedNet(nn.Module):
         view = self.bounded if view is None else view
         stats = {}
         for node in view.modules():
-            if (isinstance(node, BoundBatchNormalization) and node.training
+            if (isinstance(node, auto_lirpa().BoundBatchNormalization) and node.training
                     and getattr(node, "current_mean", None) is not None):
                 mean, var = node.current_mean, node.current_var
                 if detach:
@@ -329,7 +348,7 @@ class BoundedNet(nn.Module):
         ``eps``; it is the box's half-width as a tensor (no host-device synchronisation).
         """
         eps = (upper - lower).amax() / 2
-        return BoundedTensor(x, PerturbationLpNorm(norm=float("inf"), eps=eps,
+        return auto_lirpa().BoundedTensor(x, auto_lirpa().PerturbationLpNorm(norm=float("inf"), eps=eps,
                                                    x_L=lower, x_U=upper))
 
     # ---- margins -----------------------------------------------------------------------
@@ -374,12 +393,13 @@ class BoundedNet(nn.Module):
 
     @property
     def _exp_node(self) -> BoundExp:
-        return next(n for n in self.fused.modules() if isinstance(n, BoundExp))
+        return next(n for n in self.fused.modules() if isinstance(n, auto_lirpa().BoundExp))
 
     def _fused_logits(self) -> torch.Tensor:
         # The graph is f(x) -> GatherElements(f, y) -> Sub -> Exp -> ReduceSum; the gather's
         # first input holds the clean logits of the forward pass just run.
-        gather = next(n for n in self.fused.modules() if isinstance(n, BoundGatherElements))
+        gather = next(n for n in self.fused.modules()
+                      if isinstance(n, auto_lirpa().BoundGatherElements))
         return gather.inputs[0].forward_value.detach()
 
     # ---- diagnostics -------------------------------------------------------------------
@@ -405,7 +425,7 @@ class BoundedNet(nn.Module):
         if relu not in views:
             was_training = self.model.training
             self.model.eval()
-            views[relu] = BoundedModule(self.model, self._example,
+            views[relu] = auto_lirpa().BoundedModule(self.model, self._example,
                                         bound_opts={**self._bound_opts, "relu": relu},
                                         device=self._example.device)
             _tie_buffers(views[relu], self.model)
@@ -438,7 +458,7 @@ class LinearMarginBound:
 
 def relu_nodes(module: BoundedModule) -> list[BoundRelu]:
     """The ReLU nodes of ``module`` in forward order."""
-    return [n for n in module.modules() if isinstance(n, BoundRelu)]
+    return [n for n in module.modules() if isinstance(n, auto_lirpa().BoundRelu)]
 
 
 def linear_margin_bound(module: BoundedModule, C: torch.Tensor, bound: Bound) -> LinearMarginBound:
@@ -481,7 +501,8 @@ def forward_relu_inputs(module: BoundedModule, z: torch.Tensor,
     the last bounds were computed with: in training mode the clean batch's) and leaves the
     running statistics alone, so the network is the one the bounds describe. The nodes keep
     their bounds (only forward values are replaced)."""
-    frozen = [n for n in module.modules() if isinstance(n, BoundBatchNormalization)]
+    frozen = [n for n in module.modules()
+              if isinstance(n, auto_lirpa().BoundBatchNormalization)]
     for n in frozen:
         n.forward = functools.partial(_normalize, mean=n.current_mean, var=n.current_var,
                                       eps=n.eps)

@@ -267,8 +267,9 @@ def _patch_bound_batchnorm() -> None:
     """auto_LiRPA's BoundBatchNormalization, training mode in a data-parallel run: the same
     global statistics, stored where its IBP/CROWN bound code reads them (``current_mean``,
     ``current_var``)."""
-    from auto_LiRPA.operators.normalization import BoundBatchNormalization as BN
+    from fastcert.bounds import auto_lirpa
 
+    BN = auto_lirpa().BoundBatchNormalization
     if getattr(BN, "_fastcert_synced", False):
         return
     original = BN.forward

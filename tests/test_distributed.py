@@ -200,9 +200,9 @@ def test_syncbatchnorm_is_traced_as_a_local_batchnorm():
     eval mode, where nn.SyncBatchNorm is a plain batch_norm, so the BoundedModule gets an
     ordinary BoundBatchNormalization that would use each rank's own statistics; and
     SyncBatchNorm refuses CPU tensors in training (no gloo test)."""
-    from auto_LiRPA.operators.normalization import BoundBatchNormalization
+    from fastcert.bounds import BoundedNet, auto_lirpa
 
-    from fastcert.bounds import BoundedNet
+    BoundBatchNormalization = auto_lirpa().BoundBatchNormalization
 
     model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(
         torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
