@@ -132,7 +132,7 @@ def test_on_device_epochs_are_reproducible_and_differ_from_each_other(cifar_root
 def test_unsupported_random_transform_is_refused_on_the_device():
     from torchvision import transforms as T
 
-    from fastcert.data import _device_form
+    from fastcert.data.on_device import _device_form
 
     class Images(TensorDataset):
         transform = T.Compose([T.RandomRotation(10), T.ToTensor()])
