@@ -17,20 +17,8 @@ import statistics
 import warnings
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-
+from experiments.common import compose, mean_std
 from fastcert.pipeline import run
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def _mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {std:.4f}"
 
 
 def main(argv=None):
@@ -44,10 +32,8 @@ def main(argv=None):
     rows = {}
     for method in args.methods:
         for seed in args.seeds:
-            GlobalHydra.instance().clear()
-            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-                cfg = compose("config", overrides=["experiment=digits_ablation", f"method={method}",
-                                                   f"seed={seed}", *args.overrides])
+            cfg = compose(["experiment=digits_ablation", f"method={method}", f"seed={seed}",
+                           *args.overrides])
             run_dir = Path(args.out) / f"{method}-s{seed}"
             results = run(cfg, run_dir, group="digits_ablation")
             last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
@@ -61,7 +47,7 @@ def main(argv=None):
           "final L_relu | s/run |")
     print("|---|---|---|---|---|---|---|")
     for method, r in rows.items():
-        cols = [_mean_std([row[i] for row in r]) for i in range(5)]
+        cols = [mean_std([row[i] for row in r]) for i in range(5)]
         print(f"| {method} | " + " | ".join(cols) + f" | {statistics.mean(x[5] for x in r):.0f} |")
     return rows
 

@@ -376,15 +376,6 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    import sys
+    from fastcert.cli import checkpoint_command
 
-    from fastcert import resolvers
-    from fastcert.cli import quiet_known_warnings
-
-    quiet_known_warnings()
-    problem = rebuild.precheck(sys.argv[1:], "fastcert.certify")
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    resolvers.register()  # ${fastcert_checkpoint_dir:...} in hydra.run.dir
-    main()
+    checkpoint_command(main, "fastcert.certify")

@@ -172,16 +172,6 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    import sys
+    from fastcert.cli import checkpoint_command
 
-    from fastcert.cli import quiet_known_warnings
-
-    from fastcert import resolvers
-
-    quiet_known_warnings()
-    problem = rebuild.precheck(sys.argv[1:], "fastcert.export")
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    resolvers.register()  # ${fastcert_checkpoint_dir:...} in hydra.run.dir
-    main()
+    checkpoint_command(main, "fastcert.export")

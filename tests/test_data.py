@@ -28,7 +28,7 @@ from fastcert.data import (
     DataSource,
 )
 
-from conftest import WNIDS, _write_idx, make_tiny_imagenet
+from conftest import WNIDS, make_tiny_imagenet, write_idx_set
 
 
 def create_data(name: str, seed: int = 0, **settings) -> DataBundle:
@@ -192,25 +192,9 @@ def test_mnist_missing(tmp_path):
 # ------------------------------------------------------------------------------- Fashion-MNIST
 
 
-def _fashion_files(folder: Path, gzipped: bool, seed: int = 3) -> dict:
-    """The four Fashion-MNIST idx files (small: 30 train / 12 test), gzipped as Debian's
-    dataset-fashion-mnist ships them or plain as torchvision extracts them."""
-    import gzip
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    data = {}
-    for split, n in (("train", 30), ("t10k", 12)):
-        x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        y = rng.integers(0, 10, size=n, dtype=np.uint8)
-        for kind, arr in (("images-idx3", x), ("labels-idx1", y)):
-            path = folder / f"{split}-{kind}-ubyte"
-            _write_idx(path, arr)
-            if gzipped:
-                path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
-                path.unlink()
-        data[split] = (x, y)
-    return data
+def _fashion_files(folder: Path, gzipped: bool) -> dict:
+    """The four Fashion-MNIST idx files (small: 30 train / 12 test)."""
+    return write_idx_set(folder, 30, 12, seed=3, gzipped=gzipped)
 
 
 @pytest.mark.parametrize("layout", ["debian_gz", "torchvision_raw", "torchvision_raw_gz"])

@@ -25,7 +25,7 @@ import torch
 from fastcert.methods import IBP
 from fastcert.pipeline import run
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, compose_config
 
 CHECK_DIR = "FASTCERT_TEST_RANK_CHECKS"   # where CheckedIBP writes (set by the tests)
 DIE_AT = "FASTCERT_TEST_DIE_AT_STEP"      # CheckedIBP raises at this step (a preempted run)
@@ -97,21 +97,13 @@ def _same_records(a: list[dict], b: list[dict], rel: float, plots: bool = True) 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One 1-process run and one 2-rank run (nproc=2) of the same config."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from conftest import CONF
-
     base = tmp_path_factory.mktemp("dp")
     checks = base / "checks"
     checks.mkdir()
     os.environ[CHECK_DIR] = str(checks)
     try:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            one_cfg = compose("config", overrides=ARGS)
-            two_cfg = compose("config", overrides=ARGS + ["nproc=2"])
-        GlobalHydra.instance().clear()
+        one_cfg = compose_config("config", ARGS)
+        two_cfg = compose_config("config", ARGS + ["nproc=2"])
         one = run(one_cfg, base / "one")
         two = run(two_cfg, base / "two")
     finally:

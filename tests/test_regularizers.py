@@ -12,6 +12,8 @@ from fastcert.config import build_option
 from fastcert.methods import Batch
 from fastcert.regularizers import relu_loss, relu_states, tightness_loss
 
+from conftest import random_batch
+
 
 def _rb(lo, hi):
     return ReluBounds("h", torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32))
@@ -89,15 +91,7 @@ def _bn_net(seed: int = 0) -> BoundedNet:
 
 
 def _batch(eps: float, eps_target: float = 0.2) -> Batch:
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(16, 1, 8, 8, generator=g)
-    y = torch.randint(0, 10, (16,), generator=g)
-
-    def box(center, radius):
-        return (center - radius).clamp(0, 1), (center + radius).clamp(0, 1)
-
-    lower, upper = box(x, eps)
-    return Batch(x, y, lower, upper, eps, eps_target, box)
+    return random_batch(eps, eps_target, n=16)
 
 
 def test_fast_eps0_step_regularises_on_the_tiny_box_with_the_clean_ce():

@@ -25,7 +25,7 @@ from fastcert.checkpoint import CheckpointError, save_atomic
 from fastcert.data import Digits
 from fastcert.pipeline import run
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, compose_config
 from test_wandb import OfflineRun, offline_runs, wandb_env
 
 EPOCHS = 4
@@ -185,17 +185,8 @@ def test_killed_mid_epoch_and_resumed_matches_uninterrupted(tmp_path):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A finished TINY run dir (last.pt, metrics.jsonl, results.json), made once."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from conftest import CONF
-
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=TINY)
-    GlobalHydra.instance().clear()
-    run(cfg, run_dir)
+    run(compose_config("config", TINY), run_dir)
     return run_dir
 
 
