@@ -11,13 +11,13 @@ from torch import nn
 from experiments.init_gain import (PAPER_FAN_INS, PAPER_TABLE_3_1, RESIDUAL_ROWS, ROWS,
                                    gain_table, main, residual_gain_table)
 from fastcert.config import ConfigError, build_option, option_node, options
-from fastcert.initializers import (
+from fastcert.gain import (
     DEFAULT_MAX_FAN_OUT,
     _orthogonal_cholesky_qr,
     difference_gain,
     residual_block_gain,
-    residual_readers,
 )
+from fastcert.initializers import residual_readers
 from fastcert.models import BasicResidualBlock, ResNeXtBlock, affine_layers
 
 from conftest import build_model
