@@ -1,6 +1,7 @@
 """Vanilla IBP vs fast IBP (vs CROWN-IBP) on the offline digits data, over seeds.
 
-    python -m experiments.ablation_digits [--seeds 0 1 2] [--methods ibp fast crown_ibp] [overrides ...]
+    python -m experiments.ablation_digits [--seeds 0 1 2] [--methods ibp fast crown_ibp]
+                                          [overrides ...]
 
 The Table 1 / Table 4 comparison of Shi et al. 2021 in miniature: preset
 ``experiment=digits_ablation`` (ε=0.2, small CNN with full BN, a short "1+20+39" schedule), each
@@ -41,7 +42,8 @@ def main(argv=None):
                 (results["clean_acc"], results["ibp_verified_acc"], results["crown_verified_acc"],
                  last.get("reg/tightness"), last.get("reg/relu"), results["wall_time_s"]))
     print(f"\ndigits, eps={cfg.eps}, {cfg.epochs} epochs "
-          f"({cfg.schedule.start}+{cfg.schedule.length}+{cfg.epochs - cfg.schedule.start - cfg.schedule.length}), "
+          f"({cfg.schedule.start}+{cfg.schedule.length}+"
+          f"{cfg.epochs - cfg.schedule.start - cfg.schedule.length}), "
           f"{cfg.model.name} (bn={cfg.model.bn}), seeds {args.seeds}\n")
     print("| method | clean acc | IBP-verified acc | CROWN-verified acc | final L_tightness | "
           "final L_relu | s/run |")

@@ -16,9 +16,9 @@ repetition times one step of every row, in alternating order. Rows:
 * ``fit <method>`` for every ``conf/method`` option but :data:`experiments.EXPENSIVE_METHODS`:
   the real training step, i.e. the loop of :func:`fastcert.train.fit` (box, Batch,
   ``method.step``, backward, gradient clipping, Adam, per-step statistics) over a loader that
-  repeats the batch; a step is the time between two batches the loop asks for. The first step of each call (a diagnostic step with a fresh
-  optimiser) is not timed; the loader reports a CIFAR-10 epoch's length, so the diagnostic
-  cadence is a real epoch's.
+  repeats the batch; a step is the time between two batches the loop asks for. The first
+  step of each call (a diagnostic step with a fresh optimiser) is not timed; the loader
+  reports a CIFAR-10 epoch's length, so the diagnostic cadence is a real epoch's.
 
 Each row: median and min over ``--reps`` repetitions (wall clock; on the CPU also CPU time),
 ratios to ``torch natural`` and to its floor, and peak memory: max_memory_allocated on a GPU;
@@ -48,8 +48,18 @@ from pathlib import Path
 import torch
 
 from experiments import default_methods
-from experiments.bench_rows import (CIFAR_TRAIN, FitRow, Setting, random_batch, cifar_box, fresh_model,
-                                    quiet, build_row, row_names, time_row)
+from experiments.bench_rows import (
+    CIFAR_TRAIN,
+    FitRow,
+    Setting,
+    build_row,
+    cifar_box,
+    fresh_model,
+    quiet,
+    random_batch,
+    row_names,
+    time_row,
+)
 from fastcert.bounds import BoundedNet
 from fastcert.data import CropFlip, DeviceBatches
 from fastcert.devices import acquire_device
@@ -212,8 +222,8 @@ def markdown(rows: dict, cpu: bool) -> str:
         cells.append(" / ".join("-" if v is None else f"{v:.3f}" for v in ratios)
                      if "x_floor" in r else "-")
         cells.append(r.get("floor", "-"))
-        cells.append(("≤ %.2f: %s" % (r["goal"], "met" if r["meets_goal"] else "NOT met"))
-                     if "goal" in r else "-")
+        met = "met" if r.get("meets_goal") else "NOT met"
+        cells.append(f"≤ {r['goal']:.2f}: {met}" if "goal" in r else "-")
         cells.append(f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -102,6 +102,7 @@ def published_table(runs: Sequence[Run], suite: str = "ctbench") -> str:
             clean, cert, source = PUBLISHED[suite].get((setting, method), (None, None, ""))
             mine = by_row.get((setting, method), [])
             lines.append(f"| {setting} | {method} | {_pct(clean)} | {_pct(cert)} | "
-                         f"{source or _MISSING} | {_accuracy_stat(mine, lambda r: r.get('clean_acc'))} | "
+                         f"{source or _MISSING} | "
+                         f"{_accuracy_stat(mine, lambda r: r.get('clean_acc'))} | "
                          f"{_accuracy_stat(mine, _verified)} | {len(mine) or _MISSING} |")
     return "\n".join(lines)

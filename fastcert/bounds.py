@@ -36,8 +36,12 @@ def auto_lirpa() -> SimpleNamespace:
     auto_LiRPA itself; the first call applies the patches."""
     compat.apply()
     from auto_LiRPA import BoundedModule, BoundedTensor, CrossEntropyWrapper
-    from auto_LiRPA.operators import (BoundBatchNormalization, BoundExp, BoundGatherElements,
-                                      BoundRelu)
+    from auto_LiRPA.operators import (
+        BoundBatchNormalization,
+        BoundExp,
+        BoundGatherElements,
+        BoundRelu,
+    )
     from auto_LiRPA.operators.leaf import BoundBuffers
     from auto_LiRPA.perturbations import PerturbationLpNorm
 
@@ -62,7 +66,7 @@ class Bound(enum.Enum):
         return self.name.lower()
 
     @classmethod
-    def parse(cls, key: "str | Bound") -> "Bound":
+    def parse(cls, key: str | Bound) -> Bound:
         if isinstance(key, Bound):
             return key
         try:
@@ -140,7 +144,9 @@ def _tie_buffers(bounded: BoundedModule, model: nn.Module, prefix: str = "") -> 
     buffers = dict(model.named_buffers())
     for node in bounded.modules():
         if isinstance(node, auto_lirpa().BoundBuffers):
-            name = node.ori_name[len(prefix):] if node.ori_name.startswith(prefix) else node.ori_name
+            name = node.ori_name
+            if name.startswith(prefix):
+                name = name[len(prefix):]
             if name in buffers:
                 node._buffers["buffer"] = buffers[name]
 
@@ -258,7 +264,8 @@ class BoundedNet(nn.Module):
                 # auto_LiRPA's IBP shortcut for the fused CE reads the output layer's weight and
                 # bias as parameters (``.param``); a fixed layer (buffers) takes the general path
                 opts["no_ibp_loss_fusion"] = True
-            self._fused = auto_lirpa().BoundedModule(wrapper, (self._example, labels), bound_opts=opts,
+            self._fused = auto_lirpa().BoundedModule(wrapper, (self._example, labels),
+                                                     bound_opts=opts,
                                         device=self._example.device)
             _tie_buffers(self._fused, self.model, prefix="model.")
             self._fused.train(was_training)
@@ -275,7 +282,7 @@ class BoundedNet(nn.Module):
             view.head.train(mode)
         return self
 
-    def split(self, index: int) -> "SplitNet":
+    def split(self, index: int) -> SplitNet:
         """The network cut before top-level layer ``index`` of its ``nn.Sequential``: a
         feature extractor ``model[:index]`` and a classifier head ``model[index:]``, each as a
         BoundedModule sharing parameters and BatchNorm buffers with ``model`` (the TAPS view
@@ -293,7 +300,8 @@ class BoundedNet(nn.Module):
             device = self._example.device
             fb = auto_lirpa().BoundedModule(features, self._example, bound_opts=self._bound_opts,
                                device=device)
-            hb = auto_lirpa().BoundedModule(head, latent, bound_opts=self._bound_opts, device=device)
+            hb = auto_lirpa().BoundedModule(head, latent, bound_opts=self._bound_opts,
+                                            device=device)
             _tie_buffers(fb, features)
             _tie_buffers(hb, head)
             self._splits[index] = SplitNet(fb, hb, head, self.num_classes)
@@ -348,8 +356,9 @@ class BoundedNet(nn.Module):
         ``eps``; it is the box's half-width as a tensor (no host-device synchronisation).
         """
         eps = (upper - lower).amax() / 2
-        return auto_lirpa().BoundedTensor(x, auto_lirpa().PerturbationLpNorm(norm=float("inf"), eps=eps,
-                                                   x_L=lower, x_U=upper))
+        lirpa = auto_lirpa()
+        return lirpa.BoundedTensor(x, lirpa.PerturbationLpNorm(norm=float("inf"), eps=eps,
+                                                               x_L=lower, x_U=upper))
 
     # ---- margins -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,8 @@ torch 2.14.1):
                          fix drops ``alpha_indices`` when the α it allocated are full-size.
 
 Call :func:`apply` before the first ``import auto_LiRPA``; :func:`fastcert.bounds.auto_lirpa`
-does so, and every fastcert module reaches auto_LiRPA through it. tests/test_compat.py tabulates which versions need
-which fix and checks each there.
+does so, and every fastcert module reaches auto_LiRPA through it. tests/test_compat.py
+tabulates which versions need which fix and checks each there.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import importlib
 import inspect
 import sys
 import types
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 __all__ = ["apply", "FIXES", "applied"]
 

@@ -157,8 +157,9 @@ class DevicePool:
         while True:
             if timeout is not None and time.monotonic() - start >= timeout:
                 held = "; ".join(f"cuda:{i}: {n}" for i, n in self.holders().items())
+                free = "free device" if count == 1 else f"{count} free devices"
                 raise DeviceBusyError(
-                    f"no {'' if count == 1 else f'{count} '}free device{'' if count == 1 else 's'} among {self.indices} after {timeout:.0f} s (lock dir "
+                    f"no {free} among {self.indices} after {timeout:.0f} s (lock dir "
                     f"{self.lock_dir}; held by {held or 'unknown'}). Run fewer parallel jobs "
                     f"(hydra.launcher.n_jobs), widen devices=[...], or raise "
                     f"{TIMEOUT_ENV}.")

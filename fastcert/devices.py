@@ -170,24 +170,7 @@ def acquire_device(spec: str | None = "auto", devices: Any = None, *,
     spec = "auto" if spec is None else str(spec).strip()
     devices = parse_devices(devices)
     if spec not in POOL_SPECS:
-        try:
-            device = torch.device(spec)
-        except RuntimeError:
-            raise _config_error(f"device={spec}: use auto, pool, cpu, cuda or cuda:<index>") \
-                from None
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise _config_error(f"device={spec} but CUDA is not available; use device=auto "
-                                    f"or cpu")
-            if device.index is not None:
-                count = torch.cuda.device_count()
-                if device.index >= count:
-                    raise _config_error(f"device={spec}: only {count} CUDA device(s) visible")
-                torch.cuda.set_device(device.index)
-        if devices is not None:
-            log.warning("devices=%s is ignored because device=%s is explicit", devices, spec)
-        return device
-
+        return _explicit_device(spec, devices)
     lease = getattr(_local, "lease", None)
     if lease is not None:
         return lease[0]
@@ -197,13 +180,47 @@ def acquire_device(spec: str | None = "auto", devices: Any = None, *,
                         devices)
         return torch.device("cpu")
     count = torch.cuda.device_count()
-    if spec == "auto" and devices is None and slurm_gpus_given() and (
-            count == 1 or os.environ.get("SUBMITIT_EXECUTOR") == "slurm"):
-        torch.cuda.set_device(0)  # SLURM gave this task its own GPU(s): use them as given
-        return torch.device("cuda", 0)
-    if spec == "auto" and devices is None and count == 1 and not multirun_active():
+    if spec == "auto" and devices is None and _own_gpu(count):
         torch.cuda.set_device(0)
         return torch.device("cuda", 0)
+    return _lease_one(count, devices, timeout, poll, lock_dir)
+
+
+def _explicit_device(spec: str, devices: list[int] | None):
+    """``cpu``, ``cuda`` or ``cuda:<i>`` as given (checked; no lock)."""
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise _config_error(f"device={spec}: use auto, pool, cpu, cuda or cuda:<index>") \
+            from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise _config_error(f"device={spec} but CUDA is not available; use device=auto "
+                                f"or cpu")
+        if device.index is not None:
+            count = torch.cuda.device_count()
+            if device.index >= count:
+                raise _config_error(f"device={spec}: only {count} CUDA device(s) visible")
+            torch.cuda.set_device(device.index)
+    if devices is not None:
+        log.warning("devices=%s is ignored because device=%s is explicit", devices, spec)
+    return device
+
+
+def _own_gpu(count: int) -> bool:
+    """Whether ``device=auto`` takes ``cuda:0`` without the pool: SLURM gave this task its own
+    GPU(s) (one, or a job started by submitit: use them as given), or the only GPU outside a
+    multirun."""
+    if slurm_gpus_given() and (count == 1 or os.environ.get("SUBMITIT_EXECUTOR") == "slurm"):
+        return True
+    return count == 1 and not multirun_active()
+
+
+def _lease_one(count: int, devices: list[int] | None, timeout, poll: float, lock_dir):
+    """The first free GPU of the pool, locked and held by this job (this thread)."""
+    import torch
 
     slots = pool_slots(count, devices, os.environ.get("CUDA_VISIBLE_DEVICES"))
     pool = DevicePool([i for i, _ in slots], lock_dir=lock_dir, keys=[k for _, k in slots])

@@ -164,8 +164,12 @@ def _margin_lb(net: BoundedNet, x, y, lower, upper, bound: Bound) -> torch.Tenso
         return net.margin_bounds(x, y, lower, upper, bound)[1].min(1).values
 
 
+#: The cheap attack of :func:`evaluate` unless given.
+DEFAULT_PGD = PGDConfig()
+
+
 def evaluate(net: BoundedNet, loader, box_fn, eps: float, verifiers=("ibp", "crown"),
-             pgd=PGDConfig(), device: torch.device | str = "cpu", seed: int = 0,
+             pgd=DEFAULT_PGD, device: torch.device | str = "cpu", seed: int = 0,
              progress=None, cascade: bool = False, indices=None) -> EvalResult:
     """Evaluate ``net`` on ``loader`` at radius ``eps``.
 
@@ -175,9 +179,10 @@ def evaluate(net: BoundedNet, loader, box_fn, eps: float, verifiers=("ibp", "cro
     ``.run(model, x, y, lower, upper, generator)``); its random starts of test batch b come from
     a generator seeded with :func:`fastcert.seeding.stream_seed` (``seed``, b), b counted in
     the whole test set (``loader.first_batch`` is a shard's first): the same whether the test
-    set is evaluated in one process or in blocks by several. ``cascade``: see the module docstring; the verifiers
-    then run in :data:`CASCADE` order. ``indices``: the examples' positions in the full test
-    set, for the violation records (default: their position in the test set).
+    set is evaluated in one process or in blocks by several. ``cascade``: see the module
+    docstring; the verifiers then run in :data:`CASCADE` order. ``indices``: the examples'
+    positions in the full test set, for the violation records (default: their position in the
+    test set).
     """
     keys = [Bound.parse(v).key for v in verifiers]
     if cascade:

@@ -9,7 +9,6 @@ from torch import nn
 
 from fastcert.initializers import Init, Orthogonal, residual_readers
 
-
 DEFAULT_MAX_FAN_OUT = 64
 """Default ``fan_out`` of :func:`difference_gain` is ``min(fan_in, DEFAULT_MAX_FAN_OUT)``.
 

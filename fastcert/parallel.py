@@ -77,7 +77,8 @@ def gather_results(part: EvalResult | None) -> EvalResult:
     parts = [p for p in distributed.gather(part) if p is not None]
 
     def cat(field):
-        return {k: torch.cat([getattr(p, field)[k] for p in parts]) for k in getattr(parts[0], field)}
+        return {k: torch.cat([getattr(p, field)[k] for p in parts])
+                for k in getattr(parts[0], field)}
 
     return EvalResult(
         eps=parts[0].eps, label=torch.cat([p.label for p in parts]),

@@ -31,9 +31,9 @@ from fastcert.loggers import Logger, NullLogger
 from fastcert.methods import Method
 from fastcert.resume import Resume, check_resume
 from fastcert.schedules import EpsSchedule
+from fastcert.seeding import seed_everything
 from fastcert.settings import Settings, Speed, validate
 from fastcert.tightness import TightnessProbe
-from fastcert.seeding import seed_everything
 from fastcert.train import TrainSetup, fit
 
 

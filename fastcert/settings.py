@@ -15,8 +15,15 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
-from fastcert.config import (CONF_DIR, ConfigError, check_keys, check_node, coerce, instantiate,
-                             parse_number)
+from fastcert.config import (
+    CONF_DIR,
+    ConfigError,
+    check_keys,
+    check_node,
+    coerce,
+    instantiate,
+    parse_number,
+)
 from fastcert.evaluate import EvalConfig
 from fastcert.methods import Method
 from fastcert.optim import Optimizer

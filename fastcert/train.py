@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -26,7 +26,6 @@ from fastcert.optim import Optimizer
 from fastcert.regularizers import relu_states
 from fastcert.schedules import EpsSchedule
 from fastcert.seeding import seed_everything, stream_seed
-
 
 #: Evenly spaced steps per epoch whose plot-only values (ReLU states, regularisers) the epoch's
 #: record averages (fewer when an epoch has fewer steps).

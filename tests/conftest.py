@@ -174,7 +174,8 @@ def cifar_root(tmp_path_factory):
             pickle.dump({"batch_label": name.encode(), "labels": y, "data": x,
                          "filenames": [f"{name}_{i}.png".encode() for i in range(n)]}, f)
         batches[name] = (x, y)
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+             "truck"]
     with open(base / "batches.meta", "wb") as f:
         pickle.dump({"num_cases_per_batch": 8, "label_names": names, "num_vis": 3072}, f)
     md5 = {p.name: _md5(p) for p in base.iterdir()}
@@ -196,7 +197,8 @@ WNIDS = ["n01443537", "n01629819", "n01641577"]
 
 
 def make_tiny_imagenet(base: Path, n_train: int = 4, n_val: int = 2) -> dict[str, str]:
-    """tiny-imagenet-200 as in the zip: train/<wnid>/images/*.JPEG, flat val/images + annotations."""
+    """tiny-imagenet-200 as in the zip: train/<wnid>/images/*.JPEG, flat val/images +
+    annotations."""
     rng = np.random.default_rng(2)
     (base / "val" / "images").mkdir(parents=True)
     (base / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
@@ -206,12 +208,14 @@ def make_tiny_imagenet(base: Path, n_train: int = 4, n_val: int = 2) -> dict[str
         d = base / "train" / wnid / "images"
         d.mkdir(parents=True)
         for i in range(n_train):
-            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(d / f"{wnid}_{i}.JPEG")
+            image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+            image.save(d / f"{wnid}_{i}.JPEG")
         (base / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
         for _ in range(n_val):
             fname = f"val_{k}.JPEG"
             arr = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-            img = Image.fromarray(arr) if k else Image.fromarray(arr[..., 0], mode="L")  # one grayscale
+            # one grayscale image
+            img = Image.fromarray(arr) if k else Image.fromarray(arr[..., 0], mode="L")
             img.save(base / "val" / "images" / fname)
             lines.append(f"{fname}\t{wnid}\t0\t0\t63\t63")
             labels[fname] = wnid

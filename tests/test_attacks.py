@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import compose_config
 from fastcert.attacks import AttackResult, PGDConfig, StrongAttack, apgd_checkpoints, pgd_attack
 from fastcert.config import instantiate
+
+from conftest import compose_config
 
 EPS = 0.2
 SUBSET = 120  # fixed: the first 120 test digits of seed 0

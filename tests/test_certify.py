@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY, build_model, compose_config
 from fastcert.certify import certify
 from fastcert.checkpoint import CheckpointError
 from fastcert.diagnostics import crown_cost, relu_sizes
 from fastcert.pipeline import run
 from fastcert.rebuild import precheck
+
+from conftest import ROOT, TINY, build_model, compose_config
 
 # A run that verifies some test examples in seconds: small MLP, ε=0.05, a few epochs.
 TRAIN = TINY + ["model.widths=[32,32]", "epochs=4", "eps=0.05", "data.limit_train=256",
@@ -323,7 +324,8 @@ def test_hydra_command_line(trained):
 def test_certify_conv_and_residual_models(model, tmp_path):
     """Certify (all three verifiers) a briefly trained BN model with residual blocks /
     grouped convolutions; the clean accuracy matches the run's own evaluation."""
-    results = run(compose_config("config", TINY + ["epochs=2", "eps=0.05"] + model), tmp_path / "run")
+    results = run(compose_config("config", TINY + ["epochs=2", "eps=0.05"] + model),
+                  tmp_path / "run")
     summary = certify(certify_cfg(tmp_path / "run" / "last.pt", "eps=[0.02,0.05]",
                                   "cascade=false", "alpha_crown.iterations=2"), tmp_path / "out")
     assert summary["skipped"] == {} and summary["n_test"] == 48

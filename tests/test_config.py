@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from fastcert.config import ConfigError, instantiate, options
+from fastcert.config import ConfigError, instantiate
 from fastcert.pipeline import build
 from fastcert.settings import RUNTIME, validate
 

@@ -179,7 +179,7 @@ def test_on_device_shards_share_the_global_augmentation(cifar_root, cifar_md5):
              for r in (0, 1)]
     ref = _epochs(whole.train, 0, epochs=1)[0]
     got = [_epochs(r.train, 0, epochs=1)[0] for r in ranks]
-    for t, (x, y) in enumerate(ref):
+    for t, (x, _y) in enumerate(ref):
         assert torch.equal(got[0][t][0], x[0::2]) and torch.equal(got[1][t][0], x[1::2])
 
 

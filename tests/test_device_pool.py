@@ -105,7 +105,7 @@ def test_processes_never_share_a_device(tmp_path):
     assert set(by_device) == {0, 1}
     for index, spans in by_device.items():
         spans.sort()
-        for (s0, e0, p0), (s1, e1, p1) in zip(spans, spans[1:]):
+        for (_s0, e0, p0), (s1, _e1, p1) in zip(spans, spans[1:]):
             assert s1 >= e0, f"device {index} held by pids {p0} and {p1} at once"
 
 

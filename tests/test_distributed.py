@@ -238,13 +238,12 @@ class _OneBatch:
 def _one_step(case, run_dir, ctx=None) -> torch.Tensor:
     """The parameter update of one fit step of ``case`` on 7 digits-shaped images (a 2-rank
     run splits them 4 + 3)."""
+    from fastcert import distributed
     from fastcert.bounds import BoundedNet
     from fastcert.config import build_option
     from fastcert.loggers import NullLogger
     from fastcert.schedules import LinearSchedule
     from fastcert.train import TrainSetup, fit
-
-    from fastcert import distributed
 
     method, eps, chunks, bn = case
     Path(run_dir).mkdir(parents=True)

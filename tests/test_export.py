@@ -94,13 +94,15 @@ def test_vnnlib_parses_back_to_the_box_and_the_negated_property(exported, model_
         assert np.array_equal(lower, lo.flatten().numpy().astype(np.float64))
         assert np.array_equal(upper, hi.flatten().numpy().astype(np.float64))
         exact = x.double().flatten().numpy()
-        assert (lower <= np.maximum(exact - EPS, 0)).all() and (upper >= np.minimum(exact + EPS, 1)).all()
+        assert ((lower <= np.maximum(exact - EPS, 0)).all()
+                and (upper >= np.minimum(exact + EPS, 1)).all())
         assert k == 10 and p["label"] == y
         assert sorted(disjuncts) == [(j, y) for j in range(10) if j != y]
 
 
 def test_only_undecided_reads_certify_csv(trained, tmp_path):  # noqa: F811
     from fastcert.certify import certify
+
     from test_certify import certify_cfg
 
     run_dir, _ = trained

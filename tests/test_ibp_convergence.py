@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from fastcert.bounds import Bound, BoundedNet, robust_ce_from_margins
 from fastcert.config import ConfigError, build_option, instantiate
 
-
 # ------------------------------------------------------------------------------ the data
 
 
@@ -57,7 +56,8 @@ def test_the_unclipped_box_contains_the_exact_box():
     bundle = build_option("data", "digits_2v5").load(0)
     for eps in (0.1, 0.3, 1 / 255):
         lower, upper = bundle.eps_box(x, eps)
-        assert (lower.double() <= x.double() - eps).all() and (upper.double() >= x.double() + eps).all()
+        assert ((lower.double() <= x.double() - eps).all()
+                and (upper.double() >= x.double() + eps).all())
         assert ((x - eps) > x.double() - eps).any() or ((x + eps) < x.double() + eps).any()
 
 
@@ -132,7 +132,8 @@ def _closed_form_lower(model, x, y, eps):
     pre = x.flatten(1) @ w.T
     radius = eps * w.abs().sum(1)
     ya = (2 * y.float() - 1)[:, None] * a[None]
-    return ((ya > 0) * torch.relu(pre - radius) - (ya < 0) * torch.relu(pre + radius)).sum(1) / m ** 0.5
+    lower = (ya > 0) * torch.relu(pre - radius) - (ya < 0) * torch.relu(pre + radius)
+    return lower.sum(1) / m ** 0.5
 
 
 @pytest.mark.parametrize("eps", [0.001, 0.04, 0.3])

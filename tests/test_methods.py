@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import MODEL_NAMES, build_model, tiny_kwargs
-from conftest import bn_mlp as _net
-from conftest import pixel_box
-from conftest import random_batch as _batch
 from fastcert.bounds import Bound, BoundedNet, robust_ce_from_margins
 from fastcert.config import ConfigError, build_option, options
 from fastcert.methods import Batch, Method
+
+from conftest import MODEL_NAMES, build_model, pixel_box, tiny_kwargs
+from conftest import bn_mlp as _net
+from conftest import random_batch as _batch
 
 METHODS = options("method")
 
@@ -88,7 +88,7 @@ def test_fast_optimises_the_regularisers_only_while_lambda_is_positive():
     torch.testing.assert_close(done.loss, robust_ce_from_margins(lb))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _family_net(model_name: str) -> BoundedNet:
     torch.manual_seed(0)
     model = build_model(model_name, (3, 8, 8), 10, **tiny_kwargs(model_name))

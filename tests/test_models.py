@@ -13,8 +13,7 @@ from fastcert import compat
 compat.apply()
 from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm  # noqa: E402
 
-from fastcert.config import (ConfigError, build_option, option_node, options,  # noqa: E402
-                             parameters)
+from fastcert.config import ConfigError, build_option, option_node, options, parameters  # noqa: E402
 from fastcert.models import (  # noqa: E402
     BN_MODES,
     BasicResidualBlock,
@@ -24,7 +23,6 @@ from fastcert.models import (  # noqa: E402
 
 from conftest import MODEL_NAMES, tiny_kwargs  # noqa: E402
 from conftest import build_model as create_model  # noqa: E402
-
 
 SHAPES = [(1, 8, 8), (3, 32, 32)]
 ALLOWED = (

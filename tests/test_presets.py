@@ -10,8 +10,8 @@ import torch
 from fastcert.bounds import Bound
 from fastcert.config import options
 from fastcert.pipeline import build, run
-from fastcert.settings import validate
 from fastcert.schedules import SmoothedSchedule
+from fastcert.settings import validate
 
 from conftest import TINY, write_idx_set
 
@@ -206,8 +206,9 @@ def test_train_0_4_test_0_3_reaches_results_and_certify(compose, mnist_root, tmp
     ``python -m fastcert.certify`` (no eps given) report 0.3, the training radius 0.4."""
     import json
 
-    from conftest import compose_config
     from fastcert.certify import certify
+
+    from conftest import compose_config
 
     run_dir = tmp_path / "run"
     cfg = compose(["experiment=crown_ibp/mnist_dm_large_0.4/dm_large", f"data.root={mnist_root[0]}",
@@ -239,7 +240,8 @@ def test_preset_builds(compose, roots, preset):
     lower, upper = built.data.eps_box(x[:2], cfg.eps)
     with torch.no_grad():
         logits, lb = built.net.margin_bounds(x[:2], y[:2], lower, upper, Bound.IBP)
-    assert logits.shape == (2, built.data.num_classes) and (lb <= logits.max(1).values[:, None]).all()
+    assert (logits.shape == (2, built.data.num_classes)
+            and (lb <= logits.max(1).values[:, None]).all())
 
 
 def test_table4_rows_toggle_the_ablation_components(compose):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-
 import torch.nn.functional as F
 
 from fastcert.bounds import Bound, BoundedNet, ReluBounds
@@ -16,7 +15,8 @@ from conftest import random_batch
 
 
 def _rb(lo, hi):
-    return ReluBounds("h", torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32))
+    return ReluBounds("h", torch.tensor(lo, dtype=torch.float32),
+                      torch.tensor(hi, dtype=torch.float32))
 
 
 def test_tightness_by_hand():
@@ -44,11 +44,13 @@ def test_relu_balance_by_hand():
     dev = (c - c.mean()) ** 2                                    # mean c = -0.2
     beta = (dev[0] + dev[1]) / (dev[2] + dev[3])
     tau = 0.9
-    expected = (max(0.0, tau - min(alpha, 1 / alpha)) + max(0.0, tau - min(beta.item(), 1 / beta.item()))) / (tau * 1)
+    expected = (max(0.0, tau - min(alpha, 1 / alpha))
+                + max(0.0, tau - min(beta.item(), 1 / beta.item()))) / (tau * 1)
     assert relu_loss([_rb(lo, hi)], tau).item() == pytest.approx(expected, rel=1e-5)
     # a layer with no inactive neuron contributes nothing, but counts in m
     only_active = _rb([[1.0, 2.0]], [[2.0, 3.0]])
-    assert relu_loss([_rb(lo, hi), only_active], tau).item() == pytest.approx(expected / 2, rel=1e-5)
+    assert relu_loss([_rb(lo, hi), only_active], tau).item() == pytest.approx(expected / 2,
+                                                                              rel=1e-5)
 
 
 def test_relu_states_fractions():

@@ -1,6 +1,7 @@
-"""Preemption and resume: a run SIGKILLed mid-epoch and restarted with ``resume.checkpoint=last`` ends with
-the same numbers as one that was never interrupted, and continues the same W&B run; a damaged
-checkpoint is an error naming the file, never a silent restart.
+"""Preemption and resume: a run SIGKILLed mid-epoch and restarted with
+``resume.checkpoint=last`` ends with the same numbers as one that was never interrupted, and
+continues the same W&B run; a damaged checkpoint is an error naming the file, never a silent
+restart.
 
 The kill test runs ``python -m fastcert.run`` exactly as a user (or a preempted cluster job)
 would, with one torch thread in every process (a deterministic setting: CPU kernels then sum
@@ -155,9 +156,16 @@ def test_killed_mid_epoch_and_resumed_matches_uninterrupted(tmp_path):
             assert torch.allclose(v.float(), b["optimizer"]["state"][pid][k].float(),
                                   rtol=0, atol=1e-6), (pid, k)
 
-    # W&B: one run id across both processes, the resumed process logging the later epochs
+    _assert_one_wandb_run_across_processes(run_dir, ckpt, b, killed_at, got)
+
+
+def _assert_one_wandb_run_across_processes(run_dir, ckpt: dict, final: dict, killed_at: int,
+                                           got: dict):
+    """W&B: one run id across both processes, the resumed process logging the later epochs
+    (``ckpt``: the killed process's last.pt, ``final``: the resumed one's, ``got``: its
+    results.json)."""
     run_id = (run_dir / "wandb_run_id").read_text().strip()
-    assert ckpt["logger_run_id"] == b["logger_run_id"] == run_id
+    assert ckpt["logger_run_id"] == final["logger_run_id"] == run_id
     files = offline_runs(run_dir)
     assert len(files) == 2, files
     # the killed process's log holds only what W&B had flushed when everything was killed

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from experiments import table as T
 from fastcert import resolvers
 from fastcert.resolvers import default_n_jobs
-from experiments import table as T
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["debug=smoke", "device=cpu", "data.limit_train=96", "data.limit_test=48"]
@@ -28,7 +28,8 @@ def _fastcert(args, tmp_path, timeout=300):
                HYDRA_FULL_ERROR="1", FASTCERT_LOCK_DIR=str(tmp_path / "locks"))
     proc = subprocess.run([sys.executable, "-m", "fastcert.run", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"fastcert.run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (f"fastcert.run failed:\n{proc.stdout[-3000:]}\n"
+                                  f"{proc.stderr[-5000:]}")
     return proc
 
 

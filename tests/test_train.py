@@ -37,7 +37,8 @@ def test_grad_acc_steps_splits_each_batch_into_chunks(compose, tmp_path, monkeyp
 
     monkeypatch.setattr(torch.optim.Adam, "step", counting_step)
     monkeypatch.setattr(ibp_module.IBP, "_bounded_step", recording)
-    over = TINY + ["data.batch_size=32", "optim.grad_acc_steps=4", "epochs=1", "data.limit_train=64"]
+    over = TINY + ["data.batch_size=32", "optim.grad_acc_steps=4", "epochs=1",
+                   "data.limit_train=64"]
     run(compose(over), tmp_path / "acc")
     assert len(steps) == 2                        # 64 examples / batch 32: two optimiser steps
     assert chunk_sizes == [8] * 8                 # each batch in 4 chunks of 8

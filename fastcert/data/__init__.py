@@ -8,9 +8,9 @@ pixel units (:meth:`DataBundle.eps_box` scales ε per channel by ``1/std`` and c
 image range).
 
 :class:`Digits`
-    scikit-learn's copy of the UCI handwritten digits (1797 images, 1x8x8, 10 classes), shipped inside
-    the scikit-learn wheel, so it works offline. Pixel values 0..16 are divided by 16. The split is a
-    stratified 80/20 split (``sklearn.model_selection.train_test_split(test_size=0.2,
+    scikit-learn's copy of the UCI handwritten digits (1797 images, 1x8x8, 10 classes), shipped
+    inside the scikit-learn wheel, so it works offline. Pixel values 0..16 are divided by 16. The
+    split is a stratified 80/20 split (``sklearn.model_selection.train_test_split(test_size=0.2,
     stratify=y, random_state=split_seed)``): 1437 train / 360 test images. ``split_seed`` is a
     data field (default 0), not the run's seed: every seed of a sweep trains and tests on the
     same split, so "± std over seeds" measures training alone. No normalisation (mean 0, std 1);
@@ -57,8 +57,17 @@ from fastcert.data.errors import DatasetNotFoundError
 from fastcert.data.on_device import CropFlip, DeviceBatches
 from fastcert.data.shard import Shard
 from fastcert.data.source import DatasetSplits, DataSource
-from fastcert.data.sources import (CIFAR10, CIFAR10_MEAN, CIFAR10_STD, MNIST, TINYIMAGENET_MEAN,
-                                   TINYIMAGENET_STD, Digits, FashionMNIST, TinyImageNet)
+from fastcert.data.sources import (
+    CIFAR10,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    MNIST,
+    TINYIMAGENET_MEAN,
+    TINYIMAGENET_STD,
+    Digits,
+    FashionMNIST,
+    TinyImageNet,
+)
 from fastcert.data.two_classes import TwoClasses
 
 __all__ = [

@@ -52,7 +52,8 @@ class DataBundle:
         mean, std = self._stats(like if like is not None else self.mean)
         return (1.0 - mean) / std
 
-    def eps_box(self, x: torch.Tensor, eps: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def eps_box(self, x: torch.Tensor,
+                eps: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """L∞ ball of pixel radius ``eps`` around the normalised batch ``x``, in normalised units,
         rounded outward so that it always contains the exact box.
 
@@ -60,9 +61,9 @@ class DataBundle:
         (1-mean)/std)`` per channel: ε is scaled per channel by the std so that it stays in pixel
         units, and the box never leaves the valid image range. In float32 each of these values
         is off by up to ~4 units in the last place of ``|x| + eps/std`` (the rounding of ε, of
-        the statistics, of eps/std and of the sum), and about half the coordinates fall *inside* the exact box
-        (up to 2e-7 with CIFAR-10's statistics). Each bound is therefore moved outward by
-        :func:`_outward` = 2^-21 · (|x| + eps/std) (8 such units; the range limits by
+        the statistics, of eps/std and of the sum), and about half the coordinates fall *inside*
+        the exact box (up to 2e-7 with CIFAR-10's statistics). Each bound is therefore moved
+        outward by :func:`_outward` = 2^-21 · (|x| + eps/std) (8 such units; the range limits by
         2^-21 · |limit|, except 0 and 1 of an identity normalisation, which are exact): the box
         contains the exact one (computed with the data set's float64 statistics), widened by
         at most ~2e-6 normalised (~5e-7 in pixel units). ``x`` is (..., C, H, W); ``eps`` is a

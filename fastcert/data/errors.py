@@ -22,11 +22,13 @@ def not_found(name: str, path: str, how: str, detail: str = "") -> DatasetNotFou
 def torchvision_howto(path: str) -> str:
     return (
         "run once with data.download=true on a machine with network access, "
-        f"or copy torchvision's files for this dataset to '{path}' (and point data.root at their parent)."
+        f"or copy torchvision's files for this dataset to '{path}' (and point data.root at "
+        f"their parent)."
     )
 
 
-def load_torchvision(cls, name: str, root: str, path: str, expected: Sequence[str], download: bool, **kw):
+def load_torchvision(cls, name: str, root: str, path: str, expected: Sequence[str],
+                     download: bool, **kw):
     """Construct a torchvision dataset, turning its 'Dataset not found' errors into ours."""
     try:
         return cls(root, download=download, **kw)
@@ -46,5 +48,5 @@ def load_torchvision(cls, name: str, root: str, path: str, expected: Sequence[st
                 "(corrupted, or not the official files)."
             )
         raise not_found(name, path, torchvision_howto(path), detail) from e
-    except URLError as e:  # download=True without network (some torchvision paths raise it directly)
+    except URLError as e:  # download=True without network (some torchvision paths raise it)
         raise not_found(name, path, torchvision_howto(path), f"Downloading failed ({e}).") from e

@@ -122,7 +122,7 @@ class DeviceBatches:
     @classmethod
     def of(cls, dataset: Dataset, device: torch.device, batch_size: int, *, shuffle: bool,
            generator: torch.Generator | None = None, shard: Shard | None = None,
-           workers: int = 0) -> "DeviceBatches":
+           workers: int = 0) -> DeviceBatches:
         """``dataset`` moved to ``device`` once (through its deterministic transforms; its
         random crop/flip become the batches' :class:`CropFlip`). A test split with a shard
         keeps that rank's block."""

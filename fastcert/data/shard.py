@@ -1,5 +1,6 @@
 """A data-parallel rank's part of the data: its share of every training batch and its block of
-test batches (:class:`Shard`), and the batch sampler that gives the share (:class:`ShardedBatches`)."""
+test batches (:class:`Shard`), and the batch sampler that gives the share
+(:class:`ShardedBatches`)."""
 from __future__ import annotations
 
 import math

@@ -123,7 +123,8 @@ def _fashion_dataset(files: dict[str, str] | None, root: str, train: bool, downl
         return TorchFashionMNIST(root, train=train, download=download, transform=transform)
 
     class IdxFashionMNIST(TorchFashionMNIST):
-        """torchvision's class, its data read from ``files`` instead of ``<root>/FashionMNIST/raw``."""
+        """torchvision's class, its data read from ``files`` instead of
+        ``<root>/FashionMNIST/raw``."""
 
         def _check_exists(self) -> bool:
             return True
@@ -207,7 +208,8 @@ TINYIMAGENET_DIR = "tiny-imagenet-200"
 
 def _tinyimagenet_howto(root: str) -> str:
     return (
-        f"run 'python -m fastcert.prep_tinyimagenet --root {root}' on a machine with network access, "
+        f"run 'python -m fastcert.prep_tinyimagenet --root {root}' on a machine with network "
+        f"access, "
         f"or download tiny-imagenet-200.zip elsewhere and run "
         f"'python -m fastcert.prep_tinyimagenet --root {root} --zip PATH/TO/tiny-imagenet-200.zip'."
     )

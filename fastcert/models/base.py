@@ -15,8 +15,8 @@ BN_MODES = ("full", "conv", "none")
 
 def model_builder(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Check a builder's common arguments (``input_shape`` (C, H, W), ``num_classes``, ``bn``,
-    whose default is the builder's own) and record them on the model it returns (``input_shape``, ``num_classes``, ``bn``,
-    ``arch``: the builder's name)."""
+    whose default is the builder's own) and record them on the model it returns
+    (``input_shape``, ``num_classes``, ``bn``, ``arch``: the builder's name)."""
 
     default_bn = inspect.signature(builder).parameters["bn"].default
 
@@ -41,10 +41,10 @@ def model_builder(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]
 def affine_layers(model: nn.Module) -> list[nn.Module]:
     """The ``Conv2d`` / ``Linear`` layers of ``model`` in forward order.
 
-    All models of :mod:`fastcert.models` register their layers in the order their ``forward`` runs them
-    (inside a residual block: the main branch, then the shortcut), so module order is forward
-    order. Used by the warmup regularizers (Sec. 3.3.3 of Shi et al. 2021) and the ReLU-state
-    diagnostics.
+    All models of :mod:`fastcert.models` register their layers in the order their ``forward``
+    runs them (inside a residual block: the main branch, then the shortcut), so module order is
+    forward order. Used by the warmup regularizers (Sec. 3.3.3 of Shi et al. 2021) and the
+    ReLU-state diagnostics.
     """
     return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 

@@ -7,8 +7,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastcert.models.base import (bn_flags, conv_bn_relu, conv_out, linear_bn_relu,
-                                  model_builder, per_input, positive_int)
+from fastcert.models.base import (
+    bn_flags,
+    conv_bn_relu,
+    conv_out,
+    linear_bn_relu,
+    model_builder,
+    per_input,
+    positive_int,
+)
 
 
 def _shortcut(c_in: int, c_out: int, stride: int, bn: bool) -> nn.Module:

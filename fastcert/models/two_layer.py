@@ -49,4 +49,5 @@ def two_layer(
     layers: list[nn.Module] = [nn.Flatten(), hidden]
     if bn_fc:
         layers.append(nn.BatchNorm1d(m))
-    return nn.Sequential(*layers, nn.ReLU(), FixedLinear(signs / m ** 0.5, torch.zeros(num_classes)))
+    head = FixedLinear(signs / m ** 0.5, torch.zeros(num_classes))
+    return nn.Sequential(*layers, nn.ReLU(), head)
