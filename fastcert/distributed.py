@@ -1,6 +1,6 @@
 """One run across several processes (data parallel): ``torchrun --nproc_per_node=N -m
 fastcert.run ...``, or ``nproc=N`` (the pipeline spawns the N ranks itself, on N devices of the
-pool: how a sweep runs N-device jobs).
+pool, :func:`fastcert.parallel.run_parallel`: how a sweep runs N-device jobs).
 
 What each rank does (the rest of fastcert sees only a :class:`Dist`):
 

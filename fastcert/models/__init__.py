@@ -35,15 +35,15 @@ the README.
 """
 from fastcert.models.base import BN_MODES, affine_layers, is_imagenet64, model_builder
 from fastcert.models.feedforward import (
-                                         cnn7,
-                                         cnn_2layer,
-                                         cnn_3layer_fixed,
-                                         cnn_4layer,
-                                         cnn_small,
-                                         dm_large,
-                                         dm_medium,
-                                         dm_small,
-                                         mlp,
+    cnn7,
+    cnn_2layer,
+    cnn_3layer_fixed,
+    cnn_4layer,
+    cnn_small,
+    dm_large,
+    dm_medium,
+    dm_small,
+    mlp,
 )
 from fastcert.models.residual import BasicResidualBlock, ResNeXtBlock, resnext, wide_resnet
 from fastcert.models.two_layer import FixedLinear, two_layer

@@ -1,143 +1,29 @@
-"""Everything fastcert asks of auto_LiRPA, in one place.
-
-A :class:`BoundedNet` is *one network state* seen three ways: the plain ``nn.Module``, its
-``BoundedModule`` over the classification margins, and (when a method asks for it) the
-loss-fusion ``BoundedModule`` of Xu et al. 2020 (``CrossEntropyWrapper``). auto_LiRPA shares
-the parameters with the wrapped module but keeps *copies* of BatchNorm running statistics;
-:func:`_tie_buffers` makes all three views use the same buffer tensors, so a metric measured
-through any view sees the same BN statistics (see NOTES.md, "Pitfalls seen").
-"""
+"""One network state seen three ways (:class:`BoundedNet`): the plain module, its margin
+BoundedModule and its loss-fusion BoundedModule, with tied BatchNorm buffers; and the network
+cut in two (:class:`SplitNet`)."""
 from __future__ import annotations
 
 import contextlib
-import enum
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from fastcert import compat
+from fastcert.bounds.choices import (
+    Bound,
+    BoundChoice,
+    ReluBounds,
+    compute_bounds,
+    margin_spec,
+    relu_bounds_of,
+)
+from fastcert.bounds.lirpa import auto_lirpa
 
 if TYPE_CHECKING:
     from auto_LiRPA import BoundedModule, BoundedTensor
-    from auto_LiRPA.operators import BoundExp, BoundRelu
-
-
-@functools.cache
-def auto_lirpa() -> SimpleNamespace:
-    """auto_LiRPA's classes that fastcert uses, imported after :func:`fastcert.compat.apply`
-    (some of its patches must precede the first ``import auto_LiRPA``, e.g. NumPy 2's
-    ``isin``). Every use of auto_LiRPA goes through here, or calls it before importing
-    auto_LiRPA itself; the first call applies the patches."""
-    compat.apply()
-    from auto_LiRPA import BoundedModule, BoundedTensor, CrossEntropyWrapper
-    from auto_LiRPA.operators import (
-        BoundBatchNormalization,
-        BoundExp,
-        BoundGatherElements,
-        BoundRelu,
-    )
-    from auto_LiRPA.operators.leaf import BoundBuffers
-    from auto_LiRPA.perturbations import PerturbationLpNorm
-
-    return SimpleNamespace(BoundedModule=BoundedModule, BoundedTensor=BoundedTensor,
-                           CrossEntropyWrapper=CrossEntropyWrapper,
-                           BoundBatchNormalization=BoundBatchNormalization, BoundExp=BoundExp,
-                           BoundGatherElements=BoundGatherElements, BoundRelu=BoundRelu,
-                           BoundBuffers=BoundBuffers, PerturbationLpNorm=PerturbationLpNorm)
-
-
-class Bound(enum.Enum):
-    """A bound propagation method (the value is auto_LiRPA's name for it)."""
-
-    IBP = "IBP"                       # Gowal et al. 2018
-    CROWN_IBP = "CROWN-IBP"           # Zhang et al. 2020: CROWN on the output, IBP inside
-    CROWN = "CROWN"                   # Zhang et al. 2018
-    ALPHA_CROWN = "CROWN-Optimized"   # Xu et al. 2021 (α-CROWN): optimised ReLU slopes
-
-    @property
-    def key(self) -> str:
-        """The name used in configs and results: ibp, crown_ibp, crown, alpha_crown."""
-        return self.name.lower()
-
-    @classmethod
-    def parse(cls, key: str | Bound) -> Bound:
-        if isinstance(key, Bound):
-            return key
-        try:
-            return cls[str(key).upper()]
-        except KeyError:
-            raise ValueError(f"unknown verifier {key!r}; choose from "
-                             f"{[b.key for b in cls]}") from None
-
-
-@dataclass(frozen=True)
-class Mix:
-    """β·CROWN-IBP + (1-β)·IBP (Eq. 9 of Zhang et al. 2020): CROWN-IBP training's bound."""
-
-    beta: float
-
-
-BoundChoice = Bound | Mix
-
-
-def beta_mix(tight: torch.Tensor, ibp: torch.Tensor, beta: float) -> torch.Tensor:
-    """β·tight + (1-β)·ibp: a convex combination of two bounds on the same side is a bound on
-    that side (Eq. 9 of Zhang et al. 2020)."""
-    return beta * tight + (1 - beta) * ibp
-
-
-def compute_bounds(module: BoundedModule, bound: BoundChoice, **kwargs):
-    """``module.compute_bounds(x=None, ...)`` for one bound choice (the input of the forward
-    pass just run); a :class:`Mix` computes IBP, and CROWN-IBP when β > 0, and mixes them."""
-    if isinstance(bound, Bound):
-        return module.compute_bounds(x=None, method=bound.value, **kwargs)
-    if bound.beta >= 1:
-        return module.compute_bounds(x=None, method=Bound.CROWN_IBP.value, **kwargs)
-    lb, ub = module.compute_bounds(x=None, method=Bound.IBP.value, **kwargs)
-    if bound.beta <= 0:
-        return lb, ub
-    clb, cub = module.compute_bounds(x=None, method=Bound.CROWN_IBP.value, **kwargs)
-    return (None if clb is None else beta_mix(clb, lb, bound.beta),
-            None if cub is None else beta_mix(cub, ub, bound.beta))
-
-
-def margin_spec(y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Specification matrix C (B, K-1, K) with rows e_y - e_j for every j != y.
-
-    ``C @ logits`` gives the margins [f(x)]_y - [f(x)]_j of Eq. 2 of Shi et al. 2021; the
-    example is verified when every lower bound of them is > 0.
-    """
-    eye = torch.eye(num_classes, device=y.device, dtype=torch.float32)
-    C = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (B, K, K): row j is e_y - e_j
-    keep = ~torch.eye(num_classes, dtype=torch.bool, device=y.device)[y]  # drop j == y
-    return C[keep].view(y.shape[0], num_classes - 1, num_classes)
-
-
-def robust_ce_from_margins(margin_lb: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Robust cross entropy of Gowal et al. 2018 (Eq. 9 of Shi et al. 2021).
-
-    With m̲_j the lower bounds of the margins y - j, the logits z̃ with z̃_y = 0 and
-    z̃_j = -m̲_j upper-bound every logit difference, so CE(z̃, y) >= max_δ CE(f(x+δ), y).
-    """
-    zeros = margin_lb.new_zeros(margin_lb.shape[0], 1)
-    logits = torch.cat([zeros, -margin_lb], dim=1)
-    target = torch.zeros(margin_lb.shape[0], dtype=torch.long, device=margin_lb.device)
-    return F.cross_entropy(logits, target, reduction=reduction)
-
-
-@dataclass
-class ReluBounds:
-    """Interval bounds [lower, upper] of one ReLU's input (a pre-activation h_i)."""
-
-    name: str
-    lower: torch.Tensor
-    upper: torch.Tensor
+    from auto_LiRPA.operators import BoundExp
 
 
 def _tie_buffers(bounded: BoundedModule, model: nn.Module, prefix: str = "") -> None:
@@ -157,18 +43,6 @@ def _output_layer_trains(model: nn.Module) -> bool:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return bool(linears) and all(isinstance(getattr(linears[-1], k), nn.Parameter)
                                  for k in ("weight", "bias"))
-
-
-def relu_bounds_of(module: BoundedModule) -> list[ReluBounds]:
-    """Bounds of every ReLU's input from ``module``'s last bound computation, forward order."""
-    out = []
-    for node in module.modules():
-        if isinstance(node, auto_lirpa().BoundRelu):
-            pre = node.inputs[0]
-            if getattr(pre, "lower", None) is None or getattr(pre, "upper", None) is None:
-                raise RuntimeError("relu_bounds() needs a bound computation first")
-            out.append(ReluBounds(pre.name, pre.lower, pre.upper))
-    return out
 
 
 class _BatchStats:
@@ -444,80 +318,3 @@ class BoundedNet(nn.Module):
 
 
 RELAXATIONS = ("adaptive", "same-slope")
-
-
-@dataclass
-class LinearMarginBound:
-    """A CROWN-style lower bound of the margins with its linear coefficients (the A matrices):
-
-        m̲_t = Σ lA_t · z* + lbias_t,   z* = argmin over the input box of lA_t · z,
-
-    ``input_coef`` is lA w.r.t. the input, c_tᵀ𝒲_{L:1} of Eq. 7 of Zhu et al. 2020 (the
-    relaxed network's linear map from input to margin t); ``relu_coef`` holds, per ReLU in
-    forward order, lA w.r.t. that ReLU's *input* (auto_LiRPA records the coefficient after
-    propagating through the node: the ReLU output's coefficient λ times the chosen slope).
-    ``relus`` are the intermediate bounds the relaxation was built from. The coefficients are
-    detached (auto_LiRPA returns them so); ``lower`` and the bounds carry gradients."""
-
-    lower: torch.Tensor            # (B, T)
-    input_coef: torch.Tensor       # (B, T, *input shape)
-    relu_coef: list[torch.Tensor]  # (B, T, *ReLU shape) each
-    relus: list[ReluBounds]
-
-
-def relu_nodes(module: BoundedModule) -> list[BoundRelu]:
-    """The ReLU nodes of ``module`` in forward order."""
-    return [n for n in module.modules() if isinstance(n, auto_lirpa().BoundRelu)]
-
-
-def linear_margin_bound(module: BoundedModule, C: torch.Tensor, bound: Bound) -> LinearMarginBound:
-    """The ``bound`` (CROWN or CROWN-IBP) lower bound of ``C @ logits`` and its A matrices,
-    for the input of the forward pass just run (``module(BoundedTensor)``), in one
-    ``compute_bounds(..., return_A=True, needed_A_dict=...)`` call."""
-    if bound not in (Bound.CROWN, Bound.CROWN_IBP):
-        raise ValueError(f"linear_margin_bound: {bound.key} has no single linear bound; "
-                         f"use crown or crown_ibp")
-    relus = relu_nodes(module)
-    out, inp = module.output_name[0], module.input_name[0]
-    lb, _, A = module.compute_bounds(x=None, C=C, method=bound.value, bound_upper=False,
-                                     return_A=True,
-                                     needed_A_dict={out: [inp] + [r.name for r in relus]})
-
-    def coef(name):
-        a = A[out][name]["lA"]
-        if not isinstance(a, torch.Tensor):  # a Patches object (conv_mode "patches")
-            raise RuntimeError(f"the A matrix of {name} came back as {type(a).__name__}; "
-                               f"build the BoundedNet with bound_opts={{'conv_mode': 'matrix'}}")
-        return a
-
-    bounds = [ReluBounds(r.inputs[0].name, r.inputs[0].lower, r.inputs[0].upper)
-              for r in relus]
-    return LinearMarginBound(lb, coef(inp), [coef(r.name) for r in relus], bounds)
-
-
-def _normalize(x, weight, bias, running_mean, running_var, *, mean, var, eps):
-    """BatchNorm with given statistics (differentiable in them, unlike F.batch_norm's running
-    statistics), ignoring the running ones."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    return ((x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps) * weight.view(shape)
-            + bias.view(shape))
-
-
-def forward_relu_inputs(module: BoundedModule, z: torch.Tensor,
-                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The real (unrelaxed) network at inputs ``z``: its logits and every ReLU's input, in
-    forward order. BatchNorm normalises with the statistics of the last forward pass (the ones
-    the last bounds were computed with: in training mode the clean batch's) and leaves the
-    running statistics alone, so the network is the one the bounds describe. The nodes keep
-    their bounds (only forward values are replaced)."""
-    frozen = [n for n in module.modules()
-              if isinstance(n, auto_lirpa().BoundBatchNormalization)]
-    for n in frozen:
-        n.forward = functools.partial(_normalize, mean=n.current_mean, var=n.current_var,
-                                      eps=n.eps)
-    try:
-        logits = module(z, clear_forward_only=True)
-    finally:
-        for n in frozen:
-            del n.forward
-    return logits, [r.inputs[0].forward_value for r in relu_nodes(module)]
