@@ -17,11 +17,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[dev,sweeps]'
 	@touch $@
 
-.PHONY: help install test test-all run bench clean
+.PHONY: help install lint format test test-all run bench clean
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
 
 install: $(VENV)/.installed ## create .venv and install torch, auto_LiRPA 0.3 and fastcert[dev,sweeps]
+
+lint: $(VENV)/.installed ## ruff (pyproject.toml [tool.ruff]) and the 80-line cap on functions (tests/test_lint.py)
+	$(PY) -m ruff check fastcert experiments tests
+	$(PY) -m pytest -q -n 0 -p no:cacheprovider tests/test_lint.py
+
+format: $(VENV)/.installed ## what ruff can fix by itself (import order, pyupgrade); not `ruff format`
+	$(PY) -m ruff check --fix fastcert experiments tests
 
 test: $(VENV)/.installed ## fast test suite (excludes @pytest.mark.slow), what CI runs
 	$(PY) -m pytest -q -m "not slow" -n $(JOBS) $(PYTEST_ARGS)

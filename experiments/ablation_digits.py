@@ -1,6 +1,7 @@
 """Vanilla IBP vs fast IBP (vs CROWN-IBP) on the offline digits data, over seeds.
 
-    python -m experiments.ablation_digits [--seeds 0 1 2] [--methods ibp fast crown_ibp] [overrides ...]
+    python -m experiments.ablation_digits [--seeds 0 1 2] [--methods ibp fast crown_ibp]
+                                          [overrides ...]
 
 The Table 1 / Table 4 comparison of Shi et al. 2021 in miniature: preset
 ``experiment=digits_ablation`` (ε=0.2, small CNN with full BN, a short "1+20+39" schedule), each
@@ -17,19 +18,8 @@ import statistics
 import warnings
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-
-from fastcert.config import CONF_DIR
+from experiments.common import compose, mean_std
 from fastcert.pipeline import run
-
-
-def _mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {std:.4f}"
 
 
 def main(argv=None):
@@ -43,10 +33,8 @@ def main(argv=None):
     rows = {}
     for method in args.methods:
         for seed in args.seeds:
-            GlobalHydra.instance().clear()
-            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-                cfg = compose("config", overrides=["experiment=digits_ablation", f"method={method}",
-                                                   f"seed={seed}", *args.overrides])
+            cfg = compose(["experiment=digits_ablation", f"method={method}", f"seed={seed}",
+                           *args.overrides])
             run_dir = Path(args.out) / f"{method}-s{seed}"
             results = run(cfg, run_dir, group="digits_ablation")
             last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
@@ -54,13 +42,14 @@ def main(argv=None):
                 (results["clean_acc"], results["ibp_verified_acc"], results["crown_verified_acc"],
                  last.get("reg/tightness"), last.get("reg/relu"), results["wall_time_s"]))
     print(f"\ndigits, eps={cfg.eps}, {cfg.epochs} epochs "
-          f"({cfg.schedule.start}+{cfg.schedule.length}+{cfg.epochs - cfg.schedule.start - cfg.schedule.length}), "
+          f"({cfg.schedule.start}+{cfg.schedule.length}+"
+          f"{cfg.epochs - cfg.schedule.start - cfg.schedule.length}), "
           f"{cfg.model.name} (bn={cfg.model.bn}), seeds {args.seeds}\n")
     print("| method | clean acc | IBP-verified acc | CROWN-verified acc | final L_tightness | "
           "final L_relu | s/run |")
     print("|---|---|---|---|---|---|---|")
     for method, r in rows.items():
-        cols = [_mean_std([row[i] for row in r]) for i in range(5)]
+        cols = [mean_std([row[i] for row in r]) for i in range(5)]
         print(f"| {method} | " + " | ".join(cols) + f" | {statistics.mean(x[5] for x in r):.0f} |")
     return rows
 

@@ -92,7 +92,8 @@ def _spawn(mode: str, args) -> dict:
         env["LD_PRELOAD"] = next(p for p in JEMALLOC if os.path.exists(p))
         env["MALLOC_CONF"] = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
     code = ("import json, sys; from experiments.allocators import child; "
-            f"print('JSON' + json.dumps(child({mode!r}, {args.steps}, {args.width}, {args.batch})))")
+            f"print('JSON' + json.dumps(child({mode!r}, {args.steps}, {args.width}, "
+            f"{args.batch})))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("JSON")]

@@ -16,9 +16,9 @@ repetition times one step of every row, in alternating order. Rows:
 * ``fit <method>`` for every ``conf/method`` option but :data:`experiments.EXPENSIVE_METHODS`:
   the real training step, i.e. the loop of :func:`fastcert.train.fit` (box, Batch,
   ``method.step``, backward, gradient clipping, Adam, per-step statistics) over a loader that
-  repeats the batch; a step is the time between two batches the loop asks for. The first step of each call (a diagnostic step with a fresh
-  optimiser) is not timed; the loader reports a CIFAR-10 epoch's length, so the diagnostic
-  cadence is a real epoch's.
+  repeats the batch; a step is the time between two batches the loop asks for. The first
+  step of each call (a diagnostic step with a fresh optimiser) is not timed; the loader
+  reports a CIFAR-10 epoch's length, so the diagnostic cadence is a real epoch's.
 
 Each row: median and min over ``--reps`` repetitions (wall clock; on the CPU also CPU time),
 ratios to ``torch natural`` and to its floor, and peak memory: max_memory_allocated on a GPU;
@@ -36,35 +36,39 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import contextlib
 import resource
 import statistics
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from experiments import default_methods
-from fastcert.bounds import BoundedNet, margin_spec, robust_ce_from_margins
-from fastcert.config import build_option
-from fastcert.data import CIFAR10_MEAN, CIFAR10_STD, CropFlip, DataBundle, DeviceBatches
-from fastcert.loggers import NullLogger
+from experiments.bench_rows import (
+    CIFAR_TRAIN,
+    FitRow,
+    Setting,
+    build_row,
+    cifar_box,
+    fresh_model,
+    quiet,
+    random_batch,
+    row_names,
+    time_row,
+)
+from fastcert.bounds import BoundedNet
+from fastcert.data import CropFlip, DeviceBatches
+from fastcert.devices import acquire_device
 from fastcert.memory import keep_freed_memory
-from fastcert.pipeline import resolve_device
 from fastcert.schedules import PHASES
-from fastcert.train import TrainSetup, fit
 
 #: (row, floor row, goal ratio) checked in the report; other methods get ratios only
 GOALS = {"fit natural": ("torch natural", 1.05), "fit ibp": ("floor ibp", 1.05),
          "fit fast": ("floor ibp", 1.05), "fit crown_ibp": ("floor loss fusion", 1.10)}
-CIFAR_TRAIN = 50_000
 
 #: Table 3 of Shi et al. 2021 (s/epoch, CNN-7, CIFAR-10, one RTX 2080 Ti): method -> phase
 TABLE3 = {"ibp": {"eps0": 30.0, "ramp": 54.8, "final": 54.8},
@@ -72,248 +76,7 @@ TABLE3 = {"ibp": {"eps0": 30.0, "ramp": 54.8, "final": 54.8},
           "fast": {"eps0": 64.0, "ramp": 64.0, "final": 54.8}}
 
 
-@dataclass
-class Setting:
-    model: str
-    model_options: dict
-    input_shape: tuple
-    num_classes: int
-    batch: int
-    eps_target: float
-    device: torch.device
-
-    @property
-    def eps(self) -> float:
-        return self.eps_target / 2
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _cifar_box() -> DataBundle:
-    """CIFAR-10's normalisation and ε-box (no loaders)."""
-    return DataBundle(None, None, (3, 32, 32), 10, torch.tensor(CIFAR10_MEAN),
-                      torch.tensor(CIFAR10_STD), "cifar10")
-
-
-def _batch(s: Setting, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    box = _cifar_box()
-    x = box.from_pixels(torch.rand(s.batch, *s.input_shape, generator=g))
-    y = torch.randint(0, s.num_classes, (s.batch,), generator=g)
-    return x.to(s.device), y.to(s.device), box
-
-
-def _model(s: Setting, seed: int = 0):
-    torch.manual_seed(seed)
-    model = build_option("model", s.model, s.model_options, input_shape=s.input_shape,
-                         num_classes=s.num_classes)
-    return model.to(s.device).train()
-
-
-# --------------------------------------------------------------------------- rows
-
-
-class TorchNatural:
-    """Plain PyTorch natural training."""
-
-    def __init__(self, model, x, y):
-        self.model, self.x, self.y, self.device = model, x, y, x.device
-        self.opt = torch.optim.Adam(model.parameters(), lr=5e-4)
-
-    def step(self):
-        loss = F.cross_entropy(self.model(self.x), self.y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-
-
-class FloorIBP:
-    """The bare auto_LiRPA IBP step: CE(f(x), y) + CE(-m̲, y) with m̲ the IBP lower bounds of
-    the margins (Eq. 9 of Shi et al. 2021) through a BoundedModule built here."""
-
-    def __init__(self, model, x, y, box, eps, num_classes):
-        from auto_LiRPA import BoundedModule, BoundedTensor
-        from auto_LiRPA.perturbations import PerturbationLpNorm
-
-        model.eval()
-        self.bounded = BoundedModule(model, x[:2], bound_opts={"relu": "adaptive"},
-                                     device=x.device)
-        self.bounded.train()
-        model.train()
-        lower, upper = box.eps_box(x, eps)
-        self.x_in = BoundedTensor(x, PerturbationLpNorm(norm=float("inf"), eps=eps,
-                                                        x_L=lower, x_U=upper))
-        self.y, self.C, self.device = y, margin_spec(y, num_classes), x.device
-        self.opt = torch.optim.Adam(model.parameters(), lr=5e-4)
-
-    def step(self):
-        logits = self.bounded(self.x_in)
-        lb, _ = self.bounded.compute_bounds(x=None, method="IBP", C=self.C, bound_upper=False)
-        loss = F.cross_entropy(logits, self.y) + robust_ce_from_margins(lb)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-
-
-class FloorLossFusion:
-    """The bare auto_LiRPA loss-fusion step (Xu et al. 2020): the BoundedModule of
-    CrossEntropyWrapper(model), natural CE and the upper bound of the CE, β·CROWN-IBP +
-    (1-β)·IBP with β = 1 - ε/ε_target (fastcert's CROWN-IBP defaults)."""
-
-    def __init__(self, model, x, y, box, eps, beta):
-        from auto_LiRPA import BoundedModule, BoundedTensor, CrossEntropyWrapper
-        from auto_LiRPA.operators import BoundExp
-        from auto_LiRPA.perturbations import PerturbationLpNorm
-
-        model.eval()
-        wrapper = CrossEntropyWrapper(model).eval()
-        self.fused = BoundedModule(wrapper, (x[:2], y[:2]),
-                                   bound_opts={"relu": "adaptive", "loss_fusion": True},
-                                   device=x.device)
-        self.fused.train()
-        model.train()
-        self.exp = next(n for n in self.fused.modules() if isinstance(n, BoundExp))
-        lower, upper = box.eps_box(x, eps)
-        self.x_in = BoundedTensor(x, PerturbationLpNorm(norm=float("inf"), eps=eps,
-                                                        x_L=lower, x_U=upper))
-        self.y, self.beta, self.device = y, beta, x.device
-        self.opt = torch.optim.Adam(model.parameters(), lr=5e-4)
-
-    def step(self):
-        s = self.fused(self.x_in, self.y)
-        natural = (torch.log(s) + self.exp.max_input).mean()
-        _, ub = self.fused.compute_bounds(x=None, method="IBP", bound_lower=False)
-        robust = torch.log(ub) + self.exp.max_input
-        if self.beta > 0:
-            _, cub = self.fused.compute_bounds(x=None, method="CROWN-IBP", bound_lower=False)
-            tight = torch.log(cub) + self.exp.max_input
-            robust = self.beta * tight + (1 - self.beta) * robust
-        loss = natural + robust.mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-
-
-class _FixedEps:
-    """A schedule holding ε constant (fit asks it for ε, ε_target and the phase)."""
-
-    def __init__(self, eps, eps_target):
-        self.eps_value, self.eps_target = eps, eps_target
-
-    def eps(self, step):
-        return self.eps_value
-
-    def phase(self, epoch):
-        return ("eps0" if self.eps_value == 0 else
-                "final" if self.eps_value >= self.eps_target else "ramp")
-
-
-class _TimedBatches:
-    """A training loader for fit: ``steps`` batches from ``source`` (a callable giving an
-    iterator), claiming ``length`` batches per epoch (the diagnostic cadence of a real
-    epoch); records when each batch is asked for, after the device finished the last step."""
-
-    def __init__(self, source, steps: int, length: int, device):
-        self.source, self.steps, self.length, self.device = source, steps, length, device
-        self.marks: list[float] = []
-        self.cpu_marks: list[float] = []
-        self.generator = None
-
-    def __len__(self):
-        return self.length
-
-    def __iter__(self):
-        self.marks, self.cpu_marks = [], []
-        it = self.source()
-        for _ in range(self.steps):
-            batch = next(it)
-            self._mark()
-            yield batch
-        self._mark()
-
-    def _mark(self):
-        _sync(self.device)
-        self.marks.append(time.perf_counter())
-        self.cpu_marks.append(time.process_time())
-
-    def step_times(self, cpu: bool = False) -> list[float]:
-        """Seconds (wall, or CPU) of each step after the first (untimed: a diagnostic step
-        with a fresh optimiser)."""
-        marks = self.cpu_marks if cpu else self.marks
-        return [b - a for a, b in zip(marks[1:], marks[2:])]
-
-
-class FitRow:
-    """``fastcert.train.fit`` with method ``name``: one call per repetition, the first step
-    untimed, then ``timed`` steps."""
-
-    def __init__(self, name, net, x, y, box, eps, eps_target, run_dir, timed=1,
-                 length=math.ceil(CIFAR_TRAIN / 128), source=None):
-        self.method = build_option("method", name)
-        self.net, self.box, self.eps, self.eps_target = net, box, eps, eps_target
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        device = x.device
-        source = source or (lambda: iter(lambda: (x, y), None))
-        self.loader = _TimedBatches(source, 1 + timed, length, device)
-        self.optim = build_option("optim", "adam")
-        self.device = device
-
-    def run(self) -> list[float]:
-        setup = TrainSetup(net=self.net, method=self.method, train_loader=self.loader,
-                           box_fn=self.box.eps_box,
-                           schedule=_FixedEps(self.eps, self.eps_target), optim=self.optim,
-                           epochs=1, seed=0, device=self.device, run_dir=self.run_dir,
-                           logger=NullLogger())
-        with _quiet():  # fit's epoch line and progress bar
-            fit(setup)
-        return self.loader.step_times()
-
-    def cpu_times(self) -> list[float]:
-        return self.loader.step_times(cpu=True)
-
-
-@contextlib.contextmanager
-def _quiet():
-    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), \
-            contextlib.redirect_stderr(null):
-        yield
-
-
-# --------------------------------------------------------------------------- building rows
-
-
-def row_names(methods) -> list[str]:
-    return ["torch natural", "floor ibp", "floor loss fusion", *(f"fit {m}" for m in methods)]
-
-
-def build_row(name: str, s: Setting, run_dir: Path, shared: dict):
-    """The row ``name`` on its own model (rows never share optimiser or BN state)."""
-    x, y, box = shared.setdefault("batch", _batch(s))
-    model = _model(s)
-    if name == "torch natural":
-        return TorchNatural(model, x, y)
-    if name == "floor ibp":
-        return FloorIBP(model, x, y, box, s.eps, s.num_classes)
-    if name == "floor loss fusion":
-        return FloorLossFusion(model, x, y, box, s.eps, 1 - s.eps / s.eps_target)
-    method = name.split(" ", 1)[1]
-    net = BoundedNet(model, x[:2], s.num_classes).train()
-    return FitRow(method, net, x, y, box, s.eps, s.eps_target, run_dir / method)
-
-
-def time_row(row) -> tuple[float, float | None]:
-    """Wall and CPU seconds of one step of ``row``."""
-    if isinstance(row, FitRow):
-        return row.run()[0], row.cpu_times()[0]
-    _sync(row.device)
-    t0, c0 = time.perf_counter(), time.process_time()
-    row.step()
-    _sync(row.device)
-    return time.perf_counter() - t0, time.process_time() - c0
+# --------------------------------------------------------------------------- timing
 
 
 def interleaved(names, s: Setting, reps: int, run_dir: Path) -> dict:
@@ -353,7 +116,7 @@ def rss_of_row(name: str, s: Setting, run_dir: Path) -> float:
         code = 1
         try:
             os.close(read)
-            with _quiet():
+            with quiet():
                 row = build_row(name, s, run_dir, {})
                 for _ in range(2):
                     time_row(row)
@@ -379,7 +142,7 @@ def phase_table(s: Setting, reps: int, run_dir: Path, n_train: int = CIFAR_TRAIN
     augmented on the device from ``n_train`` CIFAR-shaped images (random crop 4 + flip),
     times the batches of an epoch."""
     g = torch.Generator().manual_seed(0)
-    box = _cifar_box()
+    box = cifar_box()
     xs = box.from_pixels(torch.rand(n_train, *s.input_shape, generator=g)).to(s.device)
     ys = torch.randint(0, s.num_classes, (n_train,), generator=g).to(s.device)
     data = DeviceBatches(xs, ys, s.batch, shuffle=True,
@@ -388,7 +151,7 @@ def phase_table(s: Setting, reps: int, run_dir: Path, n_train: int = CIFAR_TRAIN
     out = {}
     for method in methods:
         for phase, eps in (("eps0", 0.0), ("ramp", s.eps), ("final", s.eps_target)):
-            net = BoundedNet(_model(s), xs[:2], s.num_classes).train()
+            net = BoundedNet(fresh_model(s), xs[:2], s.num_classes).train()
             row = FitRow(method, net, xs[:2], ys[:2], box, eps, s.eps_target,
                          run_dir / f"{method}-{phase}", timed=reps, length=steps_per_epoch,
                          source=lambda: iter(data))
@@ -407,8 +170,8 @@ def fits_step(s: Setting, run_dir: Path, model: str = "resnext", model_options=N
     t = Setting(model, dict(model_options or {}), input_shape, num_classes, s.batch,
                 s.eps_target, s.device)
     try:
-        x, y, box = _batch(t)
-        net = BoundedNet(_model(t), x[:2], num_classes).train()
+        x, y, box = random_batch(t)
+        net = BoundedNet(fresh_model(t), x[:2], num_classes).train()
         if s.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(s.device)
@@ -459,8 +222,8 @@ def markdown(rows: dict, cpu: bool) -> str:
         cells.append(" / ".join("-" if v is None else f"{v:.3f}" for v in ratios)
                      if "x_floor" in r else "-")
         cells.append(r.get("floor", "-"))
-        cells.append(("≤ %.2f: %s" % (r["goal"], "met" if r["meets_goal"] else "NOT met"))
-                     if "goal" in r else "-")
+        met = "met" if r.get("meets_goal") else "NOT met"
+        cells.append(f"≤ {r['goal']:.2f}: {met}" if "goal" in r else "-")
         cells.append(f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -510,7 +273,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore")
     if args.cpu_threads > 0:
         torch.set_num_threads(args.cpu_threads)
-    device = resolve_device(args.device)
+    device = acquire_device(args.device)
     if device.type == "cpu" and args.keep_freed_memory:
         keep_freed_memory()
     if device.type == "cuda":

@@ -28,11 +28,9 @@ import time
 import warnings
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-
 from experiments import EXPENSIVE_METHODS, default_methods
-from fastcert.config import CONF_DIR, options
+from experiments.common import compose, mean_std
+from fastcert.config import options
 from fastcert.pipeline import run
 from fastcert.train import read_metrics
 
@@ -57,10 +55,7 @@ def overrides(method: str, eps: float, seed: int, epochs: int, extra=()) -> list
 
 
 def train_one(method: str, eps: float, seed: int, epochs: int, out: Path, extra=()) -> dict:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides(method, eps, seed, epochs, extra))
-    GlobalHydra.instance().clear()
+    cfg = compose(overrides(method, eps, seed, epochs, extra))
     run_dir = out / f"eps{eps}" / f"{method}-s{seed}"
     done = run_dir / "results.json"
     if done.is_file():  # finished by an earlier invocation with the same --out
@@ -75,13 +70,8 @@ def train_one(method: str, eps: float, seed: int, epochs: int, out: Path, extra=
             "seed": seed, "run_dir": str(run_dir)}
 
 
-def _mean_std(values, scale: float = 1.0, digits: int = 1) -> str:
-    values = [scale * v for v in values if v is not None]
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+def _cell(values, scale: float = 1.0, digits: int = 1) -> str:
+    return mean_std(values, scale=scale, digits=digits, empty="–", bare_single=True)
 
 
 def markdown(rows: dict[str, list[dict]]) -> str:
@@ -89,9 +79,9 @@ def markdown(rows: dict[str, list[dict]]) -> str:
     head = ["method"] + [name for name, _ in COLUMNS] + ["tightness τ", "s/epoch"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "--:|" * (len(head) - 1)]
     for method, runs in rows.items():
-        cells = [_mean_std([r[key] for r in runs], 100) for _, key in COLUMNS]
-        cells.append(_mean_std([r["tightness"] for r in runs], digits=3))
-        cells.append(_mean_std([r["s_per_epoch"] for r in runs], digits=2))
+        cells = [_cell([r[key] for r in runs], 100) for _, key in COLUMNS]
+        cells.append(_cell([r["tightness"] for r in runs], digits=3))
+        cells.append(_cell([r["s_per_epoch"] for r in runs], digits=2))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -18,9 +18,9 @@ The error plotted is the *training* error of the final model (the presets evalua
 training set): clean error for natural training, IBP-certified error (u̲ = lower bound of y·f
 ≤ 0) for IBP. Writes ``<out>/fig4_1a.png|csv``, ``<out>/fig4_1b.png|csv`` (mean ± std over
 seeds), ``<out>/runs.csv`` (every run) and the runs under ``<out>/runs/``. ``--quick``: three
-widths, three radii for (b), one seed, 8 epochs. Full: seeds 0, 1, 2. The digits' defaults: widths 10 … 80,000, ε 0.1 and 0.3
-for (a), widths 2000 and 5000 and ε 0.01 … 0.5 for (b) (conf/setting/wang2022/digits_2v5.yaml
-has the optimiser and why).
+widths, three radii for (b), one seed, 8 epochs. Full: seeds 0, 1, 2. The digits' defaults:
+widths 10 … 80,000, ε 0.1 and 0.3 for (a), widths 2000 and 5000 and ε 0.01 … 0.5 for (b)
+(conf/setting/wang2022/digits_2v5.yaml has the optimiser and why).
 """
 from __future__ import annotations
 

@@ -3,10 +3,10 @@
 Thesis Table 3.1 (Wang 2022) = Table 5 of Shi et al. 2021 (Appendix A): for each
 initialisation, the closed-form difference gain (n/2)·E|W| (Eq. 6 of Shi et al. 2021) and its
 empirical value (mean of 100 random trials, Definition 1) at the fan-ins of a 7-layer CNN,
-n in {27, 576, 1152, 32768}. See fastcert.initializers for the definitions and for why the
-baselines use fan-in-only variances. Two more rows give the difference gain of a residual block
-(App. A.3 of Shi et al. 2021) with the IBP init, without and with the released code's residual
-calibration (fastcert.initializers.residual_block_gain).
+n in {27, 576, 1152, 32768}. See fastcert.initializers and fastcert.gain for the definitions
+and for why the baselines use fan-in-only variances. Two more rows give the difference gain of
+a residual block (App. A.3 of Shi et al. 2021) with the IBP init, without and with the released
+code's residual calibration (fastcert.gain.residual_block_gain).
 
     python -m experiments.init_gain [--trials 100] [--fan-ins 27 576 1152 32768] [--fan-out N]
                                     [--cpu-threads 1]
@@ -20,7 +20,7 @@ import sys
 import time
 
 from fastcert.config import build_option
-from fastcert.initializers import difference_gain, residual_block_gain
+from fastcert.gain import difference_gain, residual_block_gain
 
 # (fastcert name, row label of Table 3.1, closed form as printed in words)
 ROWS: list[tuple[str, str, str]] = [
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         "--fan-out",
         type=int,
         default=None,
-        help="rows of each sampled weight (default min(n, 64); see fastcert.initializers)",
+        help="rows of each sampled weight (default min(n, 64); see fastcert.gain)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu-threads", type=int, default=1,

@@ -23,29 +23,22 @@ import warnings
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
+from experiments.common import compose, mean_std
 from fastcert.bounds import Bound
-from fastcert.config import CONF_DIR
 from fastcert.pipeline import build, run
 from fastcert.relaxation import measure
+from fastcert.settings import validate
 
 VARIANTS = {"crown_ibp": "CROWN-IBP", "crown_ibp_r": "CROWN-IBP + r"}
 QUICK = ["epochs=6", "schedule.start=1", "schedule.length=3", "optim.milestones=[5]"]
 COLUMNS = ("clean_acc", "crown_verified_acc", "ibp_verified_acc", "d", "r")
 
 
-def _compose(overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
 def final_indicators(cfg, run_dir: Path) -> dict[str, float]:
     """Means of Σ_t d_t and Σ_t r_t of the trained model (run_dir/last.pt) on the test set at
     the training ε, CROWN-IBP bound with the adaptive relaxation, the r form it trained with."""
-    built = build(cfg)
+    built = build(validate(cfg))
     state = torch.load(run_dir / "last.pt", map_location=built.device, weights_only=False)
     built.net.model.load_state_dict(state["model"])
     return measure(built.net, built.data.test, built.data.eps_box, built.settings.eps,
@@ -53,7 +46,7 @@ def final_indicators(cfg, run_dir: Path) -> dict[str, float]:
 
 
 def run_one(variant: str, eps: float, seed: int, out: Path, extra: list[str]) -> dict:
-    cfg = _compose([f"experiment=zhu2020/digits/{variant}", f"eps={eps}", f"seed={seed}",
+    cfg = compose([f"experiment=zhu2020/digits/{variant}", f"eps={eps}", f"seed={seed}",
                     *extra])
     run_dir = out / f"eps{eps:g}" / f"{variant}-s{seed}"
     if (run_dir / "results.json").exists():  # finished earlier: reuse (delete to rerun)
@@ -67,11 +60,6 @@ def run_one(variant: str, eps: float, seed: int, out: Path, extra: list[str]) ->
             "n_test": results["n_test"]}
 
 
-def _mean_std(values) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {std:.4f}"
-
-
 def table(rows: list[dict]) -> str:
     """Markdown: per ε and variant, mean ± std over seeds of the accuracies, d and r."""
     lines = ["| ε | method | seeds | clean acc | CROWN-verified acc | IBP-verified acc | "
@@ -81,7 +69,7 @@ def table(rows: list[dict]) -> str:
             group = [r for r in rows if r["eps"] == eps and r["variant"] == variant]
             if not group:
                 continue
-            cells = [_mean_std([r[c] for r in group]) for c in COLUMNS]
+            cells = [mean_std([r[c] for r in group]) for c in COLUMNS]
             wall = statistics.mean(r["wall_time_s"] for r in group)
             lines.append(f"| {eps:g} | {label} | {len(group)} | " + " | ".join(cells) +
                          f" | {wall:.0f} |")
@@ -108,7 +96,7 @@ def main(argv=None):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    cfg = _compose([f"experiment=zhu2020/digits/{next(iter(VARIANTS))}", *extra])
+    cfg = compose([f"experiment=zhu2020/digits/{next(iter(VARIANTS))}", *extra])
     head = (f"digits, {cfg.model.name} (bn={cfg.model.bn}), {cfg.epochs} epochs "
             f"({cfg.schedule.start}+{cfg.schedule.length}+"
             f"{cfg.epochs - cfg.schedule.start - cfg.schedule.length}), seeds {seeds}; "

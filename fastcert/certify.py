@@ -22,11 +22,8 @@ attack-robust ⇒ clean-correct; a violation beyond the float tie tolerance is r
 certify.json and certify.csv, which are written first, and then raised as ``SoundnessError``
 (the command exits non-zero).
 
-The run is rebuilt from the config that trained the checkpoint: the checkpoint's ``"config"``
-entry (written with its weights), else, for checkpoints without one,
-``<checkpoint dir>/.hydra/config.yaml``. Model, data and init come from
-:func:`fastcert.pipeline.build`, then the checkpoint's weights (and BatchNorm statistics) are
-copied in place with ``net.model.load_state_dict`` so the BoundedNet's tied views see them.
+The run is rebuilt from the config that trained the checkpoint, with the checkpoint's weights
+(:mod:`fastcert.rebuild`).
 
 CROWN and α-CROWN are skipped (``null`` in the outputs, with a printed note) when CROWN's
 estimated size ``B·(Σ_i n_i + K)·max(d_in, max_i n_i)`` (see
@@ -57,133 +54,18 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+
+from fastcert import rebuild
 
 # torch, auto_LiRPA and the rest of fastcert are imported inside the functions that need
 # them, so that a mistyped command line fails in a second, not after ~10 s of imports.
 
 SUMMARY_KEYS = ("clean", "pgd", "ibp", "crown_ibp", "crown", "alpha_crown", "any")
-HYDRA_CONFIG = Path(".hydra") / "config.yaml"
-#: Keys whose difference between .hydra/config.yaml and the checkpoint's config is reported.
-IDENTITY_KEYS = ("model", "data", "method", "seed", "eps")
-
-
-def _checkpoint_dir(path) -> str:
-    """Resolver for hydra.run.dir: the folder of an existing checkpoint file. Raising here
-    stops Hydra before it creates output folders for a mistyped path."""
-    p = Path(str(path))
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint {p} does not exist")
-    return str(p.resolve().parent)
-
-
-if not OmegaConf.has_resolver("fastcert_checkpoint_dir"):
-    OmegaConf.register_new_resolver("fastcert_checkpoint_dir", _checkpoint_dir)
-
-
-# --------------------------------------------------------------------------- run config
-
-
-def load_run_config(checkpoint_path: str | os.PathLike, state: dict) -> tuple[DictConfig, str]:
-    """The config that trained the checkpoint and where it came from (``"checkpoint"`` or a
-    path).
-
-    The checkpoint's own ``"config"`` entry comes first: ``.hydra/config.yaml`` describes the
-    last launch in that directory, which may be a run that was refused or changed on resume.
-    ``<checkpoint dir>/.hydra/config.yaml`` is read only for a checkpoint without a config;
-    when both exist and differ in model, data, method, seed or eps a note says so. Raises
-    ``CheckpointError`` when neither exists.
-    """
-    from fastcert import checkpoint as ckpt
-
-    path = Path(checkpoint_path)
-    hydra_cfg = path.parent / HYDRA_CONFIG
-    if state.get("config"):
-        cfg = OmegaConf.create(state["config"])
-        if hydra_cfg.is_file():
-            try:
-                launched = OmegaConf.load(hydra_cfg)
-                OmegaConf.resolve(launched)
-            except OmegaConfBaseException:
-                return cfg, "checkpoint"
-            differ = [k for k in IDENTITY_KEYS
-                      if OmegaConf.select(launched, k) != OmegaConf.select(cfg, k)]
-            if differ:
-                print(f"note: {hydra_cfg} differs from the config that trained {path.name} in "
-                      f"{', '.join(differ)}; using the checkpoint's own config", flush=True)
-        return cfg, "checkpoint"
-    if not hydra_cfg.is_file():
-        raise ckpt.CheckpointError(
-            f"checkpoint {path} holds no 'config' entry and there is no {hydra_cfg}: cannot "
-            f"rebuild the model and data it was trained on")
-    try:
-        cfg = OmegaConf.load(hydra_cfg)
-        OmegaConf.resolve(cfg)
-    except OmegaConfBaseException as e:
-        raise ckpt.CheckpointError(
-            f"{hydra_cfg} cannot be resolved ({e}) and checkpoint {path} holds no 'config' "
-            f"entry") from e
-    return cfg, str(hydra_cfg)
-
-
-def tested_radius(run_cfg: DictConfig):
-    """The radius a run is tested at: its ``eval.eps`` (e.g. 0.3 for CROWN-IBP's MNIST train-0.4
-    setting), else its training ``eps``; what certify and export use without ``eps=``."""
-    test_eps = OmegaConf.select(run_cfg, "eval.eps")
-    return run_cfg.eps if test_eps is None else test_eps
-
-
-def _eps_list(value, default) -> list[float]:
-    from fastcert.config import parse_number
-
-    if value is None:
-        return [parse_number(default, "eps")]
-    if isinstance(value, (int, float, str)):
-        return [parse_number(value, "eps")]
-    return [parse_number(v, "eps") for v in value]
-
-
-def _attack(cfg):
-    """The attack node (``conf/attack/<name>.yaml``), checked and built."""
-    from fastcert.config import instantiate
-
-    return instantiate(cfg.attack, "attack")
-
-
-def _positive(value, key: str) -> int:
-    from fastcert.config import ConfigError, coerce
-
-    n = coerce(value, int, key)
-    if n < 1:
-        raise ConfigError(f"{key}={n}: must be a positive integer")
-    return n
-
-
-def _apply_data_overrides(run_cfg: DictConfig, cfg: DictConfig) -> DictConfig:
-    """The run's config with certify's / export's own data and machine settings, each checked
-    (naming the key) before anything is loaded."""
-    from fastcert.config import coerce
-
-    run_cfg = run_cfg.copy()
-    OmegaConf.set_struct(run_cfg, False)
-    overrides = list(cfg.get("run_overrides") or [])
-    if overrides:
-        run_cfg = OmegaConf.merge(run_cfg, OmegaConf.from_dotlist(overrides))
-    limit = cfg.get("limit_test")
-    if limit is not None:
-        run_cfg.data.limit_test = (None if str(limit).lower() == "all"
-                                   else _positive(limit, "limit_test"))
-    if cfg.get("batch_size") is not None:
-        run_cfg.data.test_batch_size = _positive(cfg.batch_size, "batch_size")
-    # how this machine runs, not what was trained: certify's own settings
-    run_cfg.cpu_threads = coerce(cfg.get("cpu_threads", 0) or 0, int, "cpu_threads")
-    run_cfg.device = str(cfg.get("device", "auto"))
-    run_cfg.devices = cfg.get("devices")
-    return run_cfg
 
 
 # --------------------------------------------------------------------------- outputs
@@ -262,6 +144,8 @@ def _csv_text(rows: list[dict]) -> str:
 def format_table(summary: dict) -> str:
     """Per-ε table of the accuracies in percent (``skipped`` for a verifier that did not run),
     then the cascade's stages: examples run on, verified, seconds."""
+    from fastcert.report import percent, table_row
+
     cascade = summary["cascade"]
     plus = "+" if cascade else ""
     names = {"clean": "clean", "pgd": "attack", "ibp": "IBP", "crown_ibp": f"{plus}CROWN-IBP",
@@ -271,11 +155,11 @@ def format_table(summary: dict) -> str:
             f"{summary['n_test']} test examples | attack: {summary['attack']['description']}")
     cols = ["eps"] + [names[k] for k in SUMMARY_KEYS]
     widths = [max(8, len(c)) for c in cols]
-    lines = [head, "  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    right = ">" * len(cols)
+    lines = [head, table_row(cols, widths, right)]
     for r in summary["results"]:
-        cells = [f"{r['eps']:.4g}"] + [
-            "skipped" if r[k] is None else f"{100 * r[k]:.2f}%" for k in SUMMARY_KEYS]
-        lines.append("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
+        cells = [f"{r['eps']:.4g}"] + [percent(r[k]) for k in SUMMARY_KEYS]
+        lines.append(table_row(cells, widths, right))
     lines.append("stages (" + ("cascade: each on the undecided examples" if cascade else
                                "every verifier on every example") + "): "
                  "examples run -> decided, seconds")
@@ -304,10 +188,9 @@ def certify(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     when certify returns unless this process already held one, or the CPU.
     """
     from fastcert import devices
-    from fastcert.pipeline import resolve_device
 
     held_before = devices.held_device() is not None
-    device = resolve_device(str(cfg.get("device", "auto")), cfg.get("devices"))
+    device = devices.acquire_device(str(cfg.get("device", "auto")), cfg.get("devices"))
     try:
         return _certify(cfg, Path(out_dir), device)
     finally:
@@ -315,102 +198,142 @@ def certify(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
             devices.release_device()
 
 
-def _certify(cfg: DictConfig, out_dir: Path, device) -> dict:
-    import torch
-    from tqdm.auto import tqdm
+@dataclass
+class Options:
+    """certify's own keys, checked."""
 
-    from fastcert import checkpoint as ckpt
+    verifiers: list[str]       # keys of fastcert.bounds.Bound, as given
+    cascade: bool
+    attack: object             # conf/attack/<name>.yaml, built
+    alpha_opts: dict           # auto_LiRPA's optimize_bound_args of α-CROWN
+    budget: float              # crown_max_elements
+    seed: int | None           # the attack's random starts; None: the run's seed
+    progress: bool
+
+
+def options(cfg: DictConfig) -> Options:
+    """certify's own keys, checked first: a mistake costs a second, not a model build."""
     from fastcert.bounds import Bound
-    from fastcert.config import ConfigError, coerce, parse_number
-    from fastcert.diagnostics import crown_cost, relu_sizes
-    from fastcert.evaluate import CASCADE, evaluate
-    from fastcert.pipeline import build, check_eps
-    from fastcert.tightness import mean_tightness
+    from fastcert.config import ConfigError, coerce, instantiate
 
-    # certify's own keys first: a mistake costs a second, not a model build
     try:
         verifiers = [Bound.parse(v).key for v in cfg.verifiers]
     except ValueError as e:
         raise ConfigError(f"verifiers: {e}") from None
     cascade = coerce(cfg.cascade, bool, "cascade")
-    attack = _attack(cfg)
-    alpha_opts = {"iteration": _positive(cfg.alpha_crown.iterations, "alpha_crown.iterations"),
+    attack = instantiate(cfg.attack, "attack")
+    alpha_opts = {"iteration": rebuild.positive(cfg.alpha_crown.iterations,
+                                                "alpha_crown.iterations"),
                   "lr_alpha": coerce(cfg.alpha_crown.lr, float, "alpha_crown.lr")}
     budget = coerce(cfg.crown_max_elements, float, "crown_max_elements")
     seed = None if cfg.get("seed") is None else coerce(cfg.seed, int, "seed")
-    coerce(cfg.get("progress", True), bool, "progress")
+    progress = coerce(cfg.get("progress", True), bool, "progress")
+    return Options(verifiers, cascade, attack, alpha_opts, budget, seed, progress)
 
-    out_dir = Path(out_dir)
-    path = Path(str(cfg.checkpoint))
-    state = ckpt.load(path, map_location="cpu")
-    run_cfg, source = load_run_config(path, state)
-    run_cfg = _apply_data_overrides(run_cfg, cfg)
-    eps_list = _eps_list(cfg.get("eps"), tested_radius(run_cfg))
-    for e in eps_list:
-        check_eps(e, parse_number(run_cfg.data.eps_max, "data.eps_max"))
-    seed = int(run_cfg.seed) if seed is None else seed
+
+def _certify(cfg: DictConfig, out_dir: Path, device) -> dict:
+    from fastcert.checkpoint import write_text_atomic
+
+    opts = options(cfg)
+    trained = rebuild.load_trained(cfg)
+    radii = rebuild.checked_radii(cfg.get("eps"), trained.config)
+    seed = int(trained.config.seed) if opts.seed is None else opts.seed
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    built = build(run_cfg, device)
+    built = rebuild.build_trained(trained, device)
     net, data = built.net, built.data
-    try:
-        net.model.load_state_dict(state["model"])  # copies in place: the tied views stay tied
-    except RuntimeError as e:
-        raise ckpt.CheckpointError(
-            f"checkpoint {path}: its weights do not fit the model rebuilt from {source} "
-            f"({e})") from e
     net.eval()
-    net.bounded.set_bound_opts({"optimize_bound_args": alpha_opts})
-
+    net.bounded.set_bound_opts({"optimize_bound_args": opts.alpha_opts})
     dataset = data.test.dataset
-    n_test = len(dataset)
-    indices = [int(i) for i in getattr(dataset, "indices", range(n_test))]
-    batch = min(int(data.test.batch_size), n_test)
-    skipped: dict[str, str] = {}
-    backward = [v for v in ("crown", "alpha_crown") if v in verifiers]
-    if backward:
-        sizes = relu_sizes(net.model, data.input_shape)
-        d_in = math.prod(data.input_shape)
-        cost = crown_cost(sizes, d_in, data.num_classes, batch)
-        if cost > budget:
-            fit = int(budget // max(crown_cost(sizes, d_in, data.num_classes, 1), 1))
-            hint = (f"run with batch_size={fit} or less" if fit >= 1
-                    else "the model is too large for CROWN even one example at a time")
-            why = (f"estimated size B*(relu neurons + classes)*max width = "
-                   f"{batch}*({sum(sizes)}+{data.num_classes})*{max([d_in] + sizes)} = "
-                   f"{cost:.3g} > crown_max_elements={budget:.3g} "
-                   f"(~{4 * cost / 2**30:.1f} GiB); {hint}, or raise crown_max_elements")
-            for v in backward:
-                skipped[v] = why
-                verifiers.remove(v)
-            print(f"note: {' and '.join(backward)} skipped: {why}", flush=True)
+    indices = [int(i) for i in getattr(dataset, "indices", range(len(dataset)))]
+    batch = min(int(data.test.batch_size), len(dataset))
+    verifiers, skipped = fitting_verifiers(opts.verifiers, net.model, data, batch, opts.budget)
 
     results, rows = [], []
-    for eps in eps_list:
-        t0 = time.perf_counter()
-        bar = tqdm(total=n_test, desc=f"certify eps={eps:.4g}",
-                   disable=not cfg.get("progress", True), dynamic_ncols=True, mininterval=1.0)
-        try:
-            result = evaluate(net, data.test, data.eps_box, eps, verifiers=verifiers,
-                              pgd=attack, device=device, seed=seed, progress=bar.update,
-                              cascade=cascade, indices=indices)
-        finally:
-            bar.close()
-        try:  # a diagnostic: its failure must not cost the certification just computed
-            tau = mean_tightness(net.model, data.test, data.eps_box, eps, data.num_classes,
-                                 device)
-        except (TypeError, torch.OutOfMemoryError) as e:  # a layer it has no rule for; memory
-            tau = None
-            skipped["tightness"] = f"{type(e).__name__}: {e}"
-            print(f"note: tightness skipped: {skipped['tightness']}", flush=True)
-        results.append({**summarize(result, verifiers, cascade), "tightness": tau,
-                        "time_s": time.perf_counter() - t0})
-        rows += csv_rows(result, indices)
+    for eps in radii:
+        result, eps_rows = _certify_at(net, data, eps, verifiers, opts, seed, device, indices,
+                                       skipped)
+        results.append(result)
+        rows += eps_rows
+    summary = _summary(cfg, trained, opts, verifiers, skipped, results, seed=seed,
+                       n_test=len(dataset), batch=batch, device=device)
+    write_text_atomic(out_dir / "certify.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / "certify.csv", _csv_text(rows))
+    print(format_table(summary), flush=True)
+    print(f"wrote {out_dir / 'certify.json'} and {out_dir / 'certify.csv'}", flush=True)
+    _raise_on_violations(results, out_dir)
+    return summary
 
-    summary = {
-        "checkpoint": str(path.resolve()),
-        "config_source": source,
-        "epoch": state.get("epoch"),
+
+def fitting_verifiers(verifiers: list[str], model, data, batch: int,
+                      budget: float) -> tuple[list[str], dict[str, str]]:
+    """``verifiers`` without CROWN and α-CROWN when CROWN's estimated size
+    B·(Σ_i n_i + K)·max(d_in, max_i n_i) (:func:`fastcert.diagnostics.crown_cost`) exceeds
+    ``budget``, and ``{verifier: why}`` for those left out (printed as a note)."""
+    from fastcert.diagnostics import crown_cost, relu_sizes
+
+    backward = [v for v in ("crown", "alpha_crown") if v in verifiers]
+    if not backward:
+        return list(verifiers), {}
+    sizes = relu_sizes(model, data.input_shape)
+    d_in = math.prod(data.input_shape)
+    cost = crown_cost(sizes, d_in, data.num_classes, batch)
+    if cost <= budget:
+        return list(verifiers), {}
+    fit = int(budget // max(crown_cost(sizes, d_in, data.num_classes, 1), 1))
+    hint = (f"run with batch_size={fit} or less" if fit >= 1
+            else "the model is too large for CROWN even one example at a time")
+    why = (f"estimated size B*(relu neurons + classes)*max width = "
+           f"{batch}*({sum(sizes)}+{data.num_classes})*{max([d_in] + sizes)} = "
+           f"{cost:.3g} > crown_max_elements={budget:.3g} "
+           f"(~{4 * cost / 2**30:.1f} GiB); {hint}, or raise crown_max_elements")
+    print(f"note: {' and '.join(backward)} skipped: {why}", flush=True)
+    return [v for v in verifiers if v not in backward], {v: why for v in backward}
+
+
+def _certify_at(net, data, eps: float, verifiers: list[str], opts: Options, seed: int, device,
+                indices: list[int], skipped: dict[str, str]) -> tuple[dict, list[dict]]:
+    """One radius: the evaluation (attack, then the verifiers), the mean tightness (a
+    diagnostic: its failure is recorded under ``skipped``), certify.json's entry and
+    certify.csv's rows."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from fastcert.evaluate import evaluate
+    from fastcert.tightness import mean_tightness
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(indices), desc=f"certify eps={eps:.4g}", disable=not opts.progress,
+               dynamic_ncols=True, mininterval=1.0)
+    try:
+        result = evaluate(net, data.test, data.eps_box, eps, verifiers=verifiers,
+                          pgd=opts.attack, device=device, seed=seed, progress=bar.update,
+                          cascade=opts.cascade, indices=indices)
+    finally:
+        bar.close()
+    try:  # a diagnostic: its failure must not cost the certification just computed
+        tau = mean_tightness(net.model, data.test, data.eps_box, eps, data.num_classes, device)
+    except (TypeError, torch.OutOfMemoryError) as e:  # a layer it has no rule for; memory
+        tau = None
+        skipped["tightness"] = f"{type(e).__name__}: {e}"
+        print(f"note: tightness skipped: {skipped['tightness']}", flush=True)
+    entry = {**summarize(result, verifiers, opts.cascade), "tightness": tau,
+             "time_s": time.perf_counter() - t0}
+    return entry, csv_rows(result, indices)
+
+
+def _summary(cfg: DictConfig, trained: rebuild.Trained, opts: Options, verifiers: list[str],
+             skipped: dict, results: list[dict], *, seed: int, n_test: int, batch: int,
+             device) -> dict:
+    """certify.json."""
+    from fastcert.config import parse_number
+    from fastcert.evaluate import CASCADE
+
+    run_cfg = trained.config
+    return {
+        "checkpoint": str(trained.path.resolve()),
+        "config_source": trained.source,
+        "epoch": trained.state.get("epoch"),
         "run": {"method": run_cfg.method.name, "model": run_cfg.model.name,
                 "data": run_cfg.data.name, "init": run_cfg.init.name, "seed": int(run_cfg.seed),
                 "train_eps": parse_number(run_cfg.eps, "eps")},
@@ -418,18 +341,18 @@ def _certify(cfg: DictConfig, out_dir: Path, device) -> dict:
         "batch_size": batch,
         "device": str(device),
         "seed": seed,
-        "attack": {"description": attack.description,
+        "attack": {"description": opts.attack.description,
                    **OmegaConf.to_container(cfg.attack, resolve=True)},
-        "cascade": cascade,
-        "verifiers": [v for v in CASCADE if v in verifiers] if cascade else verifiers,
+        "cascade": opts.cascade,
+        "verifiers": [v for v in CASCADE if v in verifiers] if opts.cascade else verifiers,
         "alpha_crown": dict(cfg.alpha_crown),
         "skipped": skipped,
         "results": results,
     }
-    ckpt.write_text_atomic(out_dir / "certify.json", json.dumps(summary, indent=2) + "\n")
-    ckpt.write_text_atomic(out_dir / "certify.csv", _csv_text(rows))
-    print(format_table(summary), flush=True)
-    print(f"wrote {out_dir / 'certify.json'} and {out_dir / 'certify.csv'}", flush=True)
+
+
+def _raise_on_violations(results: list[dict], out_dir: Path) -> None:
+    """A soundness violation (already recorded in certify.json) raised as SoundnessError."""
     violations = [v for r in results for v in r["violations"]]
     if violations:
         from fastcert.evaluate import SoundnessError
@@ -440,22 +363,6 @@ def _certify(cfg: DictConfig, out_dir: Path, device) -> dict:
             f"; e.g. eps={v['eps']} test example {v['index']} is {v['verifier']}-verified "
             f"(margin lower bound {v['margin_lb']:.6g}) but the attack found margin "
             f"{v['attack_margin']:.6g}: the bound is unsound or the attack left the box")
-    return summary
-
-
-def _precheck(argv: list[str]) -> str | None:
-    """A one-line error for a missing or mistyped ``checkpoint=`` before Hydra starts (which
-    would otherwise print a long traceback from resolving hydra.run.dir). Only plain
-    overrides are checked: any flag (``--help``, ``-m``, ``--cfg``...) skips it."""
-    if any(a.startswith("-") for a in argv):
-        return None
-    values = [a.split("=", 1)[1] for a in argv if a.startswith("checkpoint=")]
-    if not values:
-        return "missing checkpoint=PATH (usage: python -m fastcert.certify checkpoint=PATH ...)"
-    v = values[-1]
-    if "," in v or "$" in v or Path(v).is_file():
-        return None
-    return f"checkpoint {v} does not exist"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="certify")
@@ -471,16 +378,9 @@ def main(cfg: DictConfig):
 def cli() -> None:
     """``fastcert-certify`` (the console script) and ``python -m fastcert.certify``: a missing or
     mistyped ``checkpoint=`` is refused in one line (exit 2) before Hydra starts."""
-    import sys
+    from fastcert.cli import checkpoint_command
 
-    from fastcert.cli import quiet_known_warnings
-
-    quiet_known_warnings()
-    problem = _precheck(sys.argv[1:])
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    main()
+    checkpoint_command(main, "fastcert.certify")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import logging
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 
 #: Exit status of a run stopped by a signal: 128 + the signal's number (the shell's convention).
@@ -100,3 +101,20 @@ def exit_on_known_errors():
             print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
         raise
+
+
+def checkpoint_command(main: Callable[[], None], command: str) -> None:
+    """The command line of ``python -m <command> checkpoint=PATH ...`` (certify, export): the
+    known-harmless warnings silenced, a one-line error (exit 2) for a missing or mistyped
+    ``checkpoint=`` before Hydra starts, fastcert's resolvers registered (its
+    ``hydra.run.dir`` is the checkpoint's folder), then the Hydra app ``main``."""
+    quiet_known_warnings()
+    from fastcert import resolvers
+    from fastcert.rebuild import precheck
+
+    problem = precheck(sys.argv[1:], command)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    resolvers.register()
+    main()

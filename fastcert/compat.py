@@ -30,9 +30,9 @@ on torch 2.14.1):
                          and α-CROWN fails with "shape mismatch" in ``reconstruct_full_alpha``. The
                          fix drops ``alpha_indices`` when the α it allocated are full-size.
 
-Call :func:`apply` before the first ``import auto_LiRPA``; :mod:`fastcert.bounds` does so, and
-every fastcert module reaches auto_LiRPA through it. tests/test_compat.py tabulates which versions need
-which fix and checks each there.
+Call :func:`apply` before the first ``import auto_LiRPA``; :func:`fastcert.bounds.auto_lirpa`
+does so, and every fastcert module reaches auto_LiRPA through it. tests/test_compat.py
+tabulates which versions need which fix and checks each there.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import importlib
 import inspect
 import sys
 import types
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 __all__ = ["apply", "FIXES", "applied"]
 

@@ -16,9 +16,10 @@ import difflib
 import inspect
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, Union
+from typing import Any, Literal, Union
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 #: Keys of a node that are not arguments of its target.
@@ -112,33 +113,16 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
         return value
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{where}=null: a value is required")
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
+        return _coerce_union(value, args, where)
     if value is None:
         raise ConfigError(f"{where}=null: a value is required")
     if origin is Literal:
         if value in args:
             return value
         raise ConfigError(f"{where}={value!r}: choose one of {', '.join(map(str, args))}")
-    if annotation is float:
-        return parse_number(value, where)
-    if annotation is int:
-        return _parse_int(value, where)
-    if annotation is bool:
-        return _parse_bool(value, where)
-    if annotation is str:
-        if isinstance(value, (Mapping, list, tuple)):
-            raise ConfigError(f"{where}={value!r}: expected a single value")
-        return str(value)
+    for kind, parse in _SCALARS:
+        if annotation is kind:
+            return parse(value, where)
     if origin in (list, tuple, Sequence, typing.Sequence) or annotation in (list, tuple):
         if isinstance(value, (str, Mapping)) or not isinstance(value, Sequence):
             value = _as_list(value, where)
@@ -148,6 +132,32 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
     if dataclasses.is_dataclass(annotation) and isinstance(value, Mapping):
         return instantiate({"_target_": annotation, **value}, where=where)
     return value
+
+
+def _coerce_union(value: Any, args: tuple, where: str) -> Any:
+    """``value`` as the first member of a Union (Optional included) that takes it; the first
+    member's error when none does."""
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{where}=null: a value is required")
+    errors = []
+    for arg in (a for a in args if a is not type(None)):
+        try:
+            return coerce(value, arg, where)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(errors[0])
+
+
+def _parse_str(value: Any, where: str) -> str:
+    if isinstance(value, (Mapping, list, tuple)):
+        raise ConfigError(f"{where}={value!r}: expected a single value")
+    return str(value)
+
+
+#: The scalar annotations :func:`coerce` reads, and how.
+_SCALARS = ((float, parse_number), (int, _parse_int), (bool, _parse_bool), (str, _parse_str))
 
 
 def _as_list(value: Any, where: str) -> list:

@@ -9,10 +9,10 @@ With ``hydra.launcher.n_jobs`` equal to the pool size no job ever waits.
 
 Two layers:
 
-* :class:`DevicePool` (no torch): indices + lock keys + a lock dir; ``acquire()`` returns an
-  index, ``release()`` frees it. Tests drive it with fake devices.
-* :func:`acquire_device` / :func:`release_device`: the torch/CUDA glue the pipeline calls with
-  the ``device`` and ``devices`` config values.
+* :class:`fastcert.device_pool.DevicePool` (no torch): indices + lock keys + a lock dir;
+  ``acquire()`` returns an index, ``release()`` frees it. Tests drive it with fake devices.
+* this module: :func:`acquire_device` / :func:`release_device`, the torch/CUDA glue the
+  pipeline calls with the ``device`` and ``devices`` config values.
 
 Device spec (the ``device`` config value):
 
@@ -36,29 +36,18 @@ free device, default 24 h).
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
-import re
-import socket
-import tempfile
 import threading
-import time
-import warnings
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from collections.abc import Sequence
+from typing import Any
+
+from fastcert.device_pool import TIMEOUT_ENV, DevicePool
 
 log = logging.getLogger(__name__)
 
-LOCK_DIR_ENV = "FASTCERT_LOCK_DIR"
-TIMEOUT_ENV = "FASTCERT_DEVICE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 24 * 3600.0
 POOL_SPECS = ("auto", "pool")
-
-
-class DeviceBusyError(TimeoutError):
-    """Every device of the pool stayed busy for the whole timeout."""
 
 
 def _config_error(msg: str) -> Exception:
@@ -67,19 +56,7 @@ def _config_error(msg: str) -> Exception:
     return ConfigError(msg)
 
 
-# --------------------------------------------------------------------------- the pool (no torch)
-
-
-def default_lock_dir() -> Path:
-    """``$FASTCERT_LOCK_DIR``, else ``<tmp>/fastcert-devices-<uid>`` (``-slurm<id>`` appended
-    inside a SLURM job: SLURM renumbers each job's GPUs from 0, so ids are per job)."""
-    env = os.environ.get(LOCK_DIR_ENV)
-    if env:
-        return Path(env)
-    name = f"fastcert-devices-{os.getuid()}"
-    if os.environ.get("SLURM_JOB_ID"):
-        name += f"-slurm{os.environ['SLURM_JOB_ID']}"
-    return Path(tempfile.gettempdir()) / name
+# --------------------------------------------------------------------------- the pool's devices
 
 
 def visible_device_keys(count: int, visible: str | None) -> list[str]:
@@ -129,152 +106,6 @@ def pool_slots(count: int, devices: Sequence[int] | None = None,
         raise _config_error(f"devices={list(devices)}: {bad} not among the {count} visible CUDA "
                             f"device(s) 0..{count - 1}{where}")
     return [(i, keys[i]) for i in devices]
-
-
-def _safe(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", key)
-
-
-class DevicePool:
-    """Exclusive use of ``count`` of ``indices`` per holder, by ``flock`` on ``lock_dir`` files.
-
-    ``keys`` name the lock files (default: the indices); give the physical device ids so that
-    processes with different ``CUDA_VISIBLE_DEVICES`` agree. One pool object holds at most one
-    lease (one device, or ``count`` taken together); separate objects (threads, processes)
-    exclude each other.
-    """
-
-    def __init__(self, indices: Iterable[int], lock_dir: str | os.PathLike | None = None,
-                 keys: Iterable[str] | None = None):
-        self.indices = [int(i) for i in indices]
-        if not self.indices:
-            raise ValueError("DevicePool needs at least one device index")
-        self.keys = [str(k) for k in keys] if keys is not None else [str(i) for i in self.indices]
-        if len(self.keys) != len(self.indices):
-            raise ValueError("DevicePool: one lock key per index")
-        self.lock_dir = Path(lock_dir) if lock_dir is not None else default_lock_dir()
-        self.host = socket.gethostname()
-        self._held: list[tuple[int, int]] = []  # (index, lock fd) of the lease
-
-    def lock_path(self, key: str) -> Path:
-        return self.lock_dir / f"{_safe(self.host)}-cuda{_safe(key)}.lock"
-
-    @property
-    def held(self) -> bool:
-        return bool(self._held)
-
-    @property
-    def index(self) -> int | None:
-        """The (first) leased device, or None."""
-        return self._held[0][0] if self._held else None
-
-    @property
-    def leased(self) -> list[int]:
-        """Every leased device, in the order they were taken."""
-        return [index for index, _ in self._held]
-
-    def _lock(self, key: str, label: str) -> int | None:
-        fd = os.open(self.lock_path(key), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return None
-            raise
-        info = f"pid={os.getpid()} host={self.host} since={time.strftime('%F %T')} {label}\n"
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, info.encode(), 0)
-        except OSError:
-            pass  # the note is only for messages; the lock is what counts
-        return fd
-
-    def try_acquire(self, prefer: int | None = None, label: str = "",
-                    count: int = 1) -> int | None:
-        """Lock the first free device (``prefer`` first when given); its index, or None.
-        ``count`` > 1: lock that many free devices together or none (the lease's first index,
-        or None; :attr:`leased` lists them)."""
-        if self._held:
-            return self.index
-        if not 1 <= count <= len(self.indices):
-            raise ValueError(f"a lease of {count} devices from a pool of {len(self.indices)}")
-        self.lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        slots = list(zip(self.indices, self.keys))
-        slots.sort(key=lambda s: s[0] != prefer)  # stable: prefer first, then pool order
-        for index, key in slots:
-            fd = self._lock(key, label)
-            if fd is not None:
-                self._held.append((index, fd))
-                if len(self._held) == count:
-                    return self.index
-        self.release()  # fewer than count free: hold none (no job waits holding a part)
-        return None
-
-    def holders(self) -> dict[int, str]:
-        """Who holds each busy device, as its lock file notes (for messages)."""
-        out = {}
-        for index, key in zip(self.indices, self.keys):
-            if index in self.leased:
-                continue
-            try:
-                note = self.lock_path(key).read_text().strip()
-            except OSError:
-                continue
-            if note:
-                out[index] = note
-        return out
-
-    def acquire(self, timeout: float | None = None, poll: float = 1.0,
-                prefer: int | None = None, label: str = "", count: int = 1) -> int:
-        """Wait (polling every ``poll`` s, up to ``timeout`` s; None: forever) for ``count``
-        free devices and lock them; the (first) index. Raises :class:`DeviceBusyError` when
-        they do not free up in time."""
-        index = self.try_acquire(prefer, label, count)
-        if index is not None:
-            return index
-        start = time.monotonic()
-        wanted = "one" if count == 1 else f"{count} at once"
-        log.warning("all %d device(s) %s are busy; waiting up to %s for %s to free up "
-                    "(set hydra.launcher.n_jobs to at most the number of devices / nproc to "
-                    "avoid waiting). Holders: %s", len(self.indices), self.indices,
-                    "ever" if timeout is None else f"{timeout:.0f} s", wanted, self.holders())
-        while True:
-            if timeout is not None and time.monotonic() - start >= timeout:
-                held = "; ".join(f"cuda:{i}: {n}" for i, n in self.holders().items())
-                raise DeviceBusyError(
-                    f"no {'' if count == 1 else f'{count} '}free device{'' if count == 1 else 's'} among {self.indices} after {timeout:.0f} s (lock dir "
-                    f"{self.lock_dir}; held by {held or 'unknown'}). Run fewer parallel jobs "
-                    f"(hydra.launcher.n_jobs), widen devices=[...], or raise "
-                    f"{TIMEOUT_ENV}.")
-            time.sleep(poll if timeout is None else
-                       max(0.0, min(poll, timeout - (time.monotonic() - start))))
-            index = self.try_acquire(prefer, label, count)
-            if index is not None:
-                log.info("acquired device(s) %s after %.1f s", self.leased,
-                         time.monotonic() - start)
-                return index
-
-    def release(self) -> None:
-        """Unlock the leased device(s) (no-op when none is held)."""
-        held, self._held = self._held, []
-        for _, fd in held:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
-
-    def __enter__(self) -> int:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    def __del__(self):  # a dropped pool frees its device, as a dead process would
-        try:
-            self.release()
-        except Exception:
-            pass
 
 
 # --------------------------------------------------------------------------- torch / CUDA glue
@@ -339,24 +170,7 @@ def acquire_device(spec: str | None = "auto", devices: Any = None, *,
     spec = "auto" if spec is None else str(spec).strip()
     devices = parse_devices(devices)
     if spec not in POOL_SPECS:
-        try:
-            device = torch.device(spec)
-        except RuntimeError:
-            raise _config_error(f"device={spec}: use auto, pool, cpu, cuda or cuda:<index>") \
-                from None
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise _config_error(f"device={spec} but CUDA is not available; use device=auto "
-                                    f"or cpu")
-            if device.index is not None:
-                count = torch.cuda.device_count()
-                if device.index >= count:
-                    raise _config_error(f"device={spec}: only {count} CUDA device(s) visible")
-                torch.cuda.set_device(device.index)
-        if devices is not None:
-            log.warning("devices=%s is ignored because device=%s is explicit", devices, spec)
-        return device
-
+        return _explicit_device(spec, devices)
     lease = getattr(_local, "lease", None)
     if lease is not None:
         return lease[0]
@@ -366,13 +180,47 @@ def acquire_device(spec: str | None = "auto", devices: Any = None, *,
                         devices)
         return torch.device("cpu")
     count = torch.cuda.device_count()
-    if spec == "auto" and devices is None and slurm_gpus_given() and (
-            count == 1 or os.environ.get("SUBMITIT_EXECUTOR") == "slurm"):
-        torch.cuda.set_device(0)  # SLURM gave this task its own GPU(s): use them as given
-        return torch.device("cuda", 0)
-    if spec == "auto" and devices is None and count == 1 and not multirun_active():
+    if spec == "auto" and devices is None and _own_gpu(count):
         torch.cuda.set_device(0)
         return torch.device("cuda", 0)
+    return _lease_one(count, devices, timeout, poll, lock_dir)
+
+
+def _explicit_device(spec: str, devices: list[int] | None):
+    """``cpu``, ``cuda`` or ``cuda:<i>`` as given (checked; no lock)."""
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise _config_error(f"device={spec}: use auto, pool, cpu, cuda or cuda:<index>") \
+            from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise _config_error(f"device={spec} but CUDA is not available; use device=auto "
+                                f"or cpu")
+        if device.index is not None:
+            count = torch.cuda.device_count()
+            if device.index >= count:
+                raise _config_error(f"device={spec}: only {count} CUDA device(s) visible")
+            torch.cuda.set_device(device.index)
+    if devices is not None:
+        log.warning("devices=%s is ignored because device=%s is explicit", devices, spec)
+    return device
+
+
+def _own_gpu(count: int) -> bool:
+    """Whether ``device=auto`` takes ``cuda:0`` without the pool: SLURM gave this task its own
+    GPU(s) (one, or a job started by submitit: use them as given), or the only GPU outside a
+    multirun."""
+    if slurm_gpus_given() and (count == 1 or os.environ.get("SUBMITIT_EXECUTOR") == "slurm"):
+        return True
+    return count == 1 and not multirun_active()
+
+
+def _lease_one(count: int, devices: list[int] | None, timeout, poll: float, lock_dir):
+    """The first free GPU of the pool, locked and held by this job (this thread)."""
+    import torch
 
     slots = pool_slots(count, devices, os.environ.get("CUDA_VISIBLE_DEVICES"))
     pool = DevicePool([i for i, _ in slots], lock_dir=lock_dir, keys=[k for _, k in slots])
@@ -459,45 +307,5 @@ def held_device():
     return None if lease is None else lease[0]
 
 
-# --------------------------------------------------------------------------- launcher default
-
-
-def default_n_jobs(devices: Any = None, cpu_jobs: int = 2, nproc: int = 1) -> int:
-    """Parallel jobs for the joblib launcher: the pool size (``devices`` or every visible GPU)
-    divided by the devices a job takes (``nproc``, at least one job), or ``cpu_jobs`` without
-    CUDA."""
-    chosen = parse_devices(devices)
-    if chosen:
-        n = len(chosen)
-    else:
-        try:
-            import torch
-
-            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        except Exception:
-            n = 0
-    return max(1, n // max(1, int(nproc))) if n else int(cpu_jobs)
-
-
-def register_resolvers() -> None:
-    """``${fastcert.n_jobs:<devices>,<cpu jobs>,<nproc>}`` (conf/hydra/launcher/joblib.yaml)."""
-    from omegaconf import OmegaConf
-
-    OmegaConf.register_new_resolver(
-        "fastcert.n_jobs", lambda devices=None, cpu_jobs=2, nproc=1: default_n_jobs(
-            devices, cpu_jobs, nproc), replace=True)
-
-
-register_resolvers()
-# conf/hydra/launcher/joblib.yaml deliberately shares the name of the plugin's structured config, so
-# that `hydra/launcher=joblib` gets the pool-sized n_jobs; Hydra 1.3 then validates it against that
-# schema and warns that this matching is deprecated. The file sets every key itself, so it also
-# works where the matching is gone; silence just that message.
-warnings.filterwarnings(
-    "ignore", message=r"\s*'hydra/launcher/joblib' is validated against ConfigStore schema")
-
-
-__all__ = ["DevicePool", "DeviceBusyError", "acquire_device", "acquire_devices",
-           "release_device", "held_device",
-           "pool_slots", "visible_device_keys", "parse_devices", "default_lock_dir",
-           "default_n_jobs", "multirun_active", "register_resolvers"]
+__all__ = ["acquire_device", "acquire_devices", "release_device", "held_device", "pool_slots",
+           "visible_device_keys", "parse_devices", "multirun_active"]

@@ -129,8 +129,9 @@ def bound_explosion(model: str = "cnn7", inits=None, input_shape=(3, 32, 32), wi
     The network is ``conf/model/<model>.yaml`` with ``bn``, ``width`` and ``model_kwargs``
     for inputs of ``input_shape`` and 10 classes, the classification layer removed, initialised
     by each ``conf/init/<init>.yaml`` (``seed``; ``default`` is PyTorch's own init drawn after
-    ``torch.manual_seed(seed)`` inside ``fork_rng``, so the global RNG is untouched). Inputs are ``inputs`` (pixels in [0, 1]) or ``batch``
-    images drawn uniformly from [0, 1]^input_shape with ``seed``; the box is
+    ``torch.manual_seed(seed)`` inside ``fork_rng``, so the global RNG is untouched). Inputs
+    are ``inputs`` (pixels in [0, 1]) or ``batch`` images drawn uniformly from
+    [0, 1]^input_shape with ``seed``; the box is
     [max(x - ε, 0), min(x + ε, 1)] (pixel units, no normalisation), so Δ_0 ≈ 2ε. IBP bounds
     come from auto_LiRPA (``compute_bounds(method="IBP")``), Δ_i = upper - lower of each
     ReLU's input from :meth:`BoundedNet.relu_bounds`, and Ê is the mean over the batch and the

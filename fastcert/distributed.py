@@ -1,6 +1,6 @@
 """One run across several processes (data parallel): ``torchrun --nproc_per_node=N -m
 fastcert.run ...``, or ``nproc=N`` (the pipeline spawns the N ranks itself, on N devices of the
-pool: how a sweep runs N-device jobs).
+pool, :func:`fastcert.parallel.run_parallel`: how a sweep runs N-device jobs).
 
 What each rank does (the rest of fastcert sees only a :class:`Dist`):
 
@@ -267,8 +267,9 @@ def _patch_bound_batchnorm() -> None:
     """auto_LiRPA's BoundBatchNormalization, training mode in a data-parallel run: the same
     global statistics, stored where its IBP/CROWN bound code reads them (``current_mean``,
     ``current_var``)."""
-    from auto_LiRPA.operators.normalization import BoundBatchNormalization as BN
+    from fastcert.bounds import auto_lirpa
 
+    BN = auto_lirpa().BoundBatchNormalization
     if getattr(BN, "_fastcert_synced", False):
         return
     original = BN.forward

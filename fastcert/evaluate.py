@@ -34,6 +34,7 @@ import torch
 
 from fastcert.attacks import PGDConfig
 from fastcert.bounds import Bound, BoundedNet, margin_spec
+from fastcert.seeding import stream_seed
 
 #: Relative tolerance for a tie between a certified margin and an attack's margin.
 TIE_RTOL = 1e-5
@@ -163,8 +164,12 @@ def _margin_lb(net: BoundedNet, x, y, lower, upper, bound: Bound) -> torch.Tenso
         return net.margin_bounds(x, y, lower, upper, bound)[1].min(1).values
 
 
+#: The cheap attack of :func:`evaluate` unless given.
+DEFAULT_PGD = PGDConfig()
+
+
 def evaluate(net: BoundedNet, loader, box_fn, eps: float, verifiers=("ibp", "crown"),
-             pgd=PGDConfig(), device: torch.device | str = "cpu", seed: int = 0,
+             pgd=DEFAULT_PGD, device: torch.device | str = "cpu", seed: int = 0,
              progress=None, cascade: bool = False, indices=None) -> EvalResult:
     """Evaluate ``net`` on ``loader`` at radius ``eps``.
 
@@ -172,11 +177,12 @@ def evaluate(net: BoundedNet, loader, box_fn, eps: float, verifiers=("ibp", "cro
     ``DataBundle.eps_box``). ``verifiers`` are :class:`fastcert.bounds.Bound` values or their
     keys; results are keyed by those names. ``pgd`` is the attack (anything with
     ``.run(model, x, y, lower, upper, generator)``); its random starts of test batch b come from
-    a generator seeded with (``seed``, b), b counted in the whole test set
-    (``loader.first_batch`` is a shard's first): the same whether the test set is evaluated in
-    one process or in blocks by several. ``cascade``: see the module docstring; the verifiers
-    then run in :data:`CASCADE` order. ``indices``: the examples' positions in the full test
-    set, for the violation records (default: their position in the test set).
+    a generator seeded with :func:`fastcert.seeding.stream_seed` (``seed``, b), b counted in
+    the whole test set (``loader.first_batch`` is a shard's first): the same whether the test
+    set is evaluated in one process or in blocks by several. ``cascade``: see the module
+    docstring; the verifiers then run in :data:`CASCADE` order. ``indices``: the examples'
+    positions in the full test set, for the violation records (default: their position in the
+    test set).
     """
     keys = [Bound.parse(v).key for v in verifiers]
     if cascade:
@@ -189,7 +195,7 @@ def evaluate(net: BoundedNet, loader, box_fn, eps: float, verifiers=("ibp", "cro
     violations, ties = [], 0
     offset = first * (getattr(loader, "batch_size", None) or 0)
     for b, (x, y) in enumerate(loader, start=first):
-        gen.manual_seed(seed * 1_000_003 + b)
+        gen.manual_seed(stream_seed(seed, b))
         x, y = x.to(device), y.to(device)
         lower, upper = box_fn(x, eps)
         with torch.no_grad():

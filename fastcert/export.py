@@ -35,7 +35,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from fastcert import certify as _certify_module  # registers the checkpoint-dir resolver
+from fastcert import rebuild
 
 ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
 
@@ -77,51 +77,23 @@ def undecided_indices(path: Path, eps: float) -> set[int]:
     return {int(r["index"]) for r in at_eps if r["verdict"] == "unknown"}
 
 
-def export(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
-    """Write model.onnx, the VNN-LIB properties, instances.csv and export.json into
-    ``out_dir``; returns the export.json dict."""
+def write_onnx(model, input_shape, path: Path, opset: int) -> None:
+    """``model`` (in eval mode) as ONNX: input ``input`` (1, C, H, W), output ``logits``."""
     import torch
 
-    from fastcert import checkpoint as ckpt
-    from fastcert.config import ConfigError, coerce, parse_number
-    from fastcert.pipeline import build, check_eps
-
-    try:
-        import onnx  # noqa: F401  (torch's exporter needs it)
-    except ImportError:
-        raise ConfigError("fastcert.export needs the onnx package: pip install onnx") from None
-    out_dir = Path(out_dir)
-    path = Path(str(cfg.checkpoint))
-    state = ckpt.load(path, map_location="cpu")
-    run_cfg, source = _certify_module.load_run_config(path, state)
-    run_cfg = _certify_module._apply_data_overrides(run_cfg, cfg)
-    default = _certify_module.tested_radius(run_cfg)
-    eps = parse_number(default if cfg.get("eps") is None else cfg.eps, "eps")
-    check_eps(eps, parse_number(run_cfg.data.eps_max, "data.eps_max"))
-    timeout = coerce(cfg.timeout, float, "timeout")
-    only = coerce(cfg.only_undecided, bool, "only_undecided")
-    csv_path = Path(str(cfg.certify_csv)) if cfg.get("certify_csv") else (
-        path.parent / "certify" / "certify.csv")
-    wanted = undecided_indices(csv_path, eps) if only else None
-
-    built = build(run_cfg, torch.device("cpu"))
-    model, data = built.net.model, built.data
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise ckpt.CheckpointError(f"checkpoint {path}: its weights do not fit the model "
-                                   f"rebuilt from {source} ({e})") from e
-    model.eval()
-    (out_dir / "vnnlib").mkdir(parents=True, exist_ok=True)
-    example = torch.zeros(1, *data.input_shape)
+    example = torch.zeros(1, *input_shape)
     with warnings.catch_warnings():
         # chosen on purpose: it needs only ``onnx`` (the torch.export-based one also needs
         # onnxscript) and writes plain opset graphs that VNN-COMP tools read
         warnings.filterwarnings("ignore", message="You are using the legacy TorchScript")
-        torch.onnx.export(model, (example,), str(out_dir / "model.onnx"), dynamo=False,
+        torch.onnx.export(model, (example,), str(path), dynamo=False,
                           input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
-                          opset_version=int(cfg.opset))
+                          opset_version=opset)
 
+
+def write_properties(data, eps: float, wanted: set[int] | None, out_dir: Path) -> list[dict]:
+    """``out_dir/vnnlib/<index>.vnnlib`` for each test example of ``data`` (those in
+    ``wanted`` when given) at radius ``eps``; their index, label and file."""
     dataset = data.test.dataset
     indices = [int(i) for i in getattr(dataset, "indices", range(len(dataset)))]
     properties, position = [], 0
@@ -139,17 +111,51 @@ def export(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
             (out_dir / name).write_text(vnnlib_text(lower[b], upper[b], label,
                                                     data.num_classes, comment))
             properties.append({"index": index, "label": label, "vnnlib": name})
+    return properties
+
+
+def export(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
+    """Write model.onnx, the VNN-LIB properties, instances.csv and export.json into
+    ``out_dir``; returns the export.json dict."""
+    import torch
+
+    from fastcert.checkpoint import write_text_atomic
+    from fastcert.config import ConfigError, coerce, parse_number
+    from fastcert.settings import check_eps
+
+    try:
+        import onnx  # noqa: F401  (torch's exporter needs it)
+    except ImportError:
+        raise ConfigError("fastcert.export needs the onnx package: pip install onnx") from None
+    out_dir = Path(out_dir)
+    trained = rebuild.load_trained(cfg)
+    path, run_cfg = trained.path, trained.config
+    default = rebuild.tested_radius(run_cfg)
+    eps = parse_number(default if cfg.get("eps") is None else cfg.eps, "eps")
+    check_eps(eps, parse_number(run_cfg.data.eps_max, "data.eps_max"))
+    timeout = coerce(cfg.timeout, float, "timeout")
+    only = coerce(cfg.only_undecided, bool, "only_undecided")
+    csv_path = Path(str(cfg.certify_csv)) if cfg.get("certify_csv") else (
+        path.parent / "certify" / "certify.csv")
+    wanted = undecided_indices(csv_path, eps) if only else None
+
+    built = rebuild.build_trained(trained, torch.device("cpu"))
+    model, data = built.net.model, built.data
+    model.eval()
+    (out_dir / "vnnlib").mkdir(parents=True, exist_ok=True)
+    write_onnx(model, data.input_shape, out_dir / "model.onnx", int(cfg.opset))
+    properties = write_properties(data, eps, wanted, out_dir)
     (out_dir / "instances.csv").write_text(
         "".join(f"model.onnx,{p['vnnlib']},{timeout:g}\n" for p in properties))
-    summary = {"checkpoint": str(path.resolve()), "config_source": source,
-               "epoch": state.get("epoch"), "data": data.name, "eps": eps,
+    summary = {"checkpoint": str(path.resolve()), "config_source": trained.source,
+               "epoch": trained.state.get("epoch"), "data": data.name, "eps": eps,
                "input_shape": list(data.input_shape), "num_classes": data.num_classes,
                "mean": data.mean.tolist(), "std": data.std.tolist(),
                "onnx": {"file": "model.onnx", "input": ONNX_INPUT, "output": ONNX_OUTPUT,
                         "opset": int(cfg.opset)},
                "only_undecided": only, "certify_csv": str(csv_path) if only else None,
                "timeout_s": timeout, "properties": properties}
-    ckpt.write_text_atomic(out_dir / "export.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / "export.json", json.dumps(summary, indent=2) + "\n")
     print(f"wrote {out_dir / 'model.onnx'} and {len(properties)} VNN-LIB properties "
           f"(eps={eps:g}) listed in {out_dir / 'instances.csv'}", flush=True)
     return summary
@@ -168,16 +174,9 @@ def main(cfg: DictConfig):
 def cli() -> None:
     """``fastcert-export`` (the console script) and ``python -m fastcert.export``: a missing or
     mistyped ``checkpoint=`` is refused in one line (exit 2) before Hydra starts."""
-    import sys
+    from fastcert.cli import checkpoint_command
 
-    from fastcert.cli import quiet_known_warnings
-
-    quiet_known_warnings()
-    problem = _certify_module._precheck(sys.argv[1:])
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    main()
+    checkpoint_command(main, "fastcert.export")
 
 
 if __name__ == "__main__":

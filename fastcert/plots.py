@@ -42,8 +42,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from fastcert.diagnostics import (RunRecord, bound_explosion, find_runs,  # noqa: E402
-                                  read_run, series)
+from fastcert.diagnostics import RunRecord, bound_explosion, find_runs, read_run, series  # noqa: E402
 
 Plotted = tuple[Path, dict]
 
@@ -359,14 +358,15 @@ def main(argv=None) -> dict:
             runs.append(rec)
             figs = plot_run(rec)
             written["runs"][str(run_dir)] = figs
-            for name, (path, _) in figs.items():
+            for path, _ in figs.values():
                 print(f"wrote {path}")
     if len(runs) > 1:
         res = plot_accuracy_scatter(runs, _scatter_path(args.out, run_dirs))
         if res is not None:
             written["scatter"] = res
             print(f"wrote {res[0]}")
-        res = plot_tightness_runs(runs, _scatter_path(args.out, run_dirs).with_name("tightness.png"))
+        path = _scatter_path(args.out, run_dirs).with_name("tightness.png")
+        res = plot_tightness_runs(runs, path)
         if res is not None:
             written["tightness"] = res
             print(f"wrote {res[0]}")

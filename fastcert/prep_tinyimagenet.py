@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m fastcert.prep_tinyimagenet --root ./data               # download + extract + reorganise
-    python -m fastcert.prep_tinyimagenet --root ./data --zip PATH    # from a zip you already have
+    python -m fastcert.prep_tinyimagenet --root ./data             # download, extract, reorganise
+    python -m fastcert.prep_tinyimagenet --root ./data --zip PATH  # from a zip you already have
 
 The archive holds ``train/<wnid>/images/*.JPEG`` (ImageFolder reads that as is: it walks class
 folders recursively) but a flat ``val/images/*.JPEG`` with labels in ``val/val_annotations.txt``
@@ -90,7 +90,8 @@ def reorganize_val(root_dir: str | os.PathLike) -> int:
     val = base / "val"
     ann = val / "val_annotations.txt"
     if not ann.is_file():
-        raise FileNotFoundError(f"'{ann}' not found: is '{base}' an extracted tiny-imagenet-200 folder?")
+        raise FileNotFoundError(f"'{ann}' not found: is '{base}' an extracted tiny-imagenet-200 "
+                                f"folder?")
     images = val / "images"
     moved, missing = 0, []
     with open(ann, encoding="utf-8") as f:
@@ -114,16 +115,18 @@ def reorganize_val(root_dir: str | os.PathLike) -> int:
                 missing.append(fname)
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} validation image(s) listed in '{ann}' are in neither '{images}' nor their "
-            f"class folder, e.g. {missing[:5]}"
+            f"{len(missing)} validation image(s) listed in '{ann}' are in neither '{images}' nor "
+            f"their class folder, e.g. {missing[:5]}"
         )
     if images.is_dir() and not any(images.iterdir()):
         images.rmdir()
     return moved
 
 
-def prepare(root: str | os.PathLike, zip_path: str | os.PathLike | None = None, url: str = URL) -> Path:
-    """Download (unless ``zip_path`` is given), extract and reorganise; returns the dataset folder."""
+def prepare(root: str | os.PathLike, zip_path: str | os.PathLike | None = None,
+            url: str = URL) -> Path:
+    """Download (unless ``zip_path`` is given), extract and reorganise; returns the dataset
+    folder."""
     root = Path(root)
     target = root / DIRNAME
     if not ((target / "train").is_dir() and (target / "val").is_dir()):
@@ -138,9 +141,12 @@ def prepare(root: str | os.PathLike, zip_path: str | os.PathLike | None = None, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastcert.prep_tinyimagenet", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", default="./data", help="data root; the dataset goes to ROOT/tiny-imagenet-200")
-    ap.add_argument("--zip", dest="zip_path", default=None, help="use this tiny-imagenet-200.zip instead of downloading")
+    ap = argparse.ArgumentParser(prog="python -m fastcert.prep_tinyimagenet",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", default="./data",
+                    help="data root; the dataset goes to ROOT/tiny-imagenet-200")
+    ap.add_argument("--zip", dest="zip_path", default=None,
+                    help="use this tiny-imagenet-200.zip instead of downloading")
     ap.add_argument("--url", default=URL, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     try:

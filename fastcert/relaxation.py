@@ -37,8 +37,15 @@ from typing import Literal
 
 import torch
 
-from fastcert.bounds import (RELAXATIONS, Bound, BoundedNet, LinearMarginBound,
-                             forward_relu_inputs, linear_margin_bound, margin_spec)
+from fastcert.bounds import (
+    RELAXATIONS,
+    Bound,
+    BoundedNet,
+    LinearMarginBound,
+    forward_relu_inputs,
+    linear_margin_bound,
+    margin_spec,
+)
 
 RForm = Literal["literal", "generalised"]
 
@@ -58,7 +65,8 @@ class Indicators:
         return lam * self.d.sum(1).mean() + gamma * self.r.sum(1).mean()
 
 
-def optimum_input(input_coef: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+def optimum_input(input_coef: torch.Tensor, lower: torch.Tensor,
+                  upper: torch.Tensor) -> torch.Tensor:
     """z* = x + δ0*: the corner of the box [lower, upper] minimising input_coef · z, per target
     class: ``lower`` where the coefficient is ≥ 0, ``upper`` where it is < 0 (Sec. 3.1 and 4.2
     of Zhu et al.; unclipped, lower = x - ε and this is x - ε·sign(coef))."""

@@ -13,9 +13,11 @@ run preempting) with status 128 + the signal's number.
 """
 from __future__ import annotations
 
+from fastcert import resolvers
 from fastcert.cli import exit_on_known_errors, preemptible, quiet_known_warnings
 
 quiet_known_warnings()
+resolvers.register()  # also in a joblib worker, which imports this module to run a job
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -25,7 +27,8 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from fastcert import distributed  # noqa: E402
-from fastcert.pipeline import resume_options, run  # noqa: E402
+from fastcert.pipeline import run  # noqa: E402
+from fastcert.resume import resume_options  # noqa: E402
 
 HYDRA_DIR = ".hydra"
 

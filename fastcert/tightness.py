@@ -35,6 +35,8 @@ from fastcert.bounds import margin_spec
 from fastcert.models import affine_layers
 
 _FLOOR = 1e-8
+#: Test examples on which a run measures the propagation tightness after each epoch.
+PROBE_EXAMPLES = 64
 
 
 class _Pattern:
@@ -145,6 +147,17 @@ class TightnessProbe:
     y: torch.Tensor
     lower: torch.Tensor
     upper: torch.Tensor
+
+    @classmethod
+    def on_test(cls, data, eps: float, device: torch.device,
+                n: int = PROBE_EXAMPLES) -> TightnessProbe:
+        """The probe of a run (Mao et al. 2024's τ after each epoch): the first ``n`` test
+        examples of ``data`` (a :class:`fastcert.data.DataBundle`) at radius ``eps``."""
+        test_set = data.test.dataset
+        n = min(n, len(test_set))
+        x = torch.stack([test_set[i][0] for i in range(n)]).to(device)
+        y = torch.tensor([int(test_set[i][1]) for i in range(n)], device=device)
+        return cls(x, y, *data.eps_box(x, eps))
 
     def __call__(self, net) -> dict[str, float]:
         tau = propagation_tightness(net.model, self.x, self.y, self.lower, self.upper,

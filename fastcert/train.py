@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -25,25 +25,11 @@ from fastcert.methods import Batch, Method, StepOutput
 from fastcert.optim import Optimizer
 from fastcert.regularizers import relu_states
 from fastcert.schedules import EpsSchedule
-
+from fastcert.seeding import seed_everything, stream_seed
 
 #: Evenly spaced steps per epoch whose plot-only values (ReLU states, regularisers) the epoch's
 #: record averages (fewer when an epoch has fewer steps).
 RECORD_STEPS = 8
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return seed * 1_000_003 + epoch
 
 
 #: Offset of rank r's global-RNG seed in a data-parallel run (r · this), far from epoch seeds.
@@ -174,105 +160,140 @@ def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
     included), the same whatever the logger; W&B's per-step logs (every ``logger.log_every``
     steps) compute them for their own steps.
     """
-    params = [p for p in s.net.model.parameters() if p.requires_grad]
-    optimizer, lr_sched = s.optim.build(params)
-    main = s.dist is None or s.dist.main  # the process that writes and prints
-    if s.dist is None:
-        def method_step(batch: Batch, sync: bool) -> StepOutput:
-            return s.method.step(s.net, batch)
-    else:
-        ddp = distributed.data_parallel(s.net, s.method, s.dist)
-
-        def method_step(batch: Batch, sync: bool) -> StepOutput:  # sync: reduce this backward's grads
-            if sync:
-                return ddp(batch)
-            with ddp.no_sync():
-                return ddp(batch)
-    global_sizes = getattr(s.train_loader, "global_sizes", None)
-    memory_format = torch.channels_last if s.channels_last else torch.preserve_format
-    metrics_path = s.run_dir / "metrics.jsonl"
-    ckpt_path = s.run_dir / "last.pt"
-    start_epoch = 0
-    if resume_state is not None:
-        state = resume_state
-        s.net.model.load_state_dict(state["model"])  # copies in place: views stay tied
-        optimizer.load_state_dict(state["optimizer"])
-        lr_sched.load_state_dict(state["lr_scheduler"])
-        checkpoint.set_rng_state(state["rng"])
-        start_epoch = state["epoch"]
+    loop = _Loop(s)
+    start_epoch = 0 if resume_state is None else loop.restore(resume_state)
     # metrics.jsonl describes the run that wrote last.pt: drop epochs after the checkpoint
     # (written before a kill), or, on a fresh start, the record of a run killed before its
     # first checkpoint (the pipeline refuses a fresh start where a last.pt exists).
-    history = _truncate_metrics(metrics_path, start_epoch, write=main)
-    steps = len(s.train_loader)
-    log_every = int(s.logger.log_every or 0)
-    record_every = max(1, steps // RECORD_STEPS)
+    history = _truncate_metrics(s.run_dir / "metrics.jsonl", start_epoch, write=loop.main)
     for epoch in range(start_epoch, s.epochs):
+        record = loop.epoch(epoch)
+        history.append(record)
+        if loop.main:
+            loop.save(record)
+    return history
+
+
+class _Loop:
+    """The training loop's state (optimiser, LR schedule, DDP wrapper) and its steps: restore
+    a checkpoint, one epoch, one optimiser step, save the epoch."""
+
+    def __init__(self, s: TrainSetup):
+        self.s = s
+        self.params = [p for p in s.net.model.parameters() if p.requires_grad]
+        self.optimizer, self.lr_sched = s.optim.build(self.params)
+        self.main = s.dist is None or s.dist.main  # the process that writes and prints
+        self.ddp = (None if s.dist is None else
+                    distributed.data_parallel(s.net, s.method, s.dist))
+        self.global_sizes = getattr(s.train_loader, "global_sizes", None)
+        self.memory_format = torch.channels_last if s.channels_last else torch.preserve_format
+        self.steps = len(s.train_loader)
+        self.log_every = int(s.logger.log_every or 0)
+        self.record_every = max(1, self.steps // RECORD_STEPS)
+
+    def restore(self, state: dict) -> int:
+        """Weights, optimiser, LR schedule and RNGs of a checkpoint; the epochs it trained."""
+        self.s.net.model.load_state_dict(state["model"])  # copies in place: views stay tied
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_sched.load_state_dict(state["lr_scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        return state["epoch"]
+
+    def method_step(self, batch: Batch, sync: bool) -> StepOutput:
+        """The method's step, through DDP in a data-parallel run (``sync``: reduce this
+        backward's gradients; the earlier chunks of an accumulated batch do not)."""
+        if self.ddp is None:
+            return self.s.method.step(self.s.net, batch)
+        if sync:
+            return self.ddp(batch)
+        with self.ddp.no_sync():
+            return self.ddp(batch)
+
+    def epoch(self, epoch: int) -> dict:
+        """One pass over the training batches; the epoch's record."""
+        s = self.s
         # the global RNG feeds the methods' random draws (attack starts); each rank draws its
         # own (rank 0 the one-process stream): the batches come from the loader's generator
-        seed_everything(epoch_seed(s.seed, epoch) + (s.dist.rank * RANK_SEED_STRIDE
-                                                     if s.dist is not None else 0))
+        seed_everything(stream_seed(s.seed, epoch) + (s.dist.rank * RANK_SEED_STRIDE
+                                                      if s.dist is not None else 0))
         generator = getattr(s.train_loader, "generator", None)
         if generator is not None:
-            generator.manual_seed(epoch_seed(s.seed, epoch))
+            generator.manual_seed(stream_seed(s.seed, epoch))
         s.net.train()
         stats = _EpochStats()
         t0 = time.perf_counter()
         bar = tqdm(s.train_loader, desc=f"epoch {epoch + 1}/{s.epochs}", leave=False,
-                   dynamic_ncols=True, mininterval=1.0, disable=not main)
+                   dynamic_ncols=True, mininterval=1.0, disable=not self.main)
         eps = 0.0
         for i, (x, y) in enumerate(bar):
-            step = epoch * steps + i
-            x = x.to(s.device, non_blocking=True, memory_format=memory_format)
-            y = y.to(s.device, non_blocking=True)
-            weight = 1.0 if s.dist is None else s.dist.loss_weight(len(y), global_sizes[i])
-            eps = s.schedule.eps(step)
-            log_now = log_every > 0 and step % log_every == 0
-            record_now = i % record_every == 0 or i + 1 == steps
-            diagnose = log_now or record_now
-            optimizer.zero_grad(set_to_none=True)
-            chunks = list(zip(x.chunk(s.optim.grad_acc_steps), y.chunk(s.optim.grad_acc_steps)))
-            outs = []
-            for k, (xc, yc) in enumerate(chunks):
-                lower, upper = s.box_fn(xc, eps)
-                out = method_step(Batch(xc, yc, lower, upper, eps, s.schedule.eps_target, s.box_fn,
-                                 diagnose), sync=k + 1 == len(chunks))
-                (out.loss * (weight * len(yc) / len(y))).backward()  # chunk means → batch mean
-                outs.append(out)
-            out = _merge(outs, [len(yc) for _, yc in chunks])
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.optim.grad_clip)
-            optimizer.step()
-            stats.add(out, y, out.loss, record_now, weight / (s.dist.world if s.dist else 1))
-            if diagnose:
-                _check_finite(out.loss if s.dist is None else  # every rank stops together
-                              distributed.all_reduce_(out.loss.detach().clone()), epoch, i, eps)
-                if log_now:
-                    s.logger.log_step({"train/loss": out.loss.item(), "train/eps": eps,
-                                       "train/lr": optimizer.param_groups[0]["lr"],
-                                       "train/grad_norm": grad_norm.item(),
-                                       **{f"train/{k}": _number(v) for k, v in
-                                          {**out.stats, **out.diagnostics}.items()}}, step)
-                bar.set_postfix(eps=f"{eps:.4f}", loss=f"{out.loss.item():.3f}", refresh=False)
+            eps = self.step(epoch, i, x, y, stats, bar)
         bar.close()
-        lr_sched.step()
+        self.lr_sched.step()
         record = {"epoch": epoch + 1, "phase": s.schedule.phase(epoch), "eps": eps,
-                  "lr": optimizer.param_groups[0]["lr"], **stats.record(s.dist),
+                  "lr": self.optimizer.param_groups[0]["lr"], **stats.record(s.dist),
                   "epoch_time_s": time.perf_counter() - t0}
         if s.epoch_metrics is not None:
             record.update(s.epoch_metrics(s.net))
-        _check_finite(torch.tensor(record["loss"]), epoch, steps - 1, eps)
-        history.append(record)
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            state = {"model": s.net.model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "lr_scheduler": lr_sched.state_dict(), "epoch": epoch + 1,
-                     "rng": checkpoint.rng_state(), **(s.checkpoint_extra() if s.checkpoint_extra
-                                                        else {})}
-            checkpoint.save_atomic(state, ckpt_path)
-            s.logger.log_epoch(record, epoch + 1)
-            tqdm.write(_epoch_line(record))
-    return history
+        _check_finite(torch.tensor(record["loss"]), epoch, self.steps - 1, eps)
+        return record
+
+    def step(self, epoch: int, i: int, x: torch.Tensor, y: torch.Tensor, stats: _EpochStats,
+             bar) -> float:
+        """One optimiser step on batch ``i`` (in ``optim.grad_acc_steps`` chunks); its ε."""
+        s = self.s
+        step = epoch * self.steps + i
+        x = x.to(s.device, non_blocking=True, memory_format=self.memory_format)
+        y = y.to(s.device, non_blocking=True)
+        weight = 1.0 if s.dist is None else s.dist.loss_weight(len(y), self.global_sizes[i])
+        eps = s.schedule.eps(step)
+        log_now = self.log_every > 0 and step % self.log_every == 0
+        record_now = i % self.record_every == 0 or i + 1 == self.steps
+        diagnose = log_now or record_now
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self._accumulate(x, y, eps, weight, diagnose)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, s.optim.grad_clip)
+        self.optimizer.step()
+        stats.add(out, y, out.loss, record_now, weight / (s.dist.world if s.dist else 1))
+        if diagnose:
+            _check_finite(out.loss if s.dist is None else  # every rank stops together
+                          distributed.all_reduce_(out.loss.detach().clone()), epoch, i, eps)
+            if log_now:
+                s.logger.log_step({"train/loss": out.loss.item(), "train/eps": eps,
+                                   "train/lr": self.optimizer.param_groups[0]["lr"],
+                                   "train/grad_norm": grad_norm.item(),
+                                   **{f"train/{k}": _number(v) for k, v in
+                                      {**out.stats, **out.diagnostics}.items()}}, step)
+            bar.set_postfix(eps=f"{eps:.4f}", loss=f"{out.loss.item():.3f}", refresh=False)
+        return eps
+
+    def _accumulate(self, x: torch.Tensor, y: torch.Tensor, eps: float, weight: float,
+                    diagnose: bool) -> StepOutput:
+        """The gradients of the batch's mean loss, chunk by chunk (each chunk's mean loss
+        weighted by its share of the batch); the chunks' outputs merged."""
+        s = self.s
+        k = s.optim.grad_acc_steps
+        chunks = list(zip(x.chunk(k), y.chunk(k)))
+        outs = []
+        for j, (xc, yc) in enumerate(chunks):
+            lower, upper = s.box_fn(xc, eps)
+            out = self.method_step(Batch(xc, yc, lower, upper, eps, s.schedule.eps_target,
+                                         s.box_fn, diagnose), sync=j + 1 == len(chunks))
+            (out.loss * (weight * len(yc) / len(y))).backward()  # chunk means → batch mean
+            outs.append(out)
+        return _merge(outs, [len(yc) for _, yc in chunks])
+
+    def save(self, record: dict) -> None:
+        """The epoch's record appended to metrics.jsonl, last.pt, the logger, the console."""
+        s = self.s
+        with open(s.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        state = {"model": s.net.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "lr_scheduler": self.lr_sched.state_dict(), "epoch": record["epoch"],
+                 "rng": checkpoint.rng_state(),
+                 **(s.checkpoint_extra() if s.checkpoint_extra else {})}
+        checkpoint.save_atomic(state, s.run_dir / "last.pt")
+        s.logger.log_epoch(record, record["epoch"])
+        tqdm.write(_epoch_line(record))
 
 
 def _check_finite(loss: torch.Tensor, epoch: int, batch: int, eps: float) -> None:

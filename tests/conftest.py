@@ -50,6 +50,36 @@ def build_model(name: str, input_shape, num_classes: int, **options):
     return build_option("model", name, options, input_shape=input_shape, num_classes=num_classes)
 
 
+def bn_mlp(seed: int = 0):
+    """A BoundedNet (training mode) over a 64-16-16-10 MLP with BatchNorm for 1x8x8 inputs,
+    its weights drawn with ``seed``."""
+    from fastcert.bounds import BoundedNet
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+        torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+        torch.nn.Linear(16, 10))
+    return BoundedNet(model, torch.zeros(2, 1, 8, 8), 10).train()
+
+
+def pixel_box(center, radius):
+    """The L∞ box of ``radius`` around ``center``, clipped to the pixel range [0, 1]."""
+    return (center - radius).clamp(0, 1), (center + radius).clamp(0, 1)
+
+
+def random_batch(eps: float, eps_target: float = 0.1, diagnostics: bool = False, n: int = 8):
+    """A training Batch of ``n`` random 1x8x8 images and labels (generator seed 1) with their
+    :func:`pixel_box` at ``eps``."""
+    from fastcert.methods import Batch
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, 1, 8, 8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    lower, upper = pixel_box(x, eps)
+    return Batch(x, y, lower, upper, eps, eps_target, pixel_box, diagnostics)
+
+
 # Smallest settings that still go through every stage of a run.
 TINY = ["debug=smoke", "device=cpu", "data.limit_train=96", "data.limit_test=48"]
 
@@ -97,20 +127,33 @@ def _write_idx(path: Path, arr: np.ndarray) -> None:
         f.write(arr.tobytes())
 
 
+def write_idx_set(folder: Path, n_train: int, n_test: int, seed: int,
+                  gzipped: bool = False) -> dict:
+    """The four idx files of an MNIST-format set (random 28x28 images, labels 0-9) in
+    ``folder``, each gzipped (as Debian's dataset-fashion-mnist ships them) or plain (as
+    torchvision extracts them); ``{split: (images, labels)}``."""
+    import gzip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    data = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        y = rng.integers(0, 10, size=n, dtype=np.uint8)
+        for kind, arr in (("images-idx3", x), ("labels-idx1", y)):
+            path = folder / f"{split}-{kind}-ubyte"
+            _write_idx(path, arr)
+            if gzipped:
+                path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+                path.unlink()
+        data[split] = (x, y)
+    return data
+
+
 @pytest.fixture(scope="module")
 def mnist_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("mnist")
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    data = {}
-    for split, n in (("train", 60), ("t10k", 20)):
-        x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        y = rng.integers(0, 10, size=n, dtype=np.uint8)
-        _write_idx(raw / f"{split}-images-idx3-ubyte", x)
-        _write_idx(raw / f"{split}-labels-idx1-ubyte", y)
-        data[split] = (x, y)
-    return root, data
+    return root, write_idx_set(root / "MNIST" / "raw", 60, 20, seed=0)
 
 
 def _md5(p: Path) -> str:
@@ -131,7 +174,8 @@ def cifar_root(tmp_path_factory):
             pickle.dump({"batch_label": name.encode(), "labels": y, "data": x,
                          "filenames": [f"{name}_{i}.png".encode() for i in range(n)]}, f)
         batches[name] = (x, y)
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+             "truck"]
     with open(base / "batches.meta", "wb") as f:
         pickle.dump({"num_cases_per_batch": 8, "label_names": names, "num_vis": 3072}, f)
     md5 = {p.name: _md5(p) for p in base.iterdir()}
@@ -153,7 +197,8 @@ WNIDS = ["n01443537", "n01629819", "n01641577"]
 
 
 def make_tiny_imagenet(base: Path, n_train: int = 4, n_val: int = 2) -> dict[str, str]:
-    """tiny-imagenet-200 as in the zip: train/<wnid>/images/*.JPEG, flat val/images + annotations."""
+    """tiny-imagenet-200 as in the zip: train/<wnid>/images/*.JPEG, flat val/images +
+    annotations."""
     rng = np.random.default_rng(2)
     (base / "val" / "images").mkdir(parents=True)
     (base / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
@@ -163,12 +208,14 @@ def make_tiny_imagenet(base: Path, n_train: int = 4, n_val: int = 2) -> dict[str
         d = base / "train" / wnid / "images"
         d.mkdir(parents=True)
         for i in range(n_train):
-            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(d / f"{wnid}_{i}.JPEG")
+            image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+            image.save(d / f"{wnid}_{i}.JPEG")
         (base / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
         for _ in range(n_val):
             fname = f"val_{k}.JPEG"
             arr = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-            img = Image.fromarray(arr) if k else Image.fromarray(arr[..., 0], mode="L")  # one grayscale
+            # one grayscale image
+            img = Image.fromarray(arr) if k else Image.fromarray(arr[..., 0], mode="L")
             img.save(base / "val" / "images" / fname)
             lines.append(f"{fname}\t{wnid}\t0\t0\t63\t63")
             labels[fname] = wnid

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CONF
 from fastcert.attacks import AttackResult, PGDConfig, StrongAttack, apgd_checkpoints, pgd_attack
 from fastcert.config import instantiate
+
+from conftest import compose_config
 
 EPS = 0.2
 SUBSET = 120  # fixed: the first 120 test digits of seed 0
@@ -19,20 +20,15 @@ SUBSET = 120  # fixed: the first 120 test digits of seed 0
 def default_checkpoint(tmp_path_factory):
     """The default config (digits, MLP 256-256, IBP, ε = 0.1) trained for 40 epochs instead of
     150 (warmup 5 + 25): its model, test inputs, labels and ε = 0.2 boxes."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     from fastcert.pipeline import build, run
+    from fastcert.settings import validate
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["device=cpu", "epochs=40", "schedule.start=5",
-                                           "schedule.length=25", "eval.verifiers=[ibp]"])
-    GlobalHydra.instance().clear()
+    cfg = compose_config("config", ["device=cpu", "epochs=40", "schedule.start=5",
+                                    "schedule.length=25", "eval.verifiers=[ibp]"])
     run_dir = tmp_path_factory.mktemp("default")
     run(cfg, run_dir)
     state = torch.load(run_dir / "last.pt", weights_only=False)
-    built = build(cfg, torch.device("cpu"))
+    built = build(validate(cfg), torch.device("cpu"))
     built.net.model.load_state_dict(state["model"])
     model = built.net.model.eval()
     x, y = map(torch.cat, zip(*built.data.test))
@@ -42,13 +38,7 @@ def default_checkpoint(tmp_path_factory):
 
 
 def _certify_default_attack():
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("certify", overrides=["checkpoint=unused"])
-    GlobalHydra.instance().clear()
+    cfg = compose_config("certify", ["checkpoint=unused"])
     return instantiate(cfg.attack, "attack")
 
 

@@ -41,7 +41,7 @@ def test_rows_have_median_min_ratios_and_peak_memory(quick):
 def test_phase_table_and_fit_check(quick):
     saved = quick[1]
     assert set(saved["phases"]) == {"ibp", "crown_ibp", "fast"}
-    for method, phases in saved["phases"].items():
+    for _method, phases in saved["phases"].items():
         assert set(phases) == {"eps0", "ramp", "final"} and all(v > 0 for v in phases.values())
     assert saved["fit_check"]["fits"] is True and saved["fit_check"]["model"] == "resnext"
 

@@ -8,8 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastcert.attacks import PGDConfig, margin_loss, pgd_attack
-from fastcert.bounds import (Bound, BoundedNet, Mix, beta_mix, margin_spec,
-                             robust_ce_from_margins)
+from fastcert.bounds import Bound, BoundedNet, Mix, beta_mix, margin_spec, robust_ce_from_margins
 
 METHODS = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "crown": "CROWN"}
 

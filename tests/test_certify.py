@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY, build_model, compose_config
-from fastcert.certify import _precheck, certify
+from fastcert.certify import certify
 from fastcert.checkpoint import CheckpointError
 from fastcert.diagnostics import crown_cost, relu_sizes
 from fastcert.pipeline import run
+from fastcert.rebuild import precheck
+
+from conftest import ROOT, TINY, build_model, compose_config
 
 # A run that verifies some test examples in seconds: small MLP, ε=0.05, a few epochs.
 TRAIN = TINY + ["model.widths=[32,32]", "epochs=4", "eps=0.05", "data.limit_train=256",
@@ -296,11 +298,11 @@ def test_corrupt_checkpoint_names_the_file(trained, tmp_path):
 def test_precheck_of_command_line(tmp_path):
     f = tmp_path / "last.pt"
     f.write_bytes(b"x")
-    assert _precheck([f"checkpoint={f}"]) is None
-    assert "does not exist" in _precheck([f"checkpoint={tmp_path / 'no.pt'}"])
-    assert "missing checkpoint" in _precheck(["eps=0.1"])
-    assert _precheck(["--help"]) is None
-    assert _precheck(["-m", "checkpoint=a.pt,b.pt"]) is None
+    assert precheck([f"checkpoint={f}"], "fastcert.certify") is None
+    assert "does not exist" in precheck([f"checkpoint={tmp_path / 'no.pt'}"], "fastcert.certify")
+    assert "missing checkpoint" in precheck(["eps=0.1"], "fastcert.certify")
+    assert precheck(["--help"], "fastcert.certify") is None
+    assert precheck(["-m", "checkpoint=a.pt,b.pt"], "fastcert.certify") is None
 
 
 def test_hydra_command_line(trained):
@@ -336,7 +338,8 @@ def test_hydra_command_line(trained):
 def test_certify_conv_and_residual_models(model, tmp_path):
     """Certify (all three verifiers) a briefly trained BN model with residual blocks /
     grouped convolutions; the clean accuracy matches the run's own evaluation."""
-    results = run(compose_config("config", TINY + ["epochs=2", "eps=0.05"] + model), tmp_path / "run")
+    results = run(compose_config("config", TINY + ["epochs=2", "eps=0.05"] + model),
+                  tmp_path / "run")
     summary = certify(certify_cfg(tmp_path / "run" / "last.pt", "eps=[0.02,0.05]",
                                   "cascade=false", "alpha_crown.iterations=2"), tmp_path / "out")
     assert summary["skipped"] == {} and summary["n_test"] == 48

@@ -61,7 +61,8 @@ import torch, torch.nn as nn
 ALPHA_VS_CROWN = """
     from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(20, 50), nn.ReLU(), nn.Linear(50, 50), nn.ReLU(), nn.Linear(50, 3))
+    net = nn.Sequential(nn.Linear(20, 50), nn.ReLU(), nn.Linear(50, 50), nn.ReLU(),
+                        nn.Linear(50, 3))
     x = torch.randn({batch}, 20)
     m = BoundedModule(net, torch.zeros(1, 20))
     xb = BoundedTensor(x, PerturbationLpNorm(norm=float("inf"), eps=0.3))
@@ -90,7 +91,8 @@ PROBES = {
     # some CROWN paths of auto_LiRPA (backward_bound.py)
     "named_members": """
         from auto_LiRPA import BoundedModule
-        m = BoundedModule(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)), torch.zeros(2, 4))
+        m = BoundedModule(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)),
+                          torch.zeros(2, 4))
         assert len(list(m.parameters())) == 4
     """,
     # a batch of 4: every neuron unstable for some example, so the sparse-α bug stays quiet

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from fastcert.config import ConfigError, instantiate, options
-from fastcert.pipeline import RUNTIME, build, validate
+from fastcert.config import ConfigError, instantiate
+from fastcert.pipeline import build
+from fastcert.settings import RUNTIME, validate
 
 from conftest import CONF, TINY
 
@@ -79,7 +80,7 @@ def test_unknown_names_and_keys_are_rejected(compose):
 def test_bad_values_fail_before_training(compose, tmp_path, override, match):
     cfg = compose(TINY + [override])
     with pytest.raises((ConfigError, ValueError), match=match):
-        build(cfg)
+        build(validate(cfg))
 
 
 @pytest.mark.parametrize("text,value", [("8/255", 8 / 255), ("0.1", 0.1), ("1e-2", 0.01)])
@@ -102,4 +103,4 @@ def test_eval_eps_is_the_test_radius_and_defaults_to_the_training_one(compose, t
 def test_short_run_warns_that_eps_target_is_not_reached(compose):
     cfg = compose(TINY + ["epochs=1", "schedule.start=1", "schedule.length=5"])
     with pytest.warns(UserWarning, match="never reached"):
-        build(cfg)
+        build(validate(cfg))

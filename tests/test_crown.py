@@ -7,30 +7,19 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from fastcert.bounds import Bound, BoundedNet, Mix, robust_ce_from_margins
+from fastcert.bounds import Bound, Mix, robust_ce_from_margins
 from fastcert.config import ConfigError, build_option
 from fastcert.methods import Batch
 from fastcert.relaxation import indicators, relaxed_margins
 
-from conftest import TINY
-
-
-def _net(seed: int = 0) -> BoundedNet:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(),
-                          nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
-    return BoundedNet(model, torch.zeros(2, 1, 8, 8), 10).train()
+from conftest import TINY, random_batch
+from conftest import bn_mlp as _net
 
 
 def _batch(eps: float = 0.05, eps_target: float = 0.1, n: int = 8) -> Batch:
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(n, 1, 8, 8, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    lower, upper = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
-    return Batch(x, y, lower, upper, eps, eps_target)
+    return random_batch(eps, eps_target, n=n)
 
 
 def _r_d(net, batch, bound, relu, r_form="literal"):

@@ -28,7 +28,7 @@ from fastcert.data import (
     DataSource,
 )
 
-from conftest import WNIDS, _write_idx, make_tiny_imagenet
+from conftest import WNIDS, make_tiny_imagenet, write_idx_set
 
 
 def create_data(name: str, seed: int = 0, **settings) -> DataBundle:
@@ -87,7 +87,8 @@ def test_eps_box_scaling_and_clamping():
     inside = (x > eps) & (x < 1 - eps)
     assert inside.sum() > 100
     assert torch.allclose((hi - lo)[inside], (2 * eps / std)[inside], atol=1e-5)
-    assert torch.allclose(lo[0, :, 0, 0], b.x_min().flatten()) and torch.allclose(hi[0, :, 0, 1], b.x_max().flatten())
+    assert (torch.allclose(lo[0, :, 0, 0], b.x_min().flatten())
+            and torch.allclose(hi[0, :, 0, 1], b.x_max().flatten()))
     # one radius per example; eps = 0 gives a point; negative eps is rejected
     lo2, hi2 = b.eps_box(xn, torch.tensor([0.0] * 8 + [eps] * 8))
     assert (lo2[:8] <= xn[:8]).all() and (hi2[:8] >= xn[:8]).all()  # rounded outward
@@ -133,14 +134,17 @@ def test_digits_split_deterministic_and_stratified():
     assert 0.0 <= float(xtr.min()) and float(xtr.max()) <= 1.0 and float(xtr.max()) == 1.0
     assert set(yte.tolist()) == set(range(10))
     # stratified: every class has ~20% of its images in the test set
-    counts_te, counts_all = torch.bincount(yte, minlength=10), torch.bincount(torch.cat([ytr, yte]), minlength=10)
+    counts_te = torch.bincount(yte, minlength=10)
+    counts_all = torch.bincount(torch.cat([ytr, yte]), minlength=10)
     assert ((counts_te.float() / counts_all.float() - 0.2).abs() < 0.02).all()
-    assert torch.equal(xte, b.test.dataset.tensors[0]) and torch.equal(yte, b.test.dataset.tensors[1])
+    assert (torch.equal(xte, b.test.dataset.tensors[0])
+            and torch.equal(yte, b.test.dataset.tensors[1]))
     assert not torch.equal(xte, c.test.dataset.tensors[0])
     # train + test is a partition of the 1797 images (same multiset of rows)
     from sklearn.datasets import load_digits
 
-    all_rows = sorted(tuple(r) for r in (load_digits().images.reshape(-1, 64) / 16.0).astype(np.float32).tolist())
+    images = (load_digits().images.reshape(-1, 64) / 16.0).astype(np.float32)
+    all_rows = sorted(tuple(r) for r in images.tolist())
     split_rows = sorted(tuple(r) for r in torch.cat([xtr, xte]).view(-1, 64).tolist())
     assert split_rows == all_rows
     # reproducible shuffling, normalisation is the identity
@@ -192,25 +196,9 @@ def test_mnist_missing(tmp_path):
 # ------------------------------------------------------------------------------- Fashion-MNIST
 
 
-def _fashion_files(folder: Path, gzipped: bool, seed: int = 3) -> dict:
-    """The four Fashion-MNIST idx files (small: 30 train / 12 test), gzipped as Debian's
-    dataset-fashion-mnist ships them or plain as torchvision extracts them."""
-    import gzip
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    data = {}
-    for split, n in (("train", 30), ("t10k", 12)):
-        x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        y = rng.integers(0, 10, size=n, dtype=np.uint8)
-        for kind, arr in (("images-idx3", x), ("labels-idx1", y)):
-            path = folder / f"{split}-{kind}-ubyte"
-            _write_idx(path, arr)
-            if gzipped:
-                path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
-                path.unlink()
-        data[split] = (x, y)
-    return data
+def _fashion_files(folder: Path, gzipped: bool) -> dict:
+    """The four Fashion-MNIST idx files (small: 30 train / 12 test)."""
+    return write_idx_set(folder, 30, 12, seed=3, gzipped=gzipped)
 
 
 @pytest.mark.parametrize("layout", ["debian_gz", "torchvision_raw", "torchvision_raw_gz"])
@@ -226,7 +214,8 @@ def test_fashion_mnist_reads_the_idx_files_where_they_lie(tmp_path, layout):
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written there
     from torchvision.datasets import FashionMNIST as TorchFashionMNIST
 
-    assert isinstance(b.train.dataset, TorchFashionMNIST) and b.train.dataset.classes[0] == "T-shirt/top"
+    assert (isinstance(b.train.dataset, TorchFashionMNIST)
+            and b.train.dataset.classes[0] == "T-shirt/top")
     assert b.input_shape == (1, 28, 28) and b.num_classes == 10 and b.name == "fashionmnist"
     assert len(b.train.dataset) == 30 and len(b.test.dataset) == 12
     xt, yt = next(iter(b.test))  # unshuffled: exact pixels / 255
@@ -266,11 +255,13 @@ def test_cifar10_real_loader(cifar_root, cifar_md5):
     b = create_data("cifar10", root=str(root), batch_size=10, test_batch_size=12, augment=False)
     assert b.input_shape == (3, 32, 32) and b.num_classes == 10
     assert len(b.train.dataset) == 40 and len(b.test.dataset) == 12
-    assert torch.allclose(b.mean, torch.tensor(CIFAR10_MEAN)) and torch.allclose(b.std, torch.tensor(CIFAR10_STD))
+    assert (torch.allclose(b.mean, torch.tensor(CIFAR10_MEAN))
+            and torch.allclose(b.std, torch.tensor(CIFAR10_STD)))
     xt, yt = next(iter(b.test))
     ref_x, ref_y = batches["test_batch"]
     ref = torch.tensor(ref_x, dtype=torch.float32).view(-1, 3, 32, 32) / 255.0
-    expected = (ref - torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    expected = ((ref - torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1))
+                / torch.tensor(CIFAR10_STD).view(1, 3, 1, 1))
     assert xt.shape == (12, 3, 32, 32) and yt.tolist() == ref_y
     assert torch.allclose(xt, expected, atol=1e-5)
     assert torch.allclose(b.to_pixels(xt), ref, atol=1e-5)
@@ -282,8 +273,10 @@ def test_cifar10_real_loader(cifar_root, cifar_md5):
     x, y = next(iter(ba.train))
     assert x.shape == (16, 3, 32, 32) and 0 <= int(y.min()) and int(y.max()) < 10
     assert (x >= ba.x_min(x) - 1e-5).all() and (x <= ba.x_max(x) + 1e-5).all()
-    plain_x, plain_y = next(iter(create_data("cifar10", root=str(root), batch_size=16, augment=False, seed=0).train))
-    assert torch.equal(plain_y, y) and not torch.allclose(plain_x, x)  # same order, augmented pixels
+    plain = create_data("cifar10", root=str(root), batch_size=16, augment=False, seed=0)
+    plain_x, plain_y = next(iter(plain.train))
+    # same order, augmented pixels
+    assert torch.equal(plain_y, y) and not torch.allclose(plain_x, x)
     bb = create_data("cifar10", root=str(root), batch_size=16, augment=True, seed=0)
     torch.manual_seed(0)
     x2, y2 = next(iter(bb.train))
@@ -299,7 +292,8 @@ def test_cifar10_normalisation_and_crop_padding_are_fields(cifar_root, cifar_md5
     assert torch.allclose(b.std, torch.tensor(shi_std))
     xt, _ = next(iter(b.test))
     ref = torch.tensor(batches["test_batch"][0], dtype=torch.float32).view(-1, 3, 32, 32) / 255.0
-    expected = (ref - torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)) / torch.tensor(shi_std).view(1, 3, 1, 1)
+    expected = ((ref - torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1))
+                / torch.tensor(shi_std).view(1, 3, 1, 1))
     assert torch.allclose(xt, expected, atol=1e-5)
     assert build_option("data", "cifar10").crop_padding == 4
 
@@ -335,7 +329,8 @@ def test_cifar10_missing(tmp_path):
     with pytest.raises(DatasetNotFoundError) as e:
         create_data("cifar10", root=str(tmp_path))
     msg = str(e.value)
-    assert str(tmp_path / "cifar-10-batches-py") in msg and "data.download=true" in msg and "data_batch_1" in msg
+    assert (str(tmp_path / "cifar-10-batches-py") in msg and "data.download=true" in msg
+            and "data_batch_1" in msg)
 
 
 # ------------------------------------------------------------------------------- TinyImageNet
@@ -355,7 +350,8 @@ def test_tinyimagenet_reorganize_and_load(tmp_path):
         assert (base / "val" / wnid / fname).is_file()
 
     with pytest.warns(UserWarning, match="not 200"):
-        b = create_data("tinyimagenet", root=str(tmp_path), batch_size=5, test_batch_size=6, augment=True)
+        b = create_data("tinyimagenet", root=str(tmp_path), batch_size=5, test_batch_size=6,
+                        augment=True)
     assert b.input_shape == (3, 64, 64) and b.num_classes == len(WNIDS)
     assert b.train.dataset.classes == b.test.dataset.classes == sorted(WNIDS)
     assert len(b.train.dataset) == 12 and len(b.test.dataset) == 6
@@ -368,7 +364,8 @@ def test_tinyimagenet_reorganize_and_load(tmp_path):
     for (path, label) in b.test.dataset.samples:
         assert label == c2i[labels[Path(path).name]]
     # normalisation: un-normalising the (unaugmented) val images gives the JPEG pixels
-    ref = torch.tensor(np.asarray(Image.open(b.test.dataset.samples[1][0]).convert("RGB")), dtype=torch.float32)
+    ref = torch.tensor(np.asarray(Image.open(b.test.dataset.samples[1][0]).convert("RGB")),
+                       dtype=torch.float32)
     assert torch.allclose(b.to_pixels(xt[1]), ref.permute(2, 0, 1) / 255.0, atol=1e-5)
 
 
@@ -419,8 +416,8 @@ def test_prep_download_without_network(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "name,eps,bs",
-    [("digits", 0.1, 64), ("mnist", 0.4, 256), ("fashion_mnist", 0.1, 256), ("cifar10", 8 / 255, 128),
-     ("tinyimagenet", 1 / 255, 128)],
+    [("digits", 0.1, 64), ("mnist", 0.4, 256), ("fashion_mnist", 0.1, 256),
+     ("cifar10", 8 / 255, 128), ("tinyimagenet", 1 / 255, 128)],
 )
 def test_yaml_configs(name, eps, bs):
     node = option_node("data", name)
@@ -477,4 +474,5 @@ def test_eps_box_contains_the_exact_box(cifar_root, cifar_md5, tiny_root, eps):
                                       f"{inside.numel()} coordinates inside the exact box")
             # widened by at most 2^-20 (|x| + eps/std): 16 units in float32's last place
             scale = 2.0**-20 * (x.double().abs() + eps / torch.tensor(std).double().view(-1, 1, 1))
-            assert (exact_lo - lo.double() <= scale).all() and (hi.double() - exact_hi <= scale).all()
+            assert ((exact_lo - lo.double() <= scale).all()
+                    and (hi.double() - exact_hi <= scale).all())

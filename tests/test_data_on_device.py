@@ -26,12 +26,12 @@ def _epochs(loader, seed: int, epochs: int = 3):
     tqdm.auto as fit does."""
     from tqdm.auto import tqdm
 
-    from fastcert.train import epoch_seed
+    from fastcert.seeding import stream_seed
 
     out = []
     for epoch in range(epochs):
-        loader.generator.manual_seed(epoch_seed(seed, epoch))
-        torch.manual_seed(epoch_seed(seed, epoch))
+        loader.generator.manual_seed(stream_seed(seed, epoch))
+        torch.manual_seed(stream_seed(seed, epoch))
         out.append([(x.clone(), y.clone()) for x, y in tqdm(loader, disable=True)])
     return out
 
@@ -132,7 +132,7 @@ def test_on_device_epochs_are_reproducible_and_differ_from_each_other(cifar_root
 def test_unsupported_random_transform_is_refused_on_the_device():
     from torchvision import transforms as T
 
-    from fastcert.data import _device_form
+    from fastcert.data.on_device import _device_form
 
     class Images(TensorDataset):
         transform = T.Compose([T.RandomRotation(10), T.ToTensor()])
@@ -179,7 +179,7 @@ def test_on_device_shards_share_the_global_augmentation(cifar_root, cifar_md5):
              for r in (0, 1)]
     ref = _epochs(whole.train, 0, epochs=1)[0]
     got = [_epochs(r.train, 0, epochs=1)[0] for r in ranks]
-    for t, (x, y) in enumerate(ref):
+    for t, (x, _y) in enumerate(ref):
         assert torch.equal(got[0][t][0], x[0::2]) and torch.equal(got[1][t][0], x[1::2])
 
 

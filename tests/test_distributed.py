@@ -25,7 +25,7 @@ import torch
 from fastcert.methods import IBP
 from fastcert.pipeline import run
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, compose_config
 
 CHECK_DIR = "FASTCERT_TEST_RANK_CHECKS"   # where CheckedIBP writes (set by the tests)
 DIE_AT = "FASTCERT_TEST_DIE_AT_STEP"      # CheckedIBP raises at this step (a preempted run)
@@ -101,21 +101,13 @@ def _same_records(a: list[dict], b: list[dict], rel: float, plots: bool = True) 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One 1-process run and one 2-rank run (nproc=2) of the same config."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from conftest import CONF
-
     base = tmp_path_factory.mktemp("dp")
     checks = base / "checks"
     checks.mkdir()
     os.environ[CHECK_DIR] = str(checks)
     try:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            one_cfg = compose("config", overrides=ARGS)
-            two_cfg = compose("config", overrides=ARGS + ["nproc=2"])
-        GlobalHydra.instance().clear()
+        one_cfg = compose_config("config", ARGS)
+        two_cfg = compose_config("config", ARGS + ["nproc=2"])
         one = run(one_cfg, base / "one")
         two = run(two_cfg, base / "two")
     finally:
@@ -190,7 +182,7 @@ def test_torchrun_starts_the_same_run(runs, tmp_path):
 
 def test_nproc_is_checked(compose, monkeypatch):
     from fastcert.config import ConfigError
-    from fastcert.pipeline import validate
+    from fastcert.settings import validate
 
     with pytest.raises(ConfigError, match="nproc=0"):
         validate(compose(TINY + ["nproc=0"]))
@@ -204,9 +196,9 @@ def test_syncbatchnorm_is_traced_as_a_local_batchnorm():
     eval mode, where nn.SyncBatchNorm is a plain batch_norm, so the BoundedModule gets an
     ordinary BoundBatchNormalization that would use each rank's own statistics; and
     SyncBatchNorm refuses CPU tensors in training (no gloo test)."""
-    from auto_LiRPA.operators.normalization import BoundBatchNormalization
+    from fastcert.bounds import BoundedNet, auto_lirpa
 
-    from fastcert.bounds import BoundedNet
+    BoundBatchNormalization = auto_lirpa().BoundBatchNormalization
 
     model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(
         torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
@@ -250,13 +242,12 @@ class _OneBatch:
 def _one_step(case, run_dir, ctx=None) -> torch.Tensor:
     """The parameter update of one fit step of ``case`` on 7 digits-shaped images (a 2-rank
     run splits them 4 + 3)."""
+    from fastcert import distributed
     from fastcert.bounds import BoundedNet
     from fastcert.config import build_option
     from fastcert.loggers import NullLogger
     from fastcert.schedules import LinearSchedule
     from fastcert.train import TrainSetup, fit
-
-    from fastcert import distributed
 
     method, eps, chunks, bn = case
     Path(run_dir).mkdir(parents=True)

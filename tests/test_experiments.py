@@ -25,23 +25,16 @@ def test_run(compose, tmp_path, three_threads):
 
 
 def test_certify(compose, tmp_path):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     from fastcert.certify import certify
     from fastcert.pipeline import run
 
-    from conftest import CONF
+    from conftest import compose_config
 
     run(compose(TINY + ["epochs=1"]), tmp_path / "run")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose("certify", overrides=[f"checkpoint={tmp_path / 'run' / 'last.pt'}",
-                                                  "verifiers=[ibp]", "attack=pgd", "attack.steps=1",
-                                                  "limit_test=8", "cpu_threads=1",
-                                                  "device=cpu", "progress=false"])
-    GlobalHydra.instance().clear()
+    cfg = compose_config("certify", [f"checkpoint={tmp_path / 'run' / 'last.pt'}",
+                                     "verifiers=[ibp]", "attack=pgd", "attack.steps=1",
+                                     "limit_test=8", "cpu_threads=1", "device=cpu",
+                                     "progress=false"])
     torch.set_num_threads(3)
     try:
         certify(cfg, tmp_path / "certify")

@@ -23,6 +23,7 @@ onnxruntime = pytest.importorskip("onnxruntime", reason="dev extra: pip install 
 from fastcert import checkpoint as ckpt  # noqa: E402
 from fastcert.export import export  # noqa: E402
 from fastcert.pipeline import build  # noqa: E402
+from fastcert.settings import validate  # noqa: E402
 
 EPS = 0.05
 
@@ -49,7 +50,7 @@ def model_and_data(trained):  # noqa: F811
     state = ckpt.load(run_dir / "last.pt")
     from omegaconf import OmegaConf
     cfg = OmegaConf.create(state["config"])
-    built = build(cfg, torch.device("cpu"))
+    built = build(validate(cfg), torch.device("cpu"))
     built.net.model.load_state_dict(state["model"])
     return built.net.model.eval(), built.data
 
@@ -93,13 +94,15 @@ def test_vnnlib_parses_back_to_the_box_and_the_negated_property(exported, model_
         assert np.array_equal(lower, lo.flatten().numpy().astype(np.float64))
         assert np.array_equal(upper, hi.flatten().numpy().astype(np.float64))
         exact = x.double().flatten().numpy()
-        assert (lower <= np.maximum(exact - EPS, 0)).all() and (upper >= np.minimum(exact + EPS, 1)).all()
+        assert ((lower <= np.maximum(exact - EPS, 0)).all()
+                and (upper >= np.minimum(exact + EPS, 1)).all())
         assert k == 10 and p["label"] == y
         assert sorted(disjuncts) == [(j, y) for j in range(10) if j != y]
 
 
 def test_only_undecided_reads_certify_csv(trained, tmp_path):  # noqa: F811
     from fastcert.certify import certify
+
     from test_certify import certify_cfg
 
     run_dir, _ = trained

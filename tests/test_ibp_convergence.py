@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from fastcert.bounds import Bound, BoundedNet, robust_ce_from_margins
 from fastcert.config import ConfigError, build_option, instantiate
 
-
 # ------------------------------------------------------------------------------ the data
 
 
@@ -57,7 +56,8 @@ def test_the_unclipped_box_contains_the_exact_box():
     bundle = build_option("data", "digits_2v5").load(0)
     for eps in (0.1, 0.3, 1 / 255):
         lower, upper = bundle.eps_box(x, eps)
-        assert (lower.double() <= x.double() - eps).all() and (upper.double() >= x.double() + eps).all()
+        assert ((lower.double() <= x.double() - eps).all()
+                and (upper.double() >= x.double() + eps).all())
         assert ((x - eps) > x.double() - eps).any() or ((x + eps) < x.double() + eps).any()
 
 
@@ -132,7 +132,8 @@ def _closed_form_lower(model, x, y, eps):
     pre = x.flatten(1) @ w.T
     radius = eps * w.abs().sum(1)
     ya = (2 * y.float() - 1)[:, None] * a[None]
-    return ((ya > 0) * torch.relu(pre - radius) - (ya < 0) * torch.relu(pre + radius)).sum(1) / m ** 0.5
+    lower = (ya > 0) * torch.relu(pre - radius) - (ya < 0) * torch.relu(pre + radius)
+    return lower.sum(1) / m ** 0.5
 
 
 @pytest.mark.parametrize("eps", [0.001, 0.04, 0.3])
@@ -166,13 +167,14 @@ def test_auto_lirpa_ibp_equals_the_closed_form_and_its_gradient(eps):
 
 def test_a_run_trains_only_the_first_layer_and_evaluates_on_the_training_set(compose, tmp_path):
     from fastcert.pipeline import build, run
+    from fastcert.settings import validate
 
     overrides = ["experiment=wang2022/digits_2v5/ibp", "device=cpu", "model.m=64", "epochs=2",
                  "eps=0.02", "eval.pgd.steps=2"]
     cfg = compose(overrides)
     assert cfg.schedule.start == 0 and cfg.schedule.length == 0  # ε fixed from the first step
     assert cfg.optim._target_ == "fastcert.optim.SGD" and cfg.init.name == "default"
-    built = build(cfg)
+    built = build(validate(cfg))
     before = {k: v.clone() for k, v in built.net.model.state_dict().items()}
     results = run(cfg, tmp_path)
     state = torch.load(tmp_path / "last.pt", weights_only=False)["model"]

@@ -8,16 +8,23 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.init_gain import (PAPER_FAN_INS, PAPER_TABLE_3_1, RESIDUAL_ROWS, ROWS,
-                                   gain_table, main, residual_gain_table)
+from experiments.init_gain import (
+    PAPER_FAN_INS,
+    PAPER_TABLE_3_1,
+    RESIDUAL_ROWS,
+    ROWS,
+    gain_table,
+    main,
+    residual_gain_table,
+)
 from fastcert.config import ConfigError, build_option, option_node, options
-from fastcert.initializers import (
+from fastcert.gain import (
     DEFAULT_MAX_FAN_OUT,
     _orthogonal_cholesky_qr,
     difference_gain,
     residual_block_gain,
-    residual_readers,
 )
+from fastcert.initializers import residual_readers
 from fastcert.models import BasicResidualBlock, ResNeXtBlock, affine_layers
 
 from conftest import build_model
@@ -308,7 +315,7 @@ def test_seed_is_reproducible_and_local():
     initialize(a, "kaiming_normal", seed=9)
     assert torch.equal(torch.get_rng_state(), state)  # global RNG untouched
     initialize(b, "kaiming_normal", seed=9)
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (ka, va), (_kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(va, vb), ka
 
 

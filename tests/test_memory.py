@@ -68,9 +68,10 @@ warnings.filterwarnings("ignore")
 from hydra import compose, initialize_config_dir
 from fastcert import memory
 from fastcert.pipeline import build
+from fastcert.settings import validate
 with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
     cfg = compose("config", overrides=sys.argv[2:])
-build(cfg)
+build(validate(cfg))
 print(memory.applied())
 """
 
@@ -84,7 +85,7 @@ def test_runs_keep_freed_memory_on_cpu_unless_switched_off(setting, applied):
 
 def test_the_key_is_checked(compose):
     from fastcert.config import ConfigError
-    from fastcert.pipeline import validate
+    from fastcert.settings import validate
 
     with pytest.raises(ConfigError, match="keep_freed_memory"):
         validate(compose(TINY + ["keep_freed_memory=sometimes"]))

@@ -7,34 +7,17 @@ import functools
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import MODEL_NAMES, build_model, tiny_kwargs
 from fastcert.bounds import Bound, BoundedNet, robust_ce_from_margins
 from fastcert.config import ConfigError, build_option, options
 from fastcert.methods import Batch, Method
 
+from conftest import MODEL_NAMES, build_model, pixel_box, tiny_kwargs
+from conftest import bn_mlp as _net
+from conftest import random_batch as _batch
+
 METHODS = options("method")
-
-
-def _net(seed: int = 0) -> BoundedNet:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(),
-                          nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
-    return BoundedNet(model, torch.zeros(2, 1, 8, 8), 10).train()
-
-
-def _batch(eps: float, eps_target: float = 0.1, diagnostics: bool = False, n: int = 8) -> Batch:
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(n, 1, 8, 8, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-
-    def box(center, radius):
-        return (center - radius).clamp(0, 1), (center + radius).clamp(0, 1)
-
-    lower, upper = box(x, eps)
-    return Batch(x, y, lower, upper, eps, eps_target, box, diagnostics)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -105,7 +88,7 @@ def test_fast_optimises_the_regularisers_only_while_lambda_is_positive():
     torch.testing.assert_close(done.loss, robust_ce_from_margins(lb))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _family_net(model_name: str) -> BoundedNet:
     torch.manual_seed(0)
     model = build_model(model_name, (3, 8, 8), 10, **tiny_kwargs(model_name))
@@ -123,11 +106,8 @@ def test_every_method_runs_with_its_default_config_on_every_model_family(name, m
     x = torch.rand(6, 3, 8, 8, generator=g)
     y = torch.randint(0, 10, (6,), generator=g)
 
-    def box(center, radius):
-        return (center - radius).clamp(0, 1), (center + radius).clamp(0, 1)
-
-    out = build_option("method", name).step(net, Batch(x, y, *box(x, 0.03), 0.03, 0.03, box,
-                                                       True))
+    out = build_option("method", name).step(net, Batch(x, y, *pixel_box(x, 0.03), 0.03, 0.03,
+                                                       pixel_box, True))
     assert torch.isfinite(out.loss)
     out.loss.backward()
     grads = [p.grad for p in net.model.parameters()]

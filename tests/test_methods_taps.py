@@ -8,11 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import MODEL_NAMES, build_model, tiny_kwargs
 from fastcert.attacks import PGDConfig, pgd_attack
 from fastcert.config import ConfigError, build_option
 from fastcert.methods.taps import _GradientLink, _GradScale, head_start
 
+from conftest import MODEL_NAMES, build_model, tiny_kwargs
 from test_methods import _batch, _net
 
 

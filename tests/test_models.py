@@ -13,8 +13,7 @@ from fastcert import compat
 compat.apply()
 from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm  # noqa: E402
 
-from fastcert.config import (ConfigError, build_option, option_node, options,  # noqa: E402
-                             parameters)
+from fastcert.config import ConfigError, build_option, option_node, options, parameters  # noqa: E402
 from fastcert.models import (  # noqa: E402
     BN_MODES,
     BasicResidualBlock,
@@ -24,7 +23,6 @@ from fastcert.models import (  # noqa: E402
 
 from conftest import MODEL_NAMES, tiny_kwargs  # noqa: E402
 from conftest import build_model as create_model  # noqa: E402
-
 
 SHAPES = [(1, 8, 8), (3, 32, 32)]
 ALLOWED = (
@@ -418,12 +416,13 @@ def test_headline_command_builds_the_papers_resnext(compose, tiny_root):
     import warnings
 
     from fastcert.pipeline import build
+    from fastcert.settings import validate
 
     cfg = compose(["model=resnext", "data=tinyimagenet", f"data.root={tiny_root}",
                    "device=cpu", "data.num_workers=0", "eval.verifiers=[ibp]"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "3 classes, not 200"
-        built = build(cfg)
+        built = build(validate(cfg))
     model = built.net.model
     blocks = [m for m in model.modules() if isinstance(m, ResNeXtBlock)]
     assert [b.out_channels for b in blocks] == [32, 32, 64, 64, 128, 128]

@@ -11,11 +11,12 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import pytest
 
-from conftest import TINY, compose_config
 from fastcert import plots
-from fastcert.diagnostics import bound_explosion, find_runs, read_metrics, read_run
 from fastcert.config import options
+from fastcert.diagnostics import bound_explosion, find_runs, read_metrics, read_run
 from fastcert.pipeline import run
+
+from conftest import TINY, compose_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

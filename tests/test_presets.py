@@ -11,8 +11,9 @@ from fastcert.bounds import Bound
 from fastcert.config import options
 from fastcert.pipeline import build, run
 from fastcert.schedules import SmoothedSchedule
+from fastcert.settings import validate
 
-from conftest import TINY, _write_idx
+from conftest import TINY, write_idx_set
 
 PRESETS = options("experiment")
 
@@ -20,19 +21,8 @@ PRESETS = options("experiment")
 @pytest.fixture(scope="module")
 def fashion_root(tmp_path_factory):
     """Fashion-MNIST's four gzipped idx files directly in the root, as Debian installs them."""
-    import gzip
-
-    import numpy as np
-
     root = tmp_path_factory.mktemp("fashion")
-    rng = np.random.default_rng(4)
-    for split, n in (("train", 40), ("t10k", 20)):
-        for kind, arr in (("images-idx3", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)),
-                          ("labels-idx1", rng.integers(0, 10, n, dtype=np.uint8))):
-            path = root / f"{split}-{kind}-ubyte"
-            _write_idx(path, arr)
-            (root / f"{path.name}.gz").write_bytes(gzip.compress(path.read_bytes()))
-            path.unlink()
+    write_idx_set(root, 40, 20, seed=4, gzipped=True)
     return root
 
 
@@ -125,7 +115,7 @@ def test_tinyimagenet_presets_keep_the_batch_and_split_it(compose, tiny_root):
                    "device=cpu", "data.num_workers=0", "model.width=0.125"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        built = build(cfg)
+        built = build(validate(cfg))
     assert built.data.train.batch_size == 128 and built.settings.optim.grad_acc_steps == 2
     assert isinstance(built.schedule, SmoothedSchedule)
 
@@ -215,12 +205,9 @@ def test_train_0_4_test_0_3_reaches_results_and_certify(compose, mnist_root, tmp
     ``python -m fastcert.certify`` (no eps given) report 0.3, the training radius 0.4."""
     import json
 
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from conftest import CONF
     from fastcert.certify import certify
+
+    from conftest import compose_config
 
     run_dir = tmp_path / "run"
     cfg = compose(["experiment=crown_ibp/mnist_dm_large_0.4/dm_large", f"data.root={mnist_root[0]}",
@@ -229,12 +216,9 @@ def test_train_0_4_test_0_3_reaches_results_and_certify(compose, mnist_root, tmp
     results = run(cfg, run_dir)
     assert results["eps"] == pytest.approx(0.3) and results["train_eps"] == pytest.approx(0.4)
     assert json.loads((run_dir / "results.json").read_text())["eps"] == pytest.approx(0.3)
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        ccfg = hydra_compose("certify", overrides=[f"checkpoint={run_dir / 'last.pt'}",
-                                                   "attack=pgd", "attack.steps=2", "progress=false",
-                                                   "verifiers=[ibp]", "device=cpu"])
-    GlobalHydra.instance().clear()
+    ccfg = compose_config("certify", [f"checkpoint={run_dir / 'last.pt'}", "attack=pgd",
+                                      "attack.steps=2", "progress=false", "verifiers=[ibp]",
+                                      "device=cpu"])
     summary = certify(ccfg, tmp_path / "certify")
     assert [r["eps"] for r in summary["results"]] == [pytest.approx(0.3)]
 
@@ -246,7 +230,7 @@ def test_preset_builds(compose, roots, preset):
                    "data.num_workers=0", "data.limit_test=4"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "3 classes found, expected 200" for the tiny files
-        built = build(cfg)
+        built = build(validate(cfg))
     x, y = next(iter(built.data.train))
     assert tuple(x.shape[1:]) == built.data.input_shape
     assert built.schedule.eps_target == pytest.approx(cfg.eps)
@@ -255,7 +239,8 @@ def test_preset_builds(compose, roots, preset):
     lower, upper = built.data.eps_box(x[:2], cfg.eps)
     with torch.no_grad():
         logits, lb = built.net.margin_bounds(x[:2], y[:2], lower, upper, Bound.IBP)
-    assert logits.shape == (2, built.data.num_classes) and (lb <= logits.max(1).values[:, None]).all()
+    assert (logits.shape == (2, built.data.num_classes)
+            and (lb <= logits.max(1).values[:, None]).all())
 
 
 def test_table4_rows_toggle_the_ablation_components(compose):

@@ -8,8 +8,9 @@ from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.utils import create_config_search_path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from conftest import CONF
 from fastcert.config import options
+
+from conftest import CONF
 
 SETTINGS = ("mnist_0_1", "mnist_0_3", "cifar10_2", "cifar10_8", "tinyimagenet_1")
 METHODS = ("ibp", "crown_ibp", "fast", "sabr", "taps", "staps", "mtl_ibp", "cc_ibp", "exp_ibp",

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-
 import torch.nn.functional as F
 
 from fastcert.bounds import Bound, BoundedNet, ReluBounds
@@ -12,9 +11,12 @@ from fastcert.config import build_option
 from fastcert.methods import Batch
 from fastcert.regularizers import relu_loss, relu_states, tightness_loss
 
+from conftest import random_batch
+
 
 def _rb(lo, hi):
-    return ReluBounds("h", torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32))
+    return ReluBounds("h", torch.tensor(lo, dtype=torch.float32),
+                      torch.tensor(hi, dtype=torch.float32))
 
 
 def test_tightness_by_hand():
@@ -42,11 +44,13 @@ def test_relu_balance_by_hand():
     dev = (c - c.mean()) ** 2                                    # mean c = -0.2
     beta = (dev[0] + dev[1]) / (dev[2] + dev[3])
     tau = 0.9
-    expected = (max(0.0, tau - min(alpha, 1 / alpha)) + max(0.0, tau - min(beta.item(), 1 / beta.item()))) / (tau * 1)
+    expected = (max(0.0, tau - min(alpha, 1 / alpha))
+                + max(0.0, tau - min(beta.item(), 1 / beta.item()))) / (tau * 1)
     assert relu_loss([_rb(lo, hi)], tau).item() == pytest.approx(expected, rel=1e-5)
     # a layer with no inactive neuron contributes nothing, but counts in m
     only_active = _rb([[1.0, 2.0]], [[2.0, 3.0]])
-    assert relu_loss([_rb(lo, hi), only_active], tau).item() == pytest.approx(expected / 2, rel=1e-5)
+    assert relu_loss([_rb(lo, hi), only_active], tau).item() == pytest.approx(expected / 2,
+                                                                              rel=1e-5)
 
 
 def test_relu_states_fractions():
@@ -89,15 +93,7 @@ def _bn_net(seed: int = 0) -> BoundedNet:
 
 
 def _batch(eps: float, eps_target: float = 0.2) -> Batch:
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(16, 1, 8, 8, generator=g)
-    y = torch.randint(0, 10, (16,), generator=g)
-
-    def box(center, radius):
-        return (center - radius).clamp(0, 1), (center + radius).clamp(0, 1)
-
-    lower, upper = box(x, eps)
-    return Batch(x, y, lower, upper, eps, eps_target, box)
+    return random_batch(eps, eps_target, n=16)
 
 
 def test_fast_eps0_step_regularises_on_the_tiny_box_with_the_clean_ce():

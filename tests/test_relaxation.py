@@ -182,7 +182,8 @@ def test_d_is_nonnegative(arch, training):
 
 def test_no_unstable_neuron_gives_zero_d_and_r():
     """Without unstable neurons the relaxation is the network itself: d = 0, r = 0."""
-    net = _two_layer([[1, 0], [0, 1]], [5, -5], [[1, 2], [3, -1]], [0, 0])  # x̲ = (4, -6), x̄ = (6, -4)
+    # x̲ = (4, -6), x̄ = (6, -4)
+    net = _two_layer([[1, 0], [0, 1]], [5, -5], [[1, 2], [3, -1]], [0, 0])
     for relu in ("same-slope", "adaptive"):
         for bound in BOUNDS:
             _, ind = _indicators(net, X0, Y0, X0 - 1, X0 + 1, bound, relu)

@@ -22,7 +22,8 @@ def _check_outputs(out, eps_values, seeds):
         for key in ("clean_acc", "crown_verified_acc", "ibp_verified_acc"):
             assert float(r[key]) == pytest.approx(results[key])
         assert float(r["d"]) >= 0 and float(r["r"]) >= 0
-        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        metrics = [json.loads(line) for line in lines]
         regularised = any("reg/r" in m for m in metrics)
         assert regularised == (r["variant"] == "crown_ibp_r")  # r is trained only in "+ r"
     table = (out / "table.md").read_text()

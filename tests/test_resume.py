@@ -1,6 +1,7 @@
-"""Preemption and resume: a run SIGKILLed mid-epoch and restarted with ``resume.checkpoint=last`` ends with
-the same numbers as one that was never interrupted, and continues the same W&B run; a damaged
-checkpoint is an error naming the file, never a silent restart.
+"""Preemption and resume: a run SIGKILLed mid-epoch and restarted with
+``resume.checkpoint=last`` ends with the same numbers as one that was never interrupted, and
+continues the same W&B run; a damaged checkpoint is an error naming the file, never a silent
+restart.
 
 The kill test runs ``python -m fastcert.run`` exactly as a user (or a preempted cluster job)
 would, with one torch thread in every process (a deterministic setting: CPU kernels then sum
@@ -25,7 +26,7 @@ from fastcert.checkpoint import CheckpointError, save_atomic
 from fastcert.data import Digits
 from fastcert.pipeline import run
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, compose_config
 from test_wandb import OfflineRun, offline_runs, wandb_env
 
 EPOCHS = 4
@@ -155,9 +156,16 @@ def test_killed_mid_epoch_and_resumed_matches_uninterrupted(tmp_path):
             assert torch.allclose(v.float(), b["optimizer"]["state"][pid][k].float(),
                                   rtol=0, atol=1e-6), (pid, k)
 
-    # W&B: one run id across both processes, the resumed process logging the later epochs
+    _assert_one_wandb_run_across_processes(run_dir, ckpt, b, killed_at, got)
+
+
+def _assert_one_wandb_run_across_processes(run_dir, ckpt: dict, final: dict, killed_at: int,
+                                           got: dict):
+    """W&B: one run id across both processes, the resumed process logging the later epochs
+    (``ckpt``: the killed process's last.pt, ``final``: the resumed one's, ``got``: its
+    results.json)."""
     run_id = (run_dir / "wandb_run_id").read_text().strip()
-    assert ckpt["logger_run_id"] == b["logger_run_id"] == run_id
+    assert ckpt["logger_run_id"] == final["logger_run_id"] == run_id
     files = offline_runs(run_dir)
     assert len(files) == 2, files
     # the killed process's log holds only what W&B had flushed when everything was killed
@@ -185,17 +193,8 @@ def test_killed_mid_epoch_and_resumed_matches_uninterrupted(tmp_path):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A finished TINY run dir (last.pt, metrics.jsonl, results.json), made once."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from conftest import CONF
-
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=TINY)
-    GlobalHydra.instance().clear()
-    run(cfg, run_dir)
+    run(compose_config("config", TINY), run_dir)
     return run_dir
 
 
@@ -442,7 +441,7 @@ def test_where_data_lives_and_how_it_is_batched_may_change_on_resume():
     """Data location, workers, the on-device path (also of a two-class task's source) and test
     settings change how a run reads its data, not what it trains; a checkpoint written before a
     key existed (its config lacks it) is no change either."""
-    from fastcert.pipeline import config_changes
+    from fastcert.resume import config_changes
 
     old = {"data": {"name": "mnist_2v5", "batch_size": 16,
                     "source": {"root": "/a", "download": False, "num_workers": 2}},

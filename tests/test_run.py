@@ -37,8 +37,8 @@ def test_cli_run_writes_the_run_dir(tmp_path):
     assert RESULT_KEYS <= set(results)
     assert results["method"] == "ibp" and results["data"] == "digits" and results["epochs"] == 2
     _check_invariant(results)
-    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [l["epoch"] for l in lines] == [1, 2]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["epoch"] for rec in lines] == [1, 2]
     for key in ("eps", "loss", "train_clean_acc", "epoch_time_s", "phase"):
         assert key in lines[0]
     assert (run_dir / "last.pt").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
@@ -117,6 +117,7 @@ def test_a_refused_run_leaves_the_trained_config_and_certify_reads_it(tmp_path):
     (the refusal says "nothing was changed", and .hydra/ must agree), and certify reports the
     true numbers of the trained model (the new seed's digits split would give others)."""
     from fastcert.certify import certify
+
     from test_certify import certify_cfg
 
     run_dir = tmp_path / "run"

@@ -5,8 +5,12 @@ import math
 import pytest
 
 from fastcert.config import ConfigError, build_option
-from fastcert.schedules import (LinearSchedule, SmoothedSchedule, linear_coefficient,
-                                regularizer_weight)
+from fastcert.schedules import (
+    LinearSchedule,
+    SmoothedSchedule,
+    linear_coefficient,
+    regularizer_weight,
+)
 
 
 def test_three_phases_linear_per_batch():

@@ -15,8 +15,9 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from fastcert.devices import default_n_jobs  # importing registers ${fastcert.n_jobs:...}
 from experiments import table as T
+from fastcert import resolvers
+from fastcert.resolvers import default_n_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["debug=smoke", "device=cpu", "data.limit_train=96", "data.limit_test=48"]
@@ -27,7 +28,8 @@ def _fastcert(args, tmp_path, timeout=300):
                HYDRA_FULL_ERROR="1", FASTCERT_LOCK_DIR=str(tmp_path / "locks"))
     proc = subprocess.run([sys.executable, "-m", "fastcert.run", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"fastcert.run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (f"fastcert.run failed:\n{proc.stdout[-3000:]}\n"
+                                  f"{proc.stderr[-5000:]}")
     return proc
 
 
@@ -43,6 +45,7 @@ def no_cuda(monkeypatch):
 
 @pytest.mark.filterwarnings(r"ignore:\s*'hydra/launcher/joblib' is validated")  # joblib.yaml
 def test_joblib_launcher_defaults_to_pool_size(compose, no_cuda):
+    resolvers.register()  # as fastcert.run does: ${fastcert.n_jobs:...}
     cfg = compose(["hydra/launcher=joblib"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("JoblibLauncher")

@@ -12,10 +12,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import MODEL_NAMES, TINY, build_model, compose_config, tiny_kwargs
 from fastcert.bounds import BoundedNet, margin_spec
 from fastcert.pipeline import run
 from fastcert.tightness import TightnessProbe, propagation_tightness
+
+from conftest import MODEL_NAMES, TINY, build_model, compose_config, tiny_kwargs
 
 
 def test_hand_computed_two_unit_network():
@@ -177,14 +178,15 @@ def test_tightness_is_logged_to_wandb_each_epoch(tmp_path, monkeypatch):
 
 def test_certify_reports_the_test_set_tightness(digits_runs, tmp_path):
     from fastcert.certify import certify
-    from fastcert.tightness import mean_tightness
     from fastcert.pipeline import build
+    from fastcert.settings import validate
+    from fastcert.tightness import mean_tightness
 
     cfg = compose_config("certify", [f"checkpoint={digits_runs['ibp'] / 'last.pt'}",
                          "attack=pgd", "attack.steps=2", "progress=false", "verifiers=[ibp]",
                          "eps=[0.05,0.1]", "device=cpu"])
     summary = certify(cfg, tmp_path)
-    built = build(compose_config("config", DIGITS + ["method=ibp"]), torch.device("cpu"))
+    built = build(validate(compose_config("config", DIGITS + ["method=ibp"])), torch.device("cpu"))
     built.net.model.load_state_dict(torch.load(digits_runs["ibp"] / "last.pt",
                                                weights_only=False)["model"])
     for r in summary["results"]:

@@ -37,7 +37,8 @@ def test_grad_acc_steps_splits_each_batch_into_chunks(compose, tmp_path, monkeyp
 
     monkeypatch.setattr(torch.optim.Adam, "step", counting_step)
     monkeypatch.setattr(ibp_module.IBP, "_bounded_step", recording)
-    over = TINY + ["data.batch_size=32", "optim.grad_acc_steps=4", "epochs=1", "data.limit_train=64"]
+    over = TINY + ["data.batch_size=32", "optim.grad_acc_steps=4", "epochs=1",
+                   "data.limit_train=64"]
     run(compose(over), tmp_path / "acc")
     assert len(steps) == 2                        # 64 examples / batch 32: two optimiser steps
     assert chunk_sizes == [8] * 8                 # each batch in 4 chunks of 8
@@ -142,10 +143,11 @@ def test_channels_last_batches_and_model_give_the_same_fp32_bounds(compose, monk
     (no autocast anywhere in a step)."""
     from fastcert.bounds import Bound
     from fastcert.pipeline import build
+    from fastcert.settings import validate
 
     over = TINY + ["model=cnn7", "model.width=0.125"]
-    dense = build(compose(over + ["channels_last=false"]))
-    last = build(compose(over + ["channels_last=true"]))
+    dense = build(validate(compose(over + ["channels_last=false"])))
+    last = build(validate(compose(over + ["channels_last=true"])))
     assert not dense.channels_last and last.channels_last
     conv = next(m for m in last.net.model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -178,15 +180,16 @@ def test_channels_last_batches_and_model_give_the_same_fp32_bounds(compose, monk
 
 
 def test_cuda_settings_stay_off_on_the_cpu(compose):
-    from fastcert.pipeline import Speed, build, set_process
+    from fastcert.pipeline import build, set_process
+    from fastcert.settings import Speed, validate
 
     before = torch.backends.cudnn.benchmark
-    built = build(compose(TINY))
+    built = build(validate(compose(TINY)))
     assert not built.channels_last and torch.backends.cudnn.benchmark == before
     try:
-        set_process(compose(TINY), Speed(), torch.device("cuda", 0))
+        set_process(1, Speed(), torch.device("cuda", 0))
         assert torch.backends.cudnn.benchmark is True
-        set_process(compose(TINY), Speed(cudnn_benchmark=False), torch.device("cuda", 0))
+        set_process(1, Speed(cudnn_benchmark=False), torch.device("cuda", 0))
         assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = before

@@ -78,7 +78,8 @@ class OfflineRun:
 
 
 def _config_update(rec: dict) -> dict:
-    """``run`` records carry ``{"config": {"update": ...}}``, ``config`` records ``{"update": ...}``."""
+    """``run`` records carry ``{"config": {"update": ...}}``, ``config`` records
+    ``{"update": ...}``."""
     return (rec["config"] if "config" in rec else rec).get("update", {})
 
 
@@ -92,7 +93,8 @@ def _cli(args, cwd, env, timeout=600):
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     """``python -m fastcert.run`` with logger=wandb under an experiment preset, offline via
-    ``WANDB_MODE`` (the config's default mode), then ``resume.checkpoint=last`` in the same run dir."""
+    ``WANDB_MODE`` (the config's default mode), then ``resume.checkpoint=last`` in the same run
+    dir."""
     root = tmp_path_factory.mktemp("wandb_cli")
     run_dir = root / "run"
     args = ["experiment=digits_ablation", *TINY, "logger=wandb", "logger.log_every=2",

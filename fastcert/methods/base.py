@@ -6,8 +6,8 @@ none by name. ``step`` turns one batch into a loss.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -71,9 +71,9 @@ class _Expressive(FastIBP):
 
 @dataclass
 class MTLIBP(_Expressive):
-    """MTL-IBP (De Palma et al., ICLR 2024; ``train.py`` of their code): L = α·L_IBP + (1-α)·L_adv, with
-    L_IBP = CE(-m̲, y) on the ε-box and L_adv = CE(f(x_adv), y). α = 1 is IBP, α = 0 is PGD
-    training (with this attack)."""
+    """MTL-IBP (De Palma et al., ICLR 2024; ``train.py`` of their code):
+    L = α·L_IBP + (1-α)·L_adv, with L_IBP = CE(-m̲, y) on the ε-box and L_adv = CE(f(x_adv), y).
+    α = 1 is IBP, α = 0 is PGD training (with this attack)."""
 
     def combine(self, ibp_margins, adv_logits, y):
         ibp = robust_ce_from_margins(ibp_margins)
@@ -83,8 +83,8 @@ class MTLIBP(_Expressive):
 
 @dataclass
 class CCIBP(_Expressive):
-    """CC-IBP (De Palma et al., ICLR 2024; ``train.py`` of their code): CE of the convex combination of the IBP
-    margin bounds and the adversarial margins, per example and class,
+    """CC-IBP (De Palma et al., ICLR 2024; ``train.py`` of their code): CE of the convex
+    combination of the IBP margin bounds and the adversarial margins, per example and class,
 
         L = CE(-(α·m̲ + (1-α)·m(x_adv)), y),   m(x_adv)_j = f(x_adv)_y - f(x_adv)_j.
     """
@@ -97,8 +97,8 @@ class CCIBP(_Expressive):
 
 @dataclass
 class ExpIBP(_Expressive):
-    """Exp-IBP (De Palma et al., ICLR 2024; ``train.py`` of their code): L = L_adv^(1-α) · L_IBP^α, the exponents
-    on the batch-mean losses as in their code."""
+    """Exp-IBP (De Palma et al., ICLR 2024; ``train.py`` of their code):
+    L = L_adv^(1-α) · L_IBP^α, the exponents on the batch-mean losses as in their code."""
 
     def combine(self, ibp_margins, adv_logits, y):
         ibp = robust_ce_from_margins(ibp_margins)

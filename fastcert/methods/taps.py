@@ -117,8 +117,9 @@ class TAPS(FastIBP):
     half-width (0.4 for T = 10); CTBench's step decay (×0.2 at 0.7T for T ≥ 10) is not
     reproduced. BatchNorm: clean-batch statistics for the bounds, the search and the
     estimate. ``ibp_during_ramp``: plain IBP (with the warmup regularisers) while
-    ε < ε_target, as both TAPS's and CTBench's code do. ``verified`` is IBP's on the ε-box (sound; none for
-    STAPS's small box); ``acc/taps`` is the accuracy of the (unsound) TAPS estimate.
+    ε < ε_target, as both TAPS's and CTBench's code do. ``verified`` is IBP's on the ε-box
+    (sound; none for STAPS's small box); ``acc/taps`` is the accuracy of the (unsound) TAPS
+    estimate.
     """
 
     head_blocks: int | None = None
@@ -189,10 +190,10 @@ class TAPS(FastIBP):
 
 @dataclass
 class STAPS(TAPS, SABR):
-    """STAPS (Mao et al., NeurIPS 2023; CTBench ``STAPSModelWrapper``): TAPS on SABR's small box — the input box is
-    :meth:`SABR.propagation_box` (PGD centre, radius λ·ε) instead of the ε-box; during the
-    ramp (``ibp_during_ramp``) it trains as SABR. ``attack`` is the input-space search
-    (TAPS's code: 10 steps of 0.2 of the half-width, 1 restart, CE)."""
+    """STAPS (Mao et al., NeurIPS 2023; CTBench ``STAPSModelWrapper``): TAPS on SABR's small
+    box — the input box is :meth:`SABR.propagation_box` (PGD centre, radius λ·ε) instead of
+    the ε-box; during the ramp (``ibp_during_ramp``) it trains as SABR. ``attack`` is the
+    input-space search (TAPS's code: 10 steps of 0.2 of the half-width, 1 restart, CE)."""
 
     attack: PGDConfig = field(default_factory=lambda: PGDConfig(
         steps=10, restarts=1, step_size=0.2, loss="ce", random_start=True))

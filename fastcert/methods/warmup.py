@@ -8,7 +8,7 @@ itself propagated (the ε-box for IBP and MTL-IBP, the small box for SABR).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

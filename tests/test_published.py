@@ -1,12 +1,13 @@
-"""experiments.table --published: the CTBench table of the README, published numbers beside
-a fastcert column filled from finished runs (results.json written as fastcert.pipeline does)."""
+"""experiments.published (experiments.table --published): the CTBench table of the README,
+published numbers beside a fastcert column filled from finished runs (results.json written as
+fastcert.pipeline does)."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from experiments import table
+from experiments import published, table
 from fastcert.config import options
 
 
@@ -27,7 +28,7 @@ def _rows(text):
 
 
 def test_every_ctbench_preset_has_a_row_with_its_published_numbers():
-    rows = _rows(table.published_table([]))
+    rows = _rows(published.published_table([]))
     presets = {tuple(p.split("/")[1:]) for p in options("experiment") if p.startswith("ctbench/")}
     assert set(rows) == presets
     assert rows[("cifar10_2", "sabr")][:2] == ["77.86", "63.61"]
@@ -43,7 +44,7 @@ def test_fastcert_column_is_filled_from_matching_runs(tmp_path):
     _write_run(tmp_path / "c", "cifar10", 8 / 255, "sabr", 0.40, 0.30)       # another setting
     _write_run(tmp_path / "d", "mnist", 0.1, "taps", 0.99, 0.97)
     _write_run(tmp_path / "e", "digits", 0.1, "taps", 0.9, 0.8)              # no CTBench setting
-    rows = _rows(table.published_table(table.collect_runs([tmp_path])))
+    rows = _rows(published.published_table(table.collect_runs([tmp_path])))
     # verified: any_verified_acc where evaluated, else ibp_verified_acc
     assert rows[("cifar10_2", "sabr")][3:] == ["75.00 ± 7.07", "55.00 ± 7.07", "2"]
     assert rows[("cifar10_8", "sabr")][3:] == ["40.00", "30.00", "1"]

@@ -1,128 +1,38 @@
-"""Everything fastcert asks of auto_LiRPA, in one place.
-
-A :class:`BoundedNet` is *one network state* seen three ways: the plain ``nn.Module``, its
-``BoundedModule`` over the classification margins, and (when a method asks for it) the
-loss-fusion ``BoundedModule`` of Xu et al. 2020 (``CrossEntropyWrapper``). auto_LiRPA shares
-the parameters with the wrapped module but keeps *copies* of BatchNorm running statistics;
-:func:`_tie_buffers` makes all three views use the same buffer tensors, so a metric measured
-through any view sees the same BN statistics (with copies, a model trained through the
-BoundedModule and measured through the plain module can show verified > clean accuracy).
-"""
+"""One network state seen three ways (:class:`BoundedNet`): the plain module, its margin
+BoundedModule and its loss-fusion BoundedModule, with tied BatchNorm buffers; and the network
+cut in two (:class:`SplitNet`)."""
 from __future__ import annotations
 
 import contextlib
-import enum
-import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Union
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from fastcert import compat
+from fastcert.bounds.choices import (
+    Bound,
+    BoundChoice,
+    ReluBounds,
+    compute_bounds,
+    margin_spec,
+    relu_bounds_of,
+)
+from fastcert.bounds.lirpa import auto_lirpa
 
-compat.apply()
-
-from auto_LiRPA import BoundedModule, BoundedTensor, CrossEntropyWrapper  # noqa: E402
-from auto_LiRPA.operators import (BoundBatchNormalization, BoundExp,  # noqa: E402
-                                  BoundGatherElements, BoundRelu)
-from auto_LiRPA.operators.leaf import BoundBuffers  # noqa: E402
-from auto_LiRPA.perturbations import PerturbationLpNorm  # noqa: E402
-
-class Bound(enum.Enum):
-    """A bound propagation method (the value is auto_LiRPA's name for it)."""
-
-    IBP = "IBP"                       # Gowal et al. 2018
-    CROWN_IBP = "CROWN-IBP"           # Zhang et al. 2020: CROWN on the output, IBP inside
-    CROWN = "CROWN"                   # Zhang et al. 2018
-    ALPHA_CROWN = "CROWN-Optimized"   # Xu et al. 2021 (α-CROWN): optimised ReLU slopes
-
-    @property
-    def key(self) -> str:
-        """The name used in configs and results: ibp, crown_ibp, crown, alpha_crown."""
-        return self.name.lower()
-
-    @classmethod
-    def parse(cls, key: "str | Bound") -> "Bound":
-        if isinstance(key, Bound):
-            return key
-        try:
-            return cls[str(key).upper()]
-        except KeyError:
-            raise ValueError(f"unknown verifier {key!r}; choose from "
-                             f"{[b.key for b in cls]}") from None
-
-
-@dataclass(frozen=True)
-class Mix:
-    """β·CROWN-IBP + (1-β)·IBP (Eq. 9 of Zhang et al. 2020): CROWN-IBP training's bound."""
-
-    beta: float
-
-
-BoundChoice = Union[Bound, Mix]
-
-
-def beta_mix(tight: torch.Tensor, ibp: torch.Tensor, beta: float) -> torch.Tensor:
-    """β·tight + (1-β)·ibp: a convex combination of two bounds on the same side is a bound on
-    that side (Eq. 9 of Zhang et al. 2020)."""
-    return beta * tight + (1 - beta) * ibp
-
-
-def compute_bounds(module: BoundedModule, bound: BoundChoice, **kwargs):
-    """``module.compute_bounds(x=None, ...)`` for one bound choice (the input of the forward
-    pass just run); a :class:`Mix` computes IBP, and CROWN-IBP when β > 0, and mixes them."""
-    if isinstance(bound, Bound):
-        return module.compute_bounds(x=None, method=bound.value, **kwargs)
-    if bound.beta >= 1:
-        return module.compute_bounds(x=None, method=Bound.CROWN_IBP.value, **kwargs)
-    lb, ub = module.compute_bounds(x=None, method=Bound.IBP.value, **kwargs)
-    if bound.beta <= 0:
-        return lb, ub
-    clb, cub = module.compute_bounds(x=None, method=Bound.CROWN_IBP.value, **kwargs)
-    return (None if clb is None else beta_mix(clb, lb, bound.beta),
-            None if cub is None else beta_mix(cub, ub, bound.beta))
-
-
-def margin_spec(y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Specification matrix C (B, K-1, K) with rows e_y - e_j for every j != y.
-
-    ``C @ logits`` gives the margins [f(x)]_y - [f(x)]_j of Eq. 2 of Shi et al. 2021; the
-    example is verified when every lower bound of them is > 0.
-    """
-    eye = torch.eye(num_classes, device=y.device, dtype=torch.float32)
-    C = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (B, K, K): row j is e_y - e_j
-    keep = ~torch.eye(num_classes, dtype=torch.bool, device=y.device)[y]  # drop j == y
-    return C[keep].view(y.shape[0], num_classes - 1, num_classes)
-
-
-def robust_ce_from_margins(margin_lb: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Robust cross entropy of Gowal et al. 2018 (Eq. 9 of Shi et al. 2021).
-
-    With m̲_j the lower bounds of the margins y - j, the logits z̃ with z̃_y = 0 and
-    z̃_j = -m̲_j upper-bound every logit difference, so CE(z̃, y) >= max_δ CE(f(x+δ), y).
-    """
-    zeros = margin_lb.new_zeros(margin_lb.shape[0], 1)
-    logits = torch.cat([zeros, -margin_lb], dim=1)
-    target = torch.zeros(margin_lb.shape[0], dtype=torch.long, device=margin_lb.device)
-    return F.cross_entropy(logits, target, reduction=reduction)
-
-
-@dataclass
-class ReluBounds:
-    """Interval bounds [lower, upper] of one ReLU's input (a pre-activation h_i)."""
-
-    name: str
-    lower: torch.Tensor
-    upper: torch.Tensor
+if TYPE_CHECKING:
+    from auto_LiRPA import BoundedModule, BoundedTensor
+    from auto_LiRPA.operators import BoundExp
 
 
 def _tie_buffers(bounded: BoundedModule, model: nn.Module, prefix: str = "") -> None:
     buffers = dict(model.named_buffers())
     for node in bounded.modules():
-        if isinstance(node, BoundBuffers):
-            name = node.ori_name[len(prefix):] if node.ori_name.startswith(prefix) else node.ori_name
+        if isinstance(node, auto_lirpa().BoundBuffers):
+            name = node.ori_name
+            if name.startswith(prefix):
+                name = name[len(prefix):]
             if name in buffers:
                 node._buffers["buffer"] = buffers[name]
 
@@ -133,18 +43,6 @@ def _output_layer_trains(model: nn.Module) -> bool:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return bool(linears) and all(isinstance(getattr(linears[-1], k), nn.Parameter)
                                  for k in ("weight", "bias"))
-
-
-def relu_bounds_of(module: BoundedModule) -> list[ReluBounds]:
-    """Bounds of every ReLU's input from ``module``'s last bound computation, forward order."""
-    out = []
-    for node in module.modules():
-        if isinstance(node, BoundRelu):
-            pre = node.inputs[0]
-            if getattr(pre, "lower", None) is None or getattr(pre, "upper", None) is None:
-                raise RuntimeError("relu_bounds() needs a bound computation first")
-            out.append(ReluBounds(pre.name, pre.lower, pre.upper))
-    return out
 
 
 class _BatchStats:
@@ -218,7 +116,7 @@ class BoundedNet(nn.Module):
         self._bound_opts = {**defaults, **(bound_opts or {})}
         was_training = model.training
         model.eval()
-        self.bounded = BoundedModule(model, self._example, bound_opts=self._bound_opts,
+        self.bounded = auto_lirpa().BoundedModule(model, self._example, bound_opts=self._bound_opts,
                                      device=example.device)
         _tie_buffers(self.bounded, model)
         self._fused: BoundedModule | None = None
@@ -234,13 +132,14 @@ class BoundedNet(nn.Module):
                                  device=self._example.device)
             was_training = self.model.training
             self.model.eval()
-            wrapper = CrossEntropyWrapper(self.model).eval()
+            wrapper = auto_lirpa().CrossEntropyWrapper(self.model).eval()
             opts = {**self._bound_opts, "loss_fusion": True}
             if not _output_layer_trains(self.model):
                 # auto_LiRPA's IBP shortcut for the fused CE reads the output layer's weight and
                 # bias as parameters (``.param``); a fixed layer (buffers) takes the general path
                 opts["no_ibp_loss_fusion"] = True
-            self._fused = BoundedModule(wrapper, (self._example, labels), bound_opts=opts,
+            self._fused = auto_lirpa().BoundedModule(wrapper, (self._example, labels),
+                                                     bound_opts=opts,
                                         device=self._example.device)
             _tie_buffers(self._fused, self.model, prefix="model.")
             self._fused.train(was_training)
@@ -257,7 +156,7 @@ class BoundedNet(nn.Module):
             view.head.train(mode)
         return self
 
-    def split(self, index: int) -> "SplitNet":
+    def split(self, index: int) -> SplitNet:
         """The network cut before top-level layer ``index`` of its ``nn.Sequential``: a
         feature extractor ``model[:index]`` and a classifier head ``model[index:]``, each as a
         BoundedModule sharing parameters and BatchNorm buffers with ``model`` (the TAPS view
@@ -273,9 +172,10 @@ class BoundedNet(nn.Module):
             with torch.no_grad():
                 latent = features(self._example)
             device = self._example.device
-            fb = BoundedModule(features, self._example, bound_opts=self._bound_opts,
+            fb = auto_lirpa().BoundedModule(features, self._example, bound_opts=self._bound_opts,
                                device=device)
-            hb = BoundedModule(head, latent, bound_opts=self._bound_opts, device=device)
+            hb = auto_lirpa().BoundedModule(head, latent, bound_opts=self._bound_opts,
+                                            device=device)
             _tie_buffers(fb, features)
             _tie_buffers(hb, head)
             self._splits[index] = SplitNet(fb, hb, head, self.num_classes)
@@ -299,7 +199,7 @@ class BoundedNet(nn.Module):
         view = self.bounded if view is None else view
         stats = {}
         for node in view.modules():
-            if (isinstance(node, BoundBatchNormalization) and node.training
+            if (isinstance(node, auto_lirpa().BoundBatchNormalization) and node.training
                     and getattr(node, "current_mean", None) is not None):
                 mean, var = node.current_mean, node.current_var
                 if detach:
@@ -330,8 +230,9 @@ class BoundedNet(nn.Module):
         ``eps``; it is the box's half-width as a tensor (no host-device synchronisation).
         """
         eps = (upper - lower).amax() / 2
-        return BoundedTensor(x, PerturbationLpNorm(norm=float("inf"), eps=eps,
-                                                   x_L=lower, x_U=upper))
+        lirpa = auto_lirpa()
+        return lirpa.BoundedTensor(x, lirpa.PerturbationLpNorm(norm=float("inf"), eps=eps,
+                                                               x_L=lower, x_U=upper))
 
     # ---- margins -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -375,12 +276,13 @@ class BoundedNet(nn.Module):
 
     @property
     def _exp_node(self) -> BoundExp:
-        return next(n for n in self.fused.modules() if isinstance(n, BoundExp))
+        return next(n for n in self.fused.modules() if isinstance(n, auto_lirpa().BoundExp))
 
     def _fused_logits(self) -> torch.Tensor:
         # The graph is f(x) -> GatherElements(f, y) -> Sub -> Exp -> ReduceSum; the gather's
         # first input holds the clean logits of the forward pass just run.
-        gather = next(n for n in self.fused.modules() if isinstance(n, BoundGatherElements))
+        gather = next(n for n in self.fused.modules()
+                      if isinstance(n, auto_lirpa().BoundGatherElements))
         return gather.inputs[0].forward_value.detach()
 
     # ---- diagnostics -------------------------------------------------------------------
@@ -406,7 +308,7 @@ class BoundedNet(nn.Module):
         if relu not in views:
             was_training = self.model.training
             self.model.eval()
-            views[relu] = BoundedModule(self.model, self._example,
+            views[relu] = auto_lirpa().BoundedModule(self.model, self._example,
                                         bound_opts={**self._bound_opts, "relu": relu},
                                         device=self._example.device)
             _tie_buffers(views[relu], self.model)
@@ -416,79 +318,3 @@ class BoundedNet(nn.Module):
 
 
 RELAXATIONS = ("adaptive", "same-slope")
-
-
-@dataclass
-class LinearMarginBound:
-    """A CROWN-style lower bound of the margins with its linear coefficients (the A matrices):
-
-        m̲_t = Σ lA_t · z* + lbias_t,   z* = argmin over the input box of lA_t · z,
-
-    ``input_coef`` is lA w.r.t. the input, c_tᵀ𝒲_{L:1} of Eq. 7 of Zhu et al. 2020 (the
-    relaxed network's linear map from input to margin t); ``relu_coef`` holds, per ReLU in
-    forward order, lA w.r.t. that ReLU's *input* (auto_LiRPA records the coefficient after
-    propagating through the node: the ReLU output's coefficient λ times the chosen slope).
-    ``relus`` are the intermediate bounds the relaxation was built from. The coefficients are
-    detached (auto_LiRPA returns them so); ``lower`` and the bounds carry gradients."""
-
-    lower: torch.Tensor            # (B, T)
-    input_coef: torch.Tensor       # (B, T, *input shape)
-    relu_coef: list[torch.Tensor]  # (B, T, *ReLU shape) each
-    relus: list[ReluBounds]
-
-
-def relu_nodes(module: BoundedModule) -> list[BoundRelu]:
-    """The ReLU nodes of ``module`` in forward order."""
-    return [n for n in module.modules() if isinstance(n, BoundRelu)]
-
-
-def linear_margin_bound(module: BoundedModule, C: torch.Tensor, bound: Bound) -> LinearMarginBound:
-    """The ``bound`` (CROWN or CROWN-IBP) lower bound of ``C @ logits`` and its A matrices,
-    for the input of the forward pass just run (``module(BoundedTensor)``), in one
-    ``compute_bounds(..., return_A=True, needed_A_dict=...)`` call."""
-    if bound not in (Bound.CROWN, Bound.CROWN_IBP):
-        raise ValueError(f"linear_margin_bound: {bound.key} has no single linear bound; "
-                         f"use crown or crown_ibp")
-    relus = relu_nodes(module)
-    out, inp = module.output_name[0], module.input_name[0]
-    lb, _, A = module.compute_bounds(x=None, C=C, method=bound.value, bound_upper=False,
-                                     return_A=True,
-                                     needed_A_dict={out: [inp] + [r.name for r in relus]})
-
-    def coef(name):
-        a = A[out][name]["lA"]
-        if not isinstance(a, torch.Tensor):  # a Patches object (conv_mode "patches")
-            raise RuntimeError(f"the A matrix of {name} came back as {type(a).__name__}; "
-                               f"build the BoundedNet with bound_opts={{'conv_mode': 'matrix'}}")
-        return a
-
-    bounds = [ReluBounds(r.inputs[0].name, r.inputs[0].lower, r.inputs[0].upper)
-              for r in relus]
-    return LinearMarginBound(lb, coef(inp), [coef(r.name) for r in relus], bounds)
-
-
-def _normalize(x, weight, bias, running_mean, running_var, *, mean, var, eps):
-    """BatchNorm with given statistics (differentiable in them, unlike F.batch_norm's running
-    statistics), ignoring the running ones."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    return ((x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps) * weight.view(shape)
-            + bias.view(shape))
-
-
-def forward_relu_inputs(module: BoundedModule, z: torch.Tensor,
-                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The real (unrelaxed) network at inputs ``z``: its logits and every ReLU's input, in
-    forward order. BatchNorm normalises with the statistics of the last forward pass (the ones
-    the last bounds were computed with: in training mode the clean batch's) and leaves the
-    running statistics alone, so the network is the one the bounds describe. The nodes keep
-    their bounds (only forward values are replaced)."""
-    frozen = [n for n in module.modules() if isinstance(n, BoundBatchNormalization)]
-    for n in frozen:
-        n.forward = functools.partial(_normalize, mean=n.current_mean, var=n.current_var,
-                                      eps=n.eps)
-    try:
-        logits = module(z, clear_forward_only=True)
-    finally:
-        for n in frozen:
-            del n.forward
-    return logits, [r.inputs[0].forward_value for r in relu_nodes(module)]

@@ -1,0 +1,80 @@
+"""What a run reports: results.json's dict (:func:`results_dict`) and the fixed-width table it
+prints (:func:`format_table`); the cell and row helpers are also those of certify's table."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fastcert.evaluate import EvalResult
+from fastcert.settings import Settings
+from fastcert.train import epoch_times_by_phase
+
+#: Verified accuracies results.json and the table list first, in this order.
+NAMED_VERIFIED = ("ibp_verified_acc", "crown_verified_acc", "any_verified_acc")
+
+
+def percent(value: float | None, fmt: str = "{:.2f}%") -> str:
+    """A fraction as a percentage (``fmt`` formats 100·value); ``skipped`` for None (a
+    verifier that did not run)."""
+    return "skipped" if value is None else fmt.format(100 * value)
+
+
+def table_row(cells: Sequence[str], widths: Sequence[int], align: str) -> str:
+    """Cells padded to ``widths`` (``align``: one ``<`` left or ``>`` right per cell), two
+    spaces apart."""
+    return "  ".join(c.ljust(w) if a == "<" else c.rjust(w)
+                     for c, w, a in zip(cells, widths, align, strict=True))
+
+
+def format_table(results: dict) -> str:
+    """The final metrics as a small fixed-width table."""
+    rows = [("clean accuracy", results["clean_acc"]),
+            ("PGD accuracy (cheap attack)", results["pgd_acc"]),
+            ("IBP-verified accuracy", results["ibp_verified_acc"]),
+            ("CROWN-verified accuracy", results["crown_verified_acc"]),
+            ("verified by any", results["any_verified_acc"])]
+    rows += [(f"{k[:-len('_verified_acc')]}-verified accuracy", v) for k, v in results.items()
+             if k.endswith("_verified_acc") and k not in NAMED_VERIFIED]
+    width = max(len(r[0]) for r in rows)
+    head = (f"{results['method']} | {results['model']} | {results['data']} | "
+            f"eps={results['eps']:.4g} | {results['n_test']} test examples | "
+            f"{results['epochs']} epochs | {results['wall_time_s']:.1f}s")
+    lines = [head, "-" * len(head)]
+    lines += [table_row([name, percent(value, "{:6.2f} %")], [width, 0], "<<")
+              for name, value in rows]
+    lines.append(f"(attack: {results['pgd_attack']}; python -m fastcert.certify runs a "
+                 f"strong attack and the verifier cascade)")
+    violations = results["soundness"]["violations"]
+    if violations:
+        lines.append(f"SOUNDNESS VIOLATIONS: {len(violations)} (see results.json)")
+    return "\n".join(lines)
+
+
+def results_dict(settings: Settings, result: EvalResult, history: list[dict],
+                 wall_time_s: float) -> dict:
+    """results.json: the final evaluation's accuracies (``pgd_attack`` names the attack), what
+    was trained, the mean epoch time per ε phase, and the soundness record."""
+    summary = result.summary()
+    cfg = settings.config
+    return {
+        "clean_acc": summary["clean_acc"],
+        "pgd_acc": summary["pgd_acc"],
+        "pgd_attack": settings.eval.pgd.description,
+        "ibp_verified_acc": summary.get("ibp_verified_acc"),
+        "crown_verified_acc": summary.get("crown_verified_acc"),
+        **{k: v for k, v in summary.items() if k.endswith("_verified_acc")
+           and k not in NAMED_VERIFIED},
+        "any_verified_acc": summary.get("any_verified_acc"),
+        "eps": result.eps,
+        "train_eps": settings.eps,
+        "epochs": settings.epochs,
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "init": cfg.init.name,
+        "seed": settings.seed,
+        "n_test": len(result.label),
+        "phase_epoch_time_s": epoch_times_by_phase(history),
+        "wall_time_s": wall_time_s,
+        "soundness": {"violations": result.violations, "ties": result.ties,
+                      "tie_tolerance": "1e-5 * max(1, max_k |f_k(x)|)"},
+    }

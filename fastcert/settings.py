@@ -1,0 +1,133 @@
+"""A run config checked once, before anything is loaded: :func:`validate` → :class:`Settings`.
+
+Every check that needs no data or model happens here: unknown keys anywhere (the top level
+included), each value against its type, ε against the data range, the epochs against the
+warmup. What it builds (method, optimiser, evaluation, data source, initialiser) is carried in
+the :class:`Settings` that :func:`fastcert.pipeline.build` takes.
+"""
+from __future__ import annotations
+
+import os
+import typing
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+
+from fastcert.config import (
+    CONF_DIR,
+    ConfigError,
+    check_keys,
+    check_node,
+    coerce,
+    instantiate,
+    parse_number,
+)
+from fastcert.evaluate import EvalConfig
+from fastcert.methods import Method
+from fastcert.optim import Optimizer
+from fastcert.resume import resume_options
+
+#: What the code supplies to each group's target (not settable from the config).
+RUNTIME = {
+    "model": ("input_shape", "num_classes"),
+    "schedule": ("eps_target", "steps_per_epoch"),
+    "logger": ("run_dir", "run_name", "config", "resume_id", "group_default", "steps_per_epoch"),
+}
+
+
+def top_level_keys() -> list[str]:
+    """The keys a run config may have: conf/config.yaml's own keys and its groups."""
+    primary = OmegaConf.load(CONF_DIR / "config.yaml")
+    groups = [next(iter(d)) for d in primary.defaults if isinstance(d, DictConfig)]
+    return sorted({k for k in primary if k not in ("defaults", "hydra")} |
+                  {g for g in groups if not g.startswith(("hydra", "experiment", "debug",
+                                                           "hparams_search"))})
+
+
+def check_eps(eps: float, eps_max: float, key: str = "eps") -> None:
+    """ε must lie in [0, eps_max], eps_max being the data range in pixel units."""
+    if eps < 0:
+        raise ConfigError(f"{key}={eps}: the perturbation radius must be >= 0 (pixel units)")
+    if eps > eps_max:
+        raise ConfigError(f"{key}={eps} exceeds the data range [0, {eps_max}]: every input "
+                          f"would be perturbable to every other; use {key} <= {eps_max}")
+
+
+def check_epochs(epochs: int, start: int, length: int) -> None:
+    if epochs < 1:
+        raise ConfigError(f"epochs={epochs}: train for at least one epoch")
+    if epochs < start + length:
+        warnings.warn(f"epochs={epochs} is shorter than the warmup ({start}+{length} epochs): "
+                      f"eps_target is never reached during training", stacklevel=2)
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How this machine runs the training (top-level keys; none changes what is computed)."""
+
+    nproc: int = 1                           # data-parallel processes of the run
+    keep_freed_memory: bool = True           # CPU: glibc keeps freed memory (fastcert.memory)
+    channels_last: Literal["auto"] | bool = "auto"  # auto: on CUDA
+    cudnn_benchmark: bool = True             # CUDA: cuDNN picks the fastest convolution
+
+
+def speed_settings(cfg: DictConfig) -> Speed:
+    """The checked :class:`Speed` keys of ``cfg`` (a config saved before a key existed gets
+    its default). ``nproc`` under torchrun must be 1 or torchrun's process count."""
+    hints = typing.get_type_hints(Speed)
+    speed = Speed(**{key: coerce(cfg[key], hints[key], key) for key in hints if key in cfg})
+    if speed.nproc < 1:
+        raise ConfigError(f"nproc={speed.nproc}: use 1 (one process) or more")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and speed.nproc not in (1, world):
+        raise ConfigError(f"nproc={speed.nproc} under torchrun with {world} processes: "
+                          f"torchrun already runs the ranks; drop nproc (or nproc={world})")
+    return speed
+
+
+@dataclass
+class Settings:
+    """The run's checked top-level values, the small objects built from its config, and the
+    config itself (the model, schedule and logger nodes are built with runtime values)."""
+
+    config: DictConfig
+    seed: int
+    epochs: int
+    eps: float          # training radius (pixel units)
+    eval_eps: float     # test radius
+    cpu_threads: int    # torch's CPU threads; 0: torch's default
+    method: Method
+    optim: Optimizer
+    eval: EvalConfig
+    data: Any           # a fastcert.data.DataSource
+    init: Any           # a fastcert.initializers.Init
+    speed: Speed
+
+
+def validate(cfg: DictConfig) -> Settings:
+    """Every check that needs no data or model: unknown keys anywhere (top level included),
+    each value against its type, ε against the data range, the epochs against the warmup."""
+    check_keys([k for k in cfg if k != "hydra"], top_level_keys(), "top-level")
+    resume_options(cfg)
+    seed = coerce(cfg.seed, int, "seed")
+    epochs = coerce(cfg.epochs, int, "epochs")
+    threads = coerce(cfg.get("cpu_threads", 0), int, "cpu_threads")
+    if threads < 0:
+        raise ConfigError(f"cpu_threads={threads}: use 0 (torch's default) or a positive count")
+    speed = speed_settings(cfg)
+    data = instantiate(cfg.data, "data")
+    eps = parse_number(cfg.eps, "eps")
+    check_eps(eps, data.eps_max)
+    eval_cfg = instantiate(cfg.eval, "eval")
+    eval_eps = eps if eval_cfg.eps is None else eval_cfg.eps
+    check_eps(eval_eps, data.eps_max, "eval.eps")
+    for group, runtime in RUNTIME.items():
+        check_node(cfg[group], group, runtime)
+    sched = check_node(cfg.schedule, "schedule", RUNTIME["schedule"])
+    check_epochs(epochs, sched.get("start", 0), sched.get("length", 0))
+    return Settings(config=cfg, seed=seed, epochs=epochs, eps=eps, eval_eps=eval_eps,
+                    cpu_threads=threads, method=instantiate(cfg.method, "method"),
+                    optim=instantiate(cfg.optim, "optim"), eval=eval_cfg, data=data,
+                    init=instantiate(cfg.init, "init"), speed=speed)
