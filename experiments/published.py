@@ -27,7 +27,8 @@ _TALK = "Mao 2024 talk table, PGD accuracy not certified"
 #: (setting, method) -> (clean %, certified %, source) for CNN-7; None where not published or
 #: not readable here ("second-hand": as a third party quotes the table). CTBench's own table
 #: was not readable, so most rows quote the methods' papers; "fast" carries the IBP rows, since
-#: CTBench's and the SABR paper's IBP baseline is Shi et al.'s recipe (IBP init + warmup regularisers).
+#: CTBench's and the SABR paper's IBP baseline is Shi et al.'s recipe (IBP init + warmup
+#: regularisers).
 PUBLISHED = {
     "ctbench": {
         ("mnist_0_1", "fast"): (98.84, 97.95, _SABR + " (IBP, Shi et al.)"),

@@ -37,7 +37,8 @@ def venv(tmp_path_factory):
     src.mkdir()
     for name in SOURCES:
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
-        kwargs = {"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}
+        kwargs = ({"ignore": shutil.ignore_patterns("__pycache__")}
+                  if copy is shutil.copytree else {})
         copy(ROOT / name, src / name, **kwargs)
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
@@ -60,7 +61,8 @@ def venv(tmp_path_factory):
 
 def test_the_wheel_carries_every_config(venv):
     names = set(zipfile.ZipFile(venv[2]).namelist())
-    assert {f"fastcert/conf/{p.relative_to(CONF).as_posix()}" for p in CONF.rglob("*.yaml")} <= names
+    configs = {f"fastcert/conf/{p.relative_to(CONF).as_posix()}" for p in CONF.rglob("*.yaml")}
+    assert configs <= names
 
 
 def test_the_wheel_trains_and_certifies_from_an_empty_directory(venv, tmp_path):

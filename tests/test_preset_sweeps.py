@@ -16,9 +16,10 @@ from hydra._internal.utils import create_config_search_path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from conftest import CONF, ROOT
 from fastcert.config import options
 from fastcert.run import experiment_name
+
+from conftest import CONF, ROOT
 
 #: A documented sweep of presets: the quoted override after -m that globs a group.
 DOCUMENTED = re.compile(r"-m '([^']*glob\([^']*\))'")
