@@ -53,6 +53,17 @@ def test_unknown_method_key_lists_the_valid_ones():
         build_option("method", "fast", {"lamda0": 0.1})
 
 
+WARMUP_METHODS = ["fast", "sabr", "taps", "staps", "mtl_ibp", "cc_ibp", "exp_ibp"]
+
+
+@pytest.mark.parametrize("name", WARMUP_METHODS)
+def test_every_warmup_method_refuses_a_non_positive_min_eps_reg(name):
+    """The ε = 0 box of the warmup regularisers needs a positive radius: every method that holds
+    them refuses 0 as fast IBP does."""
+    with pytest.raises(ConfigError, match=r"min_eps_reg=0.0: must be > 0"):
+        build_option("method", name, {"min_eps_reg": 0})
+
+
 @pytest.mark.parametrize("name", ["ibp", "crown_ibp"])
 def test_eps0_phase_trains_naturally_through_the_plain_module(name):
     """At ε = 0 vanilla IBP and CROWN-IBP are natural training, run through the nn.Module (not
