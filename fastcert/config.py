@@ -40,7 +40,8 @@ def options(group: str) -> list[str]:
 
 def option_node(group: str, option: str) -> Mapping[str, Any]:
     """The node ``conf/<group>/<option>.yaml`` defines (for a ``# @package _global_`` file, its
-    ``<group>`` entry), as a plain dict; tools and experiments build from it without Hydra."""
+    ``<group>`` entry; without the file's ``defaults`` list, which selects other groups), as a
+    plain dict; tools and experiments build from it without Hydra."""
     from omegaconf import OmegaConf
 
     path = CONF_DIR / group / f"{option}.yaml"
@@ -49,7 +50,7 @@ def option_node(group: str, option: str) -> Mapping[str, Any]:
     node = OmegaConf.load(path)
     if "_target_" not in node and group in node:
         node = node[group]
-    return OmegaConf.to_container(node, resolve=True)
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "defaults"}
 
 
 def build_option(group: str, option: str, overrides: Mapping[str, Any] | None = None,
