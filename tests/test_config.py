@@ -88,7 +88,7 @@ def test_unknown_names_and_keys_are_rejected(compose):
     ("eval.verifiers=[ibp,foo]", "unknown verifier 'foo'"),
     ("data.batch_size=0", "data.batch_size=0: must be a positive integer"),
     ("+epoch=3", "epoch is not a top-level key; did you mean epochs=...?"),
-    ("method.kappa_start=true", "method.kappa_start=True: expected a number"),
+    ("method.kappa.start=true", "method.kappa.start=True: expected a number"),
     ("eval.eps=2", "eval.eps=2.0 exceeds the data range"),
 ])
 def test_bad_values_fail_before_training(compose, tmp_path, override, match):

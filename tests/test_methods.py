@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import MODEL_NAMES, build_model, tiny_kwargs
 from fastcert.bounds import Bound, BoundedNet, robust_ce_from_margins
 from fastcert.config import ConfigError, build_option, options
-from fastcert.methods import Batch, Method
+from fastcert.methods import Batch, Method, Warmup
 
 METHODS = options("method")
 
@@ -48,9 +48,12 @@ def test_every_method_option_builds_its_class_and_takes_a_step(name):
 
 
 def test_unknown_method_key_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"method.lamda0 is not a key of method: did you mean "
-                                          r"method.lambda0\? valid keys: .*relu.*tightness"):
-        build_option("method", "fast", {"lamda0": 0.1})
+    with pytest.raises(ConfigError, match=r"method.warmup.lamda0 is not a key of method.warmup: "
+                                          r"did you mean method.warmup.lambda0\? valid keys: "
+                                          r".*relu.*tightness"):
+        build_option("method", "fast", {"warmup": {"lamda0": 0.1}})
+    with pytest.raises(ConfigError, match=r"method.lambda0 is not a key of method: .*warmup"):
+        build_option("method", "sabr", {"lambda0": 0.1})
 
 
 WARMUP_METHODS = ["fast", "sabr", "taps", "staps", "mtl_ibp", "cc_ibp", "exp_ibp"]
@@ -60,8 +63,9 @@ WARMUP_METHODS = ["fast", "sabr", "taps", "staps", "mtl_ibp", "cc_ibp", "exp_ibp
 def test_every_warmup_method_refuses_a_non_positive_min_eps_reg(name):
     """The ε = 0 box of the warmup regularisers needs a positive radius: every method that holds
     them refuses 0 as fast IBP does."""
-    with pytest.raises(ConfigError, match=r"min_eps_reg=0.0: must be > 0"):
-        build_option("method", name, {"min_eps_reg": 0})
+    with pytest.raises(ConfigError, match=r"^method.warmup: min_eps_reg=0.0: must be > 0"):
+        build_option("method", name, {"warmup": {"min_eps_reg": 0}})
+    assert build_option("method", name).warmup == Warmup()  # the file's values are the defaults
 
 
 @pytest.mark.parametrize("name", ["ibp", "crown_ibp"])
@@ -99,7 +103,7 @@ def test_vanilla_ibp_computes_no_regulariser_unless_diagnosing():
 def test_fast_optimises_the_regularisers_only_while_lambda_is_positive():
     """Eq. 10 of Shi et al. 2021: L = L_rob + λ(L_tightness + L_relu) with λ = λ0(1 - ε/ε_t);
     after the warmup (λ = 0) the regularisers are not computed on ordinary steps."""
-    method = build_option("method", "fast", {"lambda0": 0.5})
+    method = build_option("method", "fast", {"warmup": {"lambda0": 0.5}})
     net = _net().eval()
     ramp = method.step(net, _batch(0.05, eps_target=0.1))
     assert ramp.stats["lambda"] == pytest.approx(0.25)
