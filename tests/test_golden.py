@@ -70,8 +70,8 @@ def mismatches(name: str, got, want) -> list[str]:
         return [f"{name}: shape {got.shape} != stored {want.shape}"]
     rtol, atol = tolerance(want)
     bad = ~(np.abs(got - want) <= atol + rtol * np.abs(want))
-    return [f"{name}{[int(j) for j in i]}: {got[i]!r} != stored {want[i]!r} "
-            f"(atol {atol:.2e}, rtol {rtol})" for i in zip(*np.nonzero(bad))]
+    return [f"{name}{[int(j) for j in i]}: {got[tuple(i)]!r} != stored {want[tuple(i)]!r} "
+            f"(atol {atol:.2e}, rtol {rtol})" for i in np.argwhere(bad)]
 
 
 def deviation(got, want) -> float:
@@ -177,7 +177,7 @@ def test_bounds_of_each_model_family_match_the_golden_values(name):
     options = stored["options"] if stored and not REGEN else tiny_kwargs(name)
     bounds = EVAL_BOUNDS if REGEN or name not in SLOW_ALPHA else MARGIN_BOUNDS
     got = family_bounds(name, options, bounds)
-    note = (f"alpha_crown: compared by the slow test (several seconds per family)"
+    note = ("alpha_crown: compared by the slow test (several seconds per family)"
             if name in SLOW_ALPHA else "every bound compared by the fast test")
     want = _write_or_load(GOLDEN / "bounds" / f"{name}.json", {
         "about": f"tests/test_golden.py: margin lower bounds of model={name}; "
@@ -260,7 +260,8 @@ def test_smoke_run_metrics_match_the_golden_values(tmp_path):
     assert [sorted(m) for m in got["metrics"]] == [sorted(m) for m in want["metrics"]]
     errors = []
     for key in SMOKE_METRIC_KEYS:
-        series = [(m[key], w[key]) for m, w in zip(got["metrics"], want["metrics"]) if key in w]
+        series = [(m[key], w[key]) for m, w in zip(got["metrics"], want["metrics"], strict=True)
+                  if key in w]
         if series:
             errors += mismatches(f"metrics.{key}", [g for g, _ in series], [w for _, w in series])
     assert not errors, "\n".join(errors)
