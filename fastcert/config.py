@@ -42,9 +42,9 @@ def options(group: str) -> list[str]:
 
 def option_node(group: str, option: str) -> Mapping[str, Any]:
     """The node ``conf/<group>/<option>.yaml`` defines (for a ``# @package _global_`` file, its
-    ``<group>`` entry), as a plain dict; tools and experiments build from it without Hydra.
-    Its ``${paths.*}`` interpolations resolve against ``conf/paths/default.yaml``, as in a
-    composed run config."""
+    ``<group>`` entry; without the file's ``defaults`` list, which selects other groups), as a
+    plain dict; tools and experiments build from it without Hydra. Its ``${paths.*}``
+    interpolations resolve against ``conf/paths/default.yaml``, as in a composed run config."""
     from omegaconf import OmegaConf
 
     path = CONF_DIR / group / f"{option}.yaml"
@@ -55,7 +55,8 @@ def option_node(group: str, option: str) -> Mapping[str, Any]:
         node = node[group]
     tree = OmegaConf.create({"paths": OmegaConf.load(CONF_DIR / "paths" / "default.yaml"),
                              "node": node})
-    return OmegaConf.to_container(tree.node, resolve=True)
+    return {k: v for k, v in OmegaConf.to_container(tree.node, resolve=True).items()
+            if k != "defaults"}
 
 
 def build_option(group: str, option: str, overrides: Mapping[str, Any] | None = None,

@@ -18,8 +18,9 @@ def tightness_loss(input_width: torch.Tensor, relus: list[ReluBounds], tau: floa
     m ReLU layers (Ê(Δ_i) floored at 1e-12, as the released code does). Penalises layers whose
     mean bound width exceeds Ê(Δ_0)/τ. As in the released code, the formula holds for every
     box: an empty one (Δ_0 = 0) gives the constant 1 (each term is τ), without gradient. At
-    ε = 0 the fast method therefore computes the bounds on a tiny box (``FastIBP.min_eps_reg``,
-    the released code's ``--min-eps-reg`` 1e-6), where the ratios are those of any small ε.
+    ε = 0 the methods holding the regularisers therefore compute the bounds on a tiny box
+    (``method.warmup.min_eps_reg``, :class:`fastcert.methods.Warmup`; the released code's
+    ``--min-eps-reg`` 1e-6), where the ratios are those of any small ε.
     """
     if not relus:
         return input_width.new_zeros(())

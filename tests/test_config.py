@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from fastcert.config import ConfigError, instantiate
+from fastcert.config import ConfigError, instantiate, option_node
 from fastcert.pipeline import build
 from fastcert.settings import RUNTIME, validate
 
@@ -47,10 +47,25 @@ def test_default_config_is_the_embedded_default(compose):
     assert cfg.eps == pytest.approx(0.1)
 
 
+IBP_INIT_METHODS = ["fast", "sabr", "taps", "staps", "mtl_ibp", "cc_ibp", "exp_ibp"]
+
+
+@pytest.mark.parametrize("name", IBP_INIT_METHODS)
+def test_ibp_family_method_selects_ibp_init_unless_overridden(compose, name):
+    """The method file selects the run's init group (``override /init@_global_.init``); a
+    command-line ``init=`` wins wherever it stands, and the method node holds no init key."""
+    cfg = compose([f"method={name}"])
+    assert cfg.init.name == "ibp" and "init" not in cfg.method and "defaults" not in cfg.method
+    assert compose([f"method={name}", "init=default"]).init.name == "default"
+    assert compose(["init=orthogonal", f"method={name}"]).init.name == "orthogonal"
+    assert "defaults" not in option_node("method", name)
+
+
 def test_fast_method_selects_ibp_init_unless_overridden(compose):
     assert compose(["method=fast"]).init.name == "ibp"
     assert compose(["method=fast", "init=default"]).init.name == "default"
     assert compose(["method=ibp"]).init.name == "default"
+    assert compose(["experiment=ctbench/cifar10_2/sabr", "init=default"]).init.name == "default"
 
 
 def test_unknown_names_and_keys_are_rejected(compose):
@@ -74,7 +89,7 @@ def test_unknown_names_and_keys_are_rejected(compose):
     ("eval.verifiers=[ibp,foo]", "unknown verifier 'foo'"),
     ("data.batch_size=0", "data.batch_size=0: must be a positive integer"),
     ("+epoch=3", "epoch is not a top-level key; did you mean epochs=...?"),
-    ("method.kappa_start=true", "method.kappa_start=True: expected a number"),
+    ("method.kappa.start=true", "method.kappa.start=True: expected a number"),
     ("eval.eps=2", "eval.eps=2.0 exceeds the data range"),
 ])
 def test_bad_values_fail_before_training(compose, tmp_path, override, match):

@@ -44,7 +44,7 @@ def test_crown_ibp_adds_lambda_d_plus_gamma_r_to_its_own_loss(loss_fusion, r_for
     """L = L_CROWN-IBP + λ Σ_t d_t + γ Σ_t r_t (Eq. 10 of Zhu et al.), d and r measured on the
     CROWN-IBP bound (adaptive relaxation); the loss without them is the unregularised one."""
     batch = _batch()
-    keys = {"loss_fusion": loss_fusion, "kappa_start": 0.5, "kappa_end": 0.5}
+    keys = {"loss_fusion": loss_fusion, "kappa": {"start": 0.5, "end": 0.5}}
     plain = build_option("method", "crown_ibp", keys).step(_net(), batch)
     reg = build_option("method", "crown_ibp", {**keys, "lambda_start": 0.3, "lambda_end": 0.3,
                                                "gamma_start": 2.0, "gamma_end": 2.0,
@@ -96,7 +96,7 @@ def test_crown_trains_on_the_crown_bound_of_its_relaxation(relaxation):
     """L = κ CE + (1-κ) CE(-m̲_CROWN) with the chosen ReLU relaxation (same-slope: Zhu et al.'s
     Table 1 setting), plus λ d + γ r measured on that same bound."""
     batch = _batch()
-    keys = {"relaxation": relaxation, "kappa_start": 0.2, "kappa_end": 0.2}
+    keys = {"relaxation": relaxation, "kappa": {"start": 0.2, "end": 0.2}}
     plain = build_option("method", "crown", keys).step(_net(), batch)
     net = _net()
     module = net.relaxed(relaxation)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fastcert.bounds import Bound, BoundedNet, robust_ce_from_margins
 from fastcert.config import ConfigError, build_option, options
-from fastcert.methods import Batch, Method
+from fastcert.methods import Batch, Method, Warmup
 
 from conftest import MODEL_NAMES, build_model, pixel_box, tiny_kwargs
 from conftest import bn_mlp as _net
@@ -31,9 +31,24 @@ def test_every_method_option_builds_its_class_and_takes_a_step(name):
 
 
 def test_unknown_method_key_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"method.lamda0 is not a key of method: did you mean "
-                                          r"method.lambda0\? valid keys: .*relu.*tightness"):
-        build_option("method", "fast", {"lamda0": 0.1})
+    with pytest.raises(ConfigError, match=r"method.warmup.lamda0 is not a key of method.warmup: "
+                                          r"did you mean method.warmup.lambda0\? valid keys: "
+                                          r".*relu.*tightness"):
+        build_option("method", "fast", {"warmup": {"lamda0": 0.1}})
+    with pytest.raises(ConfigError, match=r"method.lambda0 is not a key of method: .*warmup"):
+        build_option("method", "sabr", {"lambda0": 0.1})
+
+
+WARMUP_METHODS = ["fast", "sabr", "taps", "staps", "mtl_ibp", "cc_ibp", "exp_ibp"]
+
+
+@pytest.mark.parametrize("name", WARMUP_METHODS)
+def test_every_warmup_method_refuses_a_non_positive_min_eps_reg(name):
+    """The ε = 0 box of the warmup regularisers needs a positive radius: every method that holds
+    them refuses 0 as fast IBP does."""
+    with pytest.raises(ConfigError, match=r"^method.warmup: min_eps_reg=0.0: must be > 0"):
+        build_option("method", name, {"warmup": {"min_eps_reg": 0}})
+    assert build_option("method", name).warmup == Warmup()  # the file's values are the defaults
 
 
 @pytest.mark.parametrize("name", ["ibp", "crown_ibp"])
@@ -71,7 +86,7 @@ def test_vanilla_ibp_computes_no_regulariser_unless_diagnosing():
 def test_fast_optimises_the_regularisers_only_while_lambda_is_positive():
     """Eq. 10 of Shi et al. 2021: L = L_rob + λ(L_tightness + L_relu) with λ = λ0(1 - ε/ε_t);
     after the warmup (λ = 0) the regularisers are not computed on ordinary steps."""
-    method = build_option("method", "fast", {"lambda0": 0.5})
+    method = build_option("method", "fast", {"warmup": {"lambda0": 0.5}})
     net = _net().eval()
     ramp = method.step(net, _batch(0.05, eps_target=0.1))
     assert ramp.stats["lambda"] == pytest.approx(0.25)

@@ -26,7 +26,7 @@ def test_pgd_loss_is_the_ce_at_the_worst_point_of_the_box():
     assert out.loss.item() == pytest.approx(worst, rel=1e-6)
     # only x = -0.3 stays correct at its worst point (w(x + ε) = -0.2 < 0): PGD accuracy 1/3
     assert out.verified is None and out.stats["acc/pgd"].item() == pytest.approx(1 / 3)
-    mixed = build_option("method", "pgd", {"kappa_start": 0.5, "kappa_end": 0.5})
+    mixed = build_option("method", "pgd", {"kappa": {"start": 0.5, "end": 0.5}})
     assert mixed.step(_linear(), _linear_batch(eps)).loss.item() == pytest.approx(
         0.5 * clean + 0.5 * worst, rel=1e-6)
 

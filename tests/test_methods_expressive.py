@@ -62,7 +62,7 @@ def test_losses_match_their_closed_forms(name, alpha):
     """MTL: α·L_IBP + (1-α)·L_adv; CC: CE of α·m̲ + (1-α)·m(x_adv); Exp: L_IBP^α·L_adv^(1-α),
     with the attack in the box of radius 0.5·ε (attack_eps_factor)."""
     method = build_option("method", name, {"alpha": alpha, "attack_eps_factor": 0.5,
-                                           "lambda0": 0.0})
+                                           "warmup": {"lambda0": 0.0}})
     out = method.step(_linear(), _linear_batch())
     assert out.loss.item() == pytest.approx(_expected(name, alpha, 0.5), rel=1e-5)
 
@@ -72,7 +72,8 @@ def test_alpha_one_is_ibp_exactly(name):
     """α = 1: the loss and its gradient are IBP's (the adversarial term has weight 0)."""
     net = _net()
     ibp_net = _net()
-    out = build_option("method", name, {"alpha": 1.0, "lambda0": 0.0}).step(net, _batch(0.1))
+    method = build_option("method", name, {"alpha": 1.0, "warmup": {"lambda0": 0.0}})
+    out = method.step(net, _batch(0.1))
     ref = build_option("method", "ibp").step(ibp_net, _batch(0.1))
     assert torch.equal(out.loss, ref.loss)
     out.loss.backward()
@@ -89,7 +90,7 @@ def test_alpha_zero_is_pgd_training(name):
     net = _net()
     pgd_net = _net()
     torch.manual_seed(5)
-    out = build_option("method", name, {"alpha": 0.0, "lambda0": 0.0, "attack": attack}
+    out = build_option("method", name, {"alpha": 0.0, "warmup": {"lambda0": 0.0}, "attack": attack}
                        ).step(net, _batch(0.1))
     torch.manual_seed(5)
     ref = build_option("method", "pgd", {"attack": attack}).step(pgd_net, _batch(0.1))
@@ -105,7 +106,8 @@ def test_cc_ibp_lies_between_the_adversarial_and_the_ibp_loss():
     by convexity of the CE below MTL-IBP's α·L_IBP + (1-α)·L_adv."""
     net = _net()
     torch.manual_seed(0)
-    out = build_option("method", "cc_ibp", {"alpha": 0.4, "lambda0": 0.0}).step(net, _batch(0.1))
+    method = build_option("method", "cc_ibp", {"alpha": 0.4, "warmup": {"lambda0": 0.0}})
+    out = method.step(net, _batch(0.1))
     s = out.stats
     assert s["loss/adversarial"] <= s["loss/robust"] <= s["loss/ibp"]
     assert s["loss/robust"] <= 0.4 * s["loss/ibp"] + 0.6 * s["loss/adversarial"]
@@ -114,8 +116,9 @@ def test_cc_ibp_lies_between_the_adversarial_and_the_ibp_loss():
 def test_the_attack_runs_in_the_box_of_its_own_radius():
     """attack_eps_factor scales the attack box, not the IBP box: factor 1 and 0.5 give
     different adversarial losses and the same IBP loss (the closed forms above)."""
-    outs = {f: build_option("method", "mtl_ibp", {"alpha": 0.5, "attack_eps_factor": f,
-                                                  "lambda0": 0.0}).step(_linear(), _linear_batch())
+    outs = {f: build_option("method", "mtl_ibp",
+                            {"alpha": 0.5, "attack_eps_factor": f, "warmup": {"lambda0": 0.0}}
+                            ).step(_linear(), _linear_batch())
             for f in (1.0, 0.5)}
     assert outs[1.0].stats["loss/ibp"] == outs[0.5].stats["loss/ibp"]
     for f, out in outs.items():

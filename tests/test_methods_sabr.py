@@ -51,7 +51,8 @@ def test_lambda_one_equals_ibp_exactly():
     """SABR with λ = 1 propagates the ε-box: loss, gradient and verified flags are IBP's
     (both without the regularisers: λ0 = 0 for SABR, vanilla IBP)."""
     net, ref_net = _net(), _net()
-    out = build_option("method", "sabr", {"lam": 1.0, "lambda0": 0.0}).step(net, _batch(0.1))
+    method = build_option("method", "sabr", {"lam": 1.0, "warmup": {"lambda0": 0.0}})
+    out = method.step(net, _batch(0.1))
     ref = build_option("method", "ibp").step(ref_net, _batch(0.1))
     assert torch.equal(out.loss, ref.loss) and torch.equal(out.verified, ref.verified)
     out.loss.backward()
@@ -64,7 +65,8 @@ def test_loss_is_ibp_on_the_small_box_around_the_attack_point():
     """CE(-m̲(B), y) for B = small_box(ε-box, x*, λ), x* = PGD (CE) over the ε-box with
     BatchNorm in eval mode; never above IBP's loss on the whole ε-box."""
     attack = {"steps": 4, "restarts": 1, "step_size": 0.5, "loss": "ce", "random_start": False}
-    method = build_option("method", "sabr", {"lam": 0.3, "lambda0": 0.0, "attack": attack})
+    method = build_option("method", "sabr",
+                          {"lam": 0.3, "warmup": {"lambda0": 0.0}, "attack": attack})
     batch = _batch(0.1)
     out = method.step(_net(), batch)
     net = _net()
@@ -84,7 +86,7 @@ def test_regularisers_read_the_small_box():
     width is λ times the ε-box's (CTBench computes --fast-reg on SABR's small box)."""
     from fastcert.regularizers import tightness_loss
 
-    method = build_option("method", "sabr", {"lam": 0.5, "lambda0": 0.5})
+    method = build_option("method", "sabr", {"lam": 0.5, "warmup": {"lambda0": 0.5}})
     out = method.step(_net(), _batch(0.05, eps_target=0.1, diagnostics=True))
     assert out.stats["lambda"] == pytest.approx(0.25)
     b = _batch(0.05)

@@ -74,8 +74,8 @@ def test_grad_scale_is_identity_forward_and_scales_the_gradient():
 
 
 def _taps(**kw):
-    opts = {"lambda0": 0.0, "latent_attack": {"steps": 20, "restarts": 3, "step_size": 0.4,
-                                              "loss": "margin"}}
+    opts = {"warmup": {"lambda0": 0.0},
+            "latent_attack": {"steps": 20, "restarts": 3, "step_size": 0.4, "loss": "margin"}}
     return build_option("method", "taps", {**opts, **kw})
 
 
@@ -130,7 +130,7 @@ def test_ramp_trains_ibp_then_taps():
 def test_staps_propagates_the_small_box():
     """STAPS's IBP term is IBP's on SABR's small box: below TAPS's on the ε-box, and no
     certificate is reported."""
-    opts = {"lambda0": 0.0, "lam": 0.3}
+    opts = {"warmup": {"lambda0": 0.0}, "lam": 0.3}
     torch.manual_seed(0)
     staps = build_option("method", "staps", opts).step(_net(), _batch(0.1))
     taps = _taps().step(_net(), _batch(0.1))

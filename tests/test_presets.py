@@ -60,7 +60,7 @@ def test_table2_fast_presets_carry_the_released_lambda0(compose):
     method-specific key in the fast preset, which would break method=ibp in a shared preset."""
     for table in SHI2021_TABLES:
         cfg = compose([f"experiment=shi2021/{table}/fast"])
-        assert cfg.method.lambda0 == (0.2 if table.startswith("table2") else 0.5), table
+        assert cfg.method.warmup.lambda0 == (0.2 if table.startswith("table2") else 0.5), table
 
 
 #: What the released code ran (its README command lines and config/*.json): auto_LiRPA's smoothed
@@ -167,7 +167,7 @@ def test_crown_ibp_fashion_mnist_presets_are_its_configs(compose):
         assert cfg.optim.grad_clip == float("inf")
         assert cfg.method.name == "crown_ibp" and not cfg.method.loss_fusion
         assert (cfg.method.beta_start, cfg.method.beta_end) == (1.0, 0.0)
-        assert (cfg.method.kappa_start, cfg.method.kappa_end) == (0.0, 0.0)
+        assert (cfg.method.kappa.start, cfg.method.kappa.end) == (0.0, 0.0)
 
 
 def test_crown_ibps_lr_schedule_is_its_step_lr_after_the_ramp():
@@ -196,7 +196,7 @@ def test_crown_ibp_mnist_dm_large_trains_and_tests_at_its_two_radii(compose, eps
     cfg = compose([f"experiment=crown_ibp/mnist_dm_large_{eps}/dm_large"])
     assert cfg.eps == float(eps) and cfg.eval.eps == test_eps
     assert (cfg.schedule.start, cfg.schedule.length) == (start, length)
-    assert (cfg.method.kappa_start, cfg.method.kappa_end) == kappa
+    assert (cfg.method.kappa.start, cfg.method.kappa.end) == kappa
     assert cfg.model.name == "dm_large" and cfg.model.bn == "none"
 
 
@@ -245,8 +245,9 @@ def test_preset_builds(compose, roots, preset):
 
 def test_table4_rows_toggle_the_ablation_components(compose):
     rows = {i: compose([f"experiment=shi2021/table4/row{i}"]) for i in range(1, 9)}
-    table = {i: (c.model.bn, c.init.name, c.method.name, c.method.get("tightness", False),
-                 c.method.get("relu", False)) for i, c in rows.items()}
+    warmup = {i: c.method.get("warmup", {}) for i, c in rows.items()}
+    table = {i: (c.model.bn, c.init.name, c.method.name, warmup[i].get("tightness", False),
+                 warmup[i].get("relu", False)) for i, c in rows.items()}
     assert table == {
         1: ("none", "default", "ibp", False, False),
         2: ("conv", "default", "ibp", False, False),

@@ -7,6 +7,7 @@ import pytest
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.utils import create_config_search_path
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from fastcert.config import options
 
@@ -57,7 +58,9 @@ def test_a_setting_folder_shares_the_setting(compose, setting):
 
 
 def _values(compose, key):
-    return tuple(compose([f"experiment=ctbench/{s}/{key[0]}"]).method[key[1]] for s in SETTINGS)
+    """``method.<key[1]>`` (a dotted path) of the preset ctbench/<setting>/<key[0]>, per setting."""
+    return tuple(OmegaConf.select(compose([f"experiment=ctbench/{s}/{key[0]}"]).method, key[1])
+                 for s in SETTINGS)
 
 
 def test_published_settings_and_hyper_parameters(compose):
@@ -75,8 +78,8 @@ def test_published_settings_and_hyper_parameters(compose):
     assert _values(compose, ("taps", "grad_scale")) == (4.0, 4.0, 4.0, 2.0, 8.0)
     assert _values(compose, ("mtl_ibp", "alpha")) == (0.02, 0.5, 0.01, 0.6, 0.05)
     assert _values(compose, ("mtl_ibp", "attack_eps_factor")) == (1.0, 1.0, 2.0, 1.0, 1.5)
-    assert _values(compose, ("fast", "lambda0")) == (0.5, 0.5, 0.5, 0.5, 0.2)
-    assert _values(compose, ("ibp", "kappa_start")) == (0.3, 0.3, pytest.approx(0.2), 0.0, 0.0)
+    assert _values(compose, ("fast", "warmup.lambda0")) == (0.5, 0.5, 0.5, 0.5, 0.2)
+    assert _values(compose, ("ibp", "kappa.start")) == (0.3, 0.3, pytest.approx(0.2), 0.0, 0.0)
     assert [compose([f"experiment=ctbench/{s}/pgd"]).method.attack.steps for s in SETTINGS] == [
         10, 5, 8, 10, 1]
     taps = compose(["experiment=ctbench/mnist_0_3/taps"])

@@ -100,7 +100,7 @@ def test_fast_eps0_step_regularises_on_the_tiny_box_with_the_clean_ce():
     """ε = 0 in the released code: bounds on the 1e-6 box (``--min-eps-reg``), loss = clean CE
     + λ0 (L_tightness + L_relu); L_tightness is a real, differentiable term there."""
     fast = build_option("method", "fast")
-    assert fast.min_eps_reg == 1e-6
+    assert fast.warmup.min_eps_reg == 1e-6
     net = _bn_net()
     batch = _batch(0.0)
     out = fast.step(net, batch)
@@ -109,11 +109,11 @@ def test_fast_eps0_step_regularises_on_the_tiny_box_with_the_clean_ce():
     lower, upper = batch.box(batch.x, 1e-6)
     logits, _ = reference.margin_bounds(batch.x, batch.y, lower, upper, Bound.IBP)
     relus = reference.relu_bounds()
-    tight = tightness_loss(upper - lower, relus, fast.tau)
-    relu = relu_loss(relus, fast.tau)
-    expected = F.cross_entropy(logits, batch.y) + fast.lambda0 * (tight + relu)
+    tight = tightness_loss(upper - lower, relus, fast.warmup.tau)
+    relu = relu_loss(relus, fast.warmup.tau)
+    expected = F.cross_entropy(logits, batch.y) + fast.warmup.lambda0 * (tight + relu)
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert out.stats["lambda"] == fast.lambda0 and out.verified is None
+    assert out.stats["lambda"] == fast.warmup.lambda0 and out.verified is None
     assert 0 < tight.item() < 1   # a real term, not the forced 0 nor the empty-box constant
     # its gradient reaches the weights
     tight.backward()
@@ -123,7 +123,7 @@ def test_fast_eps0_step_regularises_on_the_tiny_box_with_the_clean_ce():
 
 def test_tightness_at_the_tiny_box_is_that_of_small_eps():
     """IBP widths scale linearly in ε for small ε, so Ê(Δ0)/Ê(Δi) and L_tightness at 1e-6 are
-    those of any small radius (fidelity spec §4): the ε = 0 phase trains the same quantity."""
+    those of any small radius: the ε = 0 phase trains the same quantity."""
     values = []
     for eps in (1e-6, 1e-4):
         net = _bn_net()

@@ -83,9 +83,9 @@ def test_fast_optuna_search_composes(compose):
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper")
     assert sweeper.direction == "maximize" and sweeper.n_trials > 0
-    assert set(sweeper.params) == {"schedule.length", "method.lambda0"}
+    assert set(sweeper.params) == {"schedule.length", "method.warmup.lambda0"}
     assert sweeper.params["schedule.length"].startswith("range(")
-    assert sweeper.params["method.lambda0"].startswith("interval(")
+    assert sweeper.params["method.warmup.lambda0"].startswith("interval(")
 
 
 # --------------------------------------------------------------------------- real sweeps
@@ -142,9 +142,9 @@ def test_optuna_two_trials(tmp_path):
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["name"] == "optuna"
     assert 0.0 <= float(best["best_value"]) <= 1.0
-    assert set(best["best_params"]) == {"schedule.length", "method.lambda0"}
+    assert set(best["best_params"]) == {"schedule.length", "method.warmup.lambda0"}
     assert best["best_params"]["schedule.length"] in (1, 2)
-    assert 0.0 <= best["best_params"]["method.lambda0"] <= 1.0
+    assert 0.0 <= best["best_params"]["method.warmup.lambda0"] <= 1.0
     trials = sorted(sweep.glob("*/results.json"))
     assert len(trials) == 2
     values = [json.loads(p.read_text())["ibp_verified_acc"] for p in trials]
@@ -186,11 +186,11 @@ def _fake_run(root: Path, name: str, *, method: dict, seed: int, clean: float, i
     return run
 
 
-IBP = {"name": "ibp", "kappa_start": 0.0, "tau": 0.5}
+IBP = {"name": "ibp", "kappa": {"start": 0.0, "end": 0.0}, "tau": 0.5}
 
 
 def _fast(lam=0.5):
-    return {"name": "fast", "lambda0": lam, "tau": 0.5, "tightness": True, "relu": True}
+    return {"name": "fast", "warmup": {"lambda0": lam, "tau": 0.5, "tightness": True, "relu": True}}
 
 
 def test_table_groups_by_differing_config_except_seed(tmp_path):
@@ -223,7 +223,7 @@ def test_table_hyperparameter_columns_crown_and_csv(tmp_path):
     _fake_run(tmp_path, "f3", method=_fast(0.4), seed=0, clean=0.8, ibp=0.7)
     _fake_run(tmp_path, "i1", method=IBP, seed=0, clean=0.7, ibp=0.5, epochs=4)
     keys, rows = T.group_runs(T.collect_runs([tmp_path]))
-    assert keys == ["method.name", "epochs", "method.lambda0"]
+    assert keys == ["method.name", "epochs", "method.warmup.lambda0"]
     assert [tuple(r.values.values()) for r in rows] == [
         ("fast", 2, 0.2), ("fast", 2, 0.4), ("ibp", 4, "–")]
     out = tmp_path / "t.csv"

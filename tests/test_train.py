@@ -29,14 +29,14 @@ def test_grad_acc_steps_splits_each_batch_into_chunks(compose, tmp_path, monkeyp
 
     import fastcert.methods.ibp as ibp_module
 
-    bounded_step = ibp_module.IBP._bounded_step
+    bounded_step = ibp_module.ibp_step
 
-    def recording(self, net, batch):
+    def recording(net, batch, *args):
         chunk_sizes.append(len(batch.y))
-        return bounded_step(self, net, batch)
+        return bounded_step(net, batch, *args)
 
     monkeypatch.setattr(torch.optim.Adam, "step", counting_step)
-    monkeypatch.setattr(ibp_module.IBP, "_bounded_step", recording)
+    monkeypatch.setattr(ibp_module, "ibp_step", recording)
     over = TINY + ["data.batch_size=32", "optim.grad_acc_steps=4", "epochs=1",
                    "data.limit_train=64"]
     run(compose(over), tmp_path / "acc")
@@ -165,16 +165,16 @@ def test_channels_last_batches_and_model_give_the_same_fp32_bounds(compose, monk
     import fastcert.methods.ibp as ibp_module
 
     seen = []
-    bounded_step = ibp_module.IBP._bounded_step
+    bounded_step = ibp_module.ibp_step
 
-    def recording(self, net, batch):
+    def recording(net, batch, *args):
         seen.append((batch.x.is_contiguous(memory_format=torch.channels_last),
                      torch.is_autocast_enabled("cpu")))
-        out = bounded_step(self, net, batch)
+        out = bounded_step(net, batch, *args)
         assert out.loss.dtype == torch.float32
         return out
 
-    monkeypatch.setattr(ibp_module.IBP, "_bounded_step", recording)
+    monkeypatch.setattr(ibp_module, "ibp_step", recording)
     run(compose(over + ["channels_last=true", "epochs=1", "eval.verifiers=[ibp]"]), tmp_path)
     assert seen and all(s == (True, False) for s in seen), seen
 

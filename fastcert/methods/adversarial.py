@@ -16,8 +16,7 @@ import torch.nn.functional as F
 
 from fastcert.attacks import PGDConfig, pgd_attack
 from fastcert.bounds import BoundedNet
-from fastcert.methods.base import Method, StepOutput, mix, natural_step
-from fastcert.schedules import linear_coefficient
+from fastcert.methods.base import Method, Ramp, StepOutput, mix, natural_step
 
 
 def attack_point(net: BoundedNet, x: torch.Tensor, y: torch.Tensor, lower: torch.Tensor,
@@ -54,7 +53,8 @@ class PGDTraining(Method):
 
         L = κ·CE(f(x), y) + (1-κ)·CE(f(x_adv), y),   x_adv = PGD_ce(B_ε(x)) ,
 
-    κ going κ_start → κ_end over the ramp (CTBench's robust weight w = 1 - κ; all its PGD
+    κ (``kappa``, :class:`Ramp`) going start → end over the ramp (CTBench's robust weight
+    w = 1 - κ; all its PGD
     scripts use w = 1). ``attack``: CTBench's defaults, CE objective, random start, 3
     restarts, T steps of s = max(0.25, 2/T) × the box half-width (T=10: 0.25). The clean pass
     sets the BatchNorm statistics used by the attack and the adversarial logits. At ε = 0 it
@@ -65,8 +65,7 @@ class PGDTraining(Method):
 
     attack: PGDConfig = field(default_factory=lambda: PGDConfig(
         steps=10, restarts=3, step_size=0.25, loss="ce", random_start=True))
-    kappa_start: float = 0.0
-    kappa_end: float = 0.0
+    kappa: Ramp = field(default_factory=Ramp)
 
     def step(self, net, batch):
         if batch.eps <= 0:
@@ -76,7 +75,7 @@ class PGDTraining(Method):
                                      self.attack, clean_stats=True)
         adv = F.cross_entropy(adversarial_logits(net, x_adv), batch.y)
         natural = F.cross_entropy(logits, batch.y)
-        kappa = linear_coefficient(self.kappa_start, self.kappa_end, batch.ratio)
+        kappa = self.kappa.at(batch)
         stats = {"loss/natural": natural.detach(), "loss/adversarial": adv.detach(),
                  "acc/pgd": robust.float().mean(), "kappa": kappa}
         return StepOutput(mix(natural, adv, kappa), logits.detach(), stats)

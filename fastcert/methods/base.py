@@ -2,7 +2,10 @@
 
 A method is a dataclass whose fields are the keys of its config node
 (``conf/method/<name>.yaml``: ``_target_: fastcert.methods.<Class>``); the training loop knows
-none by name. ``step`` turns one batch into a loss.
+none by name. ``step`` turns one batch into a loss. Parts several methods share are nested
+nodes the method holds, not base classes: the κ ramp (:class:`Ramp`, ``method.kappa``) and the
+warmup regularisers (:class:`fastcert.methods.warmup.Warmup`, ``method.warmup``), each checking
+its own values.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcert.bounds import BoundedNet, ReluBounds
-from fastcert.schedules import eps_ratio
+from fastcert.schedules import eps_ratio, linear_coefficient
 
 #: (centre, radius in pixel units) -> the L∞ box clipped to the data range (``DataBundle.eps_box``)
 BoxFn = Callable[[torch.Tensor, "float | torch.Tensor"], "tuple[torch.Tensor, torch.Tensor]"]
@@ -45,6 +48,24 @@ class StepOutput:
     verified: torch.Tensor | None = None            # per example, under the training bound
     relus: list[ReluBounds] | None = None           # ReLU-input bounds (diagnostic steps only)
     diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)  # plot-only scalars
+
+
+@dataclass
+class Ramp:
+    """A coefficient that follows the ε ramp: ``start`` at ε = 0, ``end`` from ε = ε_target on,
+
+        c(ε) = start + (end - start)·min(ε/ε_target, 1)
+
+    (:func:`fastcert.schedules.linear_coefficient`). ``method.kappa`` is the weight κ of natural
+    CE in L = κ·L_natural + (1-κ)·L_robust (Eq. 4 and Sec. 4 of Zhang et al. 2020, whose best
+    trade-off takes κ from 1 to 0; start = end = 0 is the pure robust loss)."""
+
+    start: float = 0.0
+    end: float = 0.0
+
+    def at(self, batch: Batch) -> float:
+        """The coefficient at this batch's point of the ramp."""
+        return linear_coefficient(self.start, self.end, batch.ratio)
 
 
 class Method:

@@ -2,14 +2,14 @@
 Zhu et al. 2020 (:mod:`fastcert.relaxation`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from fastcert.bounds import Bound, robust_ce_from_margins
-from fastcert.methods.base import Batch, Method, StepOutput, mix, natural_step
+from fastcert.methods.base import Batch, Method, Ramp, StepOutput, mix, natural_step
 from fastcert.relaxation import RForm, indicators, relaxed_margins
 from fastcert.schedules import linear_coefficient
 
@@ -63,13 +63,12 @@ class Crown(RelaxationRegularized):
         L = κ·CE(f(x), y) + (1-κ)·CE(-m̲, y) + λ Σ_t d_t + γ Σ_t r_t,
 
     m̲ the CROWN lower bounds of the margins with ReLU relaxation ``relaxation`` (``same-slope``,
-    the paper's; or ``adaptive``, auto_LiRPA's default CROWN) and κ going κ_start → κ_end over
-    the ramp. Full CROWN back-substitutes from every layer: small models only. At ε = 0 it is
-    natural training."""
+    the paper's; or ``adaptive``, auto_LiRPA's default CROWN) and κ (``kappa``, :class:`Ramp`)
+    going start → end over the ramp. Full CROWN back-substitutes from every layer: small models
+    only. At ε = 0 it is natural training."""
 
     relaxation: Literal["same-slope", "adaptive"] = "same-slope"
-    kappa_start: float = 0.0
-    kappa_end: float = 0.0
+    kappa: Ramp = field(default_factory=Ramp)
 
     def step(self, net, batch):
         if batch.eps <= 0:
@@ -77,7 +76,7 @@ class Crown(RelaxationRegularized):
         module = net.relaxed(self.relaxation)
         logits, C, lin = relaxed_margins(module, batch.x, batch.y, batch.lower, batch.upper,
                                          net.num_classes, Bound.CROWN)
-        kappa = linear_coefficient(self.kappa_start, self.kappa_end, batch.ratio)
+        kappa = self.kappa.at(batch)
         natural = F.cross_entropy(logits, batch.y)
         robust = robust_ce_from_margins(lin.lower)
         loss = mix(natural, robust, kappa)

@@ -2,12 +2,12 @@
 relaxation-tightening regularisers of Zhu et al. 2020."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 
 from fastcert.bounds import Bound, Mix, beta_mix, compute_bounds, robust_ce_from_margins
-from fastcert.methods.base import StepOutput, mix, natural_step
+from fastcert.methods.base import Ramp, StepOutput, mix, natural_step
 from fastcert.methods.crown import RelaxationRegularized
 from fastcert.relaxation import relaxed_margins
 from fastcert.schedules import linear_coefficient
@@ -16,7 +16,7 @@ from fastcert.schedules import linear_coefficient
 @dataclass
 class CrownIBP(RelaxationRegularized):
     """CROWN-IBP (Zhang et al. 2020): margin bounds β·CROWN-IBP + (1-β)·IBP, β going
-    β_start → β_end over the ramp, natural CE mixed in with κ_start → κ_end:
+    β_start → β_end over the ramp, natural CE mixed in with κ (``kappa``, :class:`Ramp`):
 
         L = κ·CE(f(x), y) + (1-κ)·CE(-m̲_β, y)   (Eq. 9 and Sec. 4 of Zhang et al. 2020).
 
@@ -35,14 +35,13 @@ class CrownIBP(RelaxationRegularized):
     loss_fusion: bool = True
     beta_start: float = 1.0
     beta_end: float = 0.0
-    kappa_start: float = 0.0
-    kappa_end: float = 0.0
+    kappa: Ramp = field(default_factory=Ramp)
 
     def step(self, net, batch):
         if batch.eps <= 0:
             return natural_step(net, batch)
         beta = linear_coefficient(self.beta_start, self.beta_end, batch.ratio)
-        kappa = linear_coefficient(self.kappa_start, self.kappa_end, batch.ratio)
+        kappa = self.kappa.at(batch)
         regularized = max(self.weights(batch)) > 0
         if self.loss_fusion:
             natural, robust, logits = net.fused_ce(batch.x, batch.y, batch.lower, batch.upper,

@@ -10,21 +10,21 @@ import torch.nn.functional as F
 from fastcert.attacks import PGDConfig
 from fastcert.bounds import Bound, margin_spec, robust_ce_from_margins
 from fastcert.methods.adversarial import adversarial_logits, attack_point
-from fastcert.methods.base import StepOutput, mix
-from fastcert.methods.ibp import FastIBP
-from fastcert.methods.warmup import regularize
-from fastcert.schedules import linear_coefficient
+from fastcert.methods.base import Method, Ramp, StepOutput, mix
+from fastcert.methods.ibp import fast_ibp_step
+from fastcert.methods.warmup import Warmup
 
 
 @dataclass
-class _Expressive(FastIBP):
+class _Expressive(Method):
     """Shared step: IBP margin bounds m̲ over the ε-box B_ε(x) (the clean pass sets the
     BatchNorm statistics), an attack point x_adv in the box of radius ``attack_eps_factor``·ε
     (De Palma et al.'s ``--attack_eps_factor``, CTBench's ``--attack-range-scale``), its
     logits with the clean statistics, then ``combine`` (the method's loss) mixed with natural
-    CE by κ (CTBench's robust weight w = 1 - κ; De Palma et al. use κ = 0), plus the warmup
-    regularisers of Shi et al. 2021 on the ε-box bounds (``--method=fast`` in their code, λ0
-    = 0.5). At ε = 0 it trains as :class:`FastIBP`. ``attack``: their default, one CE step of
+    CE by κ (``kappa``, :class:`Ramp`; CTBench's robust weight w = 1 - κ; De Palma et al. use
+    κ = 0), plus the warmup regularisers of Shi et al. 2021 on the ε-box bounds (``warmup``,
+    :class:`Warmup`; ``--method=fast`` in their code, λ0 = 0.5). At ε = 0 it trains as fast
+    IBP (:func:`fastcert.methods.ibp.fast_ibp_step`). ``attack``: their default, one CE step of
     10 × the half-width from a random start (a box vertex in the gradient's sign pattern).
     ``verified``: IBP-verified (sound); ``acc/pgd``: the attack's training accuracy."""
 
@@ -32,6 +32,8 @@ class _Expressive(FastIBP):
     attack_eps_factor: float = 1.0
     attack: PGDConfig = field(default_factory=lambda: PGDConfig(
         steps=1, restarts=1, step_size=10.0, loss="ce", random_start=True))
+    kappa: Ramp = field(default_factory=Ramp)
+    warmup: Warmup = field(default_factory=Warmup)
 
     def __post_init__(self):
         if not 0 <= self.alpha <= 1:
@@ -45,7 +47,7 @@ class _Expressive(FastIBP):
 
     def step(self, net, batch):
         if batch.eps <= 0:
-            return super().step(net, batch)
+            return fast_ibp_step(net, batch, self.kappa, self.warmup)
         logits, lb = net.margin_bounds(batch.x, batch.y, batch.lower, batch.upper, Bound.IBP)
         if self.attack_eps_factor == 1:
             lower, upper = batch.lower, batch.upper
@@ -56,11 +58,10 @@ class _Expressive(FastIBP):
         adv_logits = adversarial_logits(net, x_adv)
         robust = self.combine(lb, adv_logits, batch.y)
         natural = F.cross_entropy(logits, batch.y)
-        kappa = linear_coefficient(self.kappa_start, self.kappa_end, batch.ratio)
-        lam = self.regularizer_weight(batch)
-        loss, relus, diagnostics = regularize(
-            mix(natural, robust, kappa), net.relu_bounds, batch.upper - batch.lower, lam,
-            self.tau, self.regularizer, batch.diagnostics)
+        kappa = self.kappa.at(batch)
+        lam = self.warmup.weight(batch)
+        loss, relus, diagnostics = self.warmup.add(
+            mix(natural, robust, kappa), net.relu_bounds, batch.upper - batch.lower, batch)
         stats = {"loss/natural": natural.detach(), "loss/robust": robust.detach(),
                  "loss/ibp": robust_ce_from_margins(lb).detach(),
                  "loss/adversarial": F.cross_entropy(adv_logits, batch.y).detach(),

@@ -1,109 +1,83 @@
-"""Interval bound propagation training: vanilla IBP and the fast IBP of Shi et al. 2021."""
+"""Interval bound propagation training: vanilla IBP and the fast IBP of Shi et al. 2021, and the
+steps the other IBP-based methods build on (:func:`ibp_step`, :func:`fast_ibp_step`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
 import torch.nn.functional as F
 
-from fastcert.bounds import Bound, robust_ce_from_margins
-from fastcert.methods.base import Batch, Method, StepOutput, mix, natural_step
-from fastcert.methods.warmup import regularize
-from fastcert.schedules import linear_coefficient, regularizer_weight
+from fastcert.bounds import Bound, BoundedNet, robust_ce_from_margins
+from fastcert.methods.base import Batch, Method, Ramp, StepOutput, mix, natural_step
+from fastcert.methods.warmup import Warmup
+
+
+def ibp_step(net: BoundedNet, batch: Batch, kappa: Ramp, warmup: Warmup) -> StepOutput:
+    """Robust CE on the IBP margin bounds of the batch's box, natural CE mixed in by κ, plus the
+    warmup regularisers on that box's bounds:
+
+        L = κ·CE(f(x), y) + (1-κ)·CE(-m̲, y) + λ(L_tightness + L_relu)
+
+    (Eq. 9 and Eq. 10 of Shi et al. 2021). ``verified``: IBP-verified on the batch's box."""
+    logits, lb = net.margin_bounds(batch.x, batch.y, batch.lower, batch.upper, Bound.IBP)
+    kappa_value = kappa.at(batch)
+    natural = F.cross_entropy(logits, batch.y)
+    robust = robust_ce_from_margins(lb)
+    loss = mix(natural, robust, kappa_value)
+    stats = {"loss/natural": natural.detach(), "loss/robust": robust.detach(),
+             "kappa": kappa_value}
+    loss, relus, diagnostics = warmup.add(loss, net.relu_bounds, batch.upper - batch.lower, batch)
+    return StepOutput(loss, logits.detach(), stats, (lb > 0).all(1).detach(), relus, diagnostics)
+
+
+def fast_ibp_step(net: BoundedNet, batch: Batch, kappa: Ramp, warmup: Warmup) -> StepOutput:
+    """Fast IBP's step on the batch's box: :meth:`Warmup.natural_phase_step` at ε = 0, else
+    :func:`ibp_step`; ``stats["lambda"]`` is the regulariser weight λ."""
+    if batch.eps <= 0:
+        out = warmup.natural_phase_step(net, batch)
+    else:
+        out = ibp_step(net, batch, kappa, warmup)
+    out.stats["lambda"] = warmup.weight(batch)
+    return out
 
 
 @dataclass
 class IBP(Method):
     """Vanilla IBP training (Gowal et al. 2018): robust CE on IBP margin bounds (Eq. 9 of
-    Shi et al. 2021), optionally mixed with natural CE, κ going κ_start → κ_end over the ramp:
+    Shi et al. 2021), optionally mixed with natural CE, κ (``kappa``) going start → end over
+    the ramp:
 
         L = κ·CE(f(x), y) + (1-κ)·CE(-m̲, y),   m̲ the IBP lower bounds of the margins.
 
     At ε = 0 it is natural training (the bounds collapse to the clean output). The warmup
-    regularisers are computed from the same bounds, without gradient, on diagnostic steps
-    only (for Figs. 3-4 of Shi et al.).
+    regularisers, with tolerance ``tau``, are computed from the same bounds without gradient
+    on diagnostic steps only (for Figs. 3-4 of Shi et al.); none is optimised.
     """
 
-    kappa_start: float = 0.0
-    kappa_end: float = 0.0
-    tau: float = 0.5  # tolerance τ of the regularisers (plot-only values for vanilla IBP)
+    kappa: Ramp = field(default_factory=Ramp)
+    tau: float = 0.5  # tolerance τ of the plot-only regulariser values
 
     def step(self, net, batch):
         if batch.eps <= 0:
             return natural_step(net, batch)
-        return self._bounded_step(net, batch)
-
-    def regularizer_weight(self, batch: Batch) -> float:
-        """λ of the warmup regularisers; vanilla IBP optimises none."""
-        return 0.0
-
-    def _bounded_step(self, net, batch: Batch) -> StepOutput:
-        logits, lb = net.margin_bounds(batch.x, batch.y, batch.lower, batch.upper, Bound.IBP)
-        kappa = linear_coefficient(self.kappa_start, self.kappa_end, batch.ratio)
-        natural = F.cross_entropy(logits, batch.y)
-        robust = robust_ce_from_margins(lb)
-        loss = mix(natural, robust, kappa)
-        stats = {"loss/natural": natural.detach(), "loss/robust": robust.detach(), "kappa": kappa}
-        loss, relus, diagnostics = regularize(
-            loss, net.relu_bounds, batch.upper - batch.lower, self.regularizer_weight(batch),
-            self.tau, self.regularizer, batch.diagnostics)
-        return StepOutput(loss, logits.detach(), stats, (lb > 0).all(1).detach(), relus,
-                          diagnostics)
-
-    def regularizer(self, tight: torch.Tensor, relu: torch.Tensor) -> torch.Tensor:
-        return tight + relu
+        return ibp_step(net, batch, self.kappa, Warmup(lambda0=0.0, tau=self.tau))
 
 
 @dataclass
-class FastIBP(IBP):
+class FastIBP(Method):
     """IBP training with the warmup regularisers of Shi et al. 2021 (Sec. 3.3.3, Eq. 10):
 
-        L = L_rob + λ(L_tightness + L_relu),  λ = λ0(1 - ε/ε_target) during warmup, 0 after.
+        L = κ·CE(f(x), y) + (1-κ)·CE(-m̲, y) + λ(L_tightness + L_relu),
+        λ = λ0(1 - ε/ε_target) during warmup, 0 after,
 
-    IBP initialisation and full BatchNorm are the model-side parts of the method
-    (``init=ibp``, ``model.bn=full``; conf/method/fast.yaml selects the former). ``tightness``/
-    ``relu`` switch each regulariser on or off (the Table 4 ablation).
-
-    At ε = 0 (the natural phase) it does what the released code does (``certified.cert`` with
-    ``--min-eps-reg``): the bounds for the regularisers are computed on the box of radius
-    ``min_eps_reg`` (1e-6 in pixel units, clipped to the data range) and the loss is
-
-        L = CE(f(x), y) + λ0 (L_tightness + L_relu),
-
-    the clean cross entropy in place of the robust term (the robust CE on the tiny box is not
-    used), so that L_tightness and L_relu act from the first epoch (Table 3 of the paper
-    reports this small overhead in the ε=0 phase). With λ0 = 0 (no regulariser) and off the
-    diagnostic steps the ε=0 step is the plain ``nn.Module`` forward.
+    ``warmup`` the regularisers (:class:`Warmup`: λ0, τ, the Table 4 switches and the ε = 0
+    phase on the ``min_eps_reg`` box of the released code), ``kappa`` the natural-CE weight
+    (:class:`Ramp`; Shi et al. use 0). IBP initialisation and full BatchNorm are the
+    model-side parts of the method (``init=ibp``, which conf/method/fast.yaml selects, and
+    ``model.bn=full``).
     """
 
-    lambda0: float = 0.5
-    tightness: bool = True
-    relu: bool = True
-    min_eps_reg: float = 1e-6
-
-    def __post_init__(self):
-        if not self.min_eps_reg > 0:
-            raise ValueError(f"method.min_eps_reg={self.min_eps_reg}: must be > 0 (pixel units)")
+    kappa: Ramp = field(default_factory=Ramp)
+    warmup: Warmup = field(default_factory=Warmup)
 
     def step(self, net, batch):
-        out = self._eps0_step(net, batch) if batch.eps <= 0 else self._bounded_step(net, batch)
-        out.stats["lambda"] = self.regularizer_weight(batch)
-        return out
-
-    def _eps0_step(self, net, batch: Batch) -> StepOutput:
-        if self.regularizer_weight(batch) <= 0 and not batch.diagnostics:
-            return natural_step(net, batch)  # nothing to regularise: the plain forward
-        lower, upper = batch.box(batch.x, self.min_eps_reg)
-        logits, _ = net.margin_bounds(batch.x, batch.y, lower, upper, Bound.IBP)
-        natural = F.cross_entropy(logits, batch.y)
-        loss, relus, diagnostics = regularize(
-            natural, net.relu_bounds, upper - lower, self.regularizer_weight(batch), self.tau,
-            self.regularizer, batch.diagnostics)
-        return StepOutput(loss, logits.detach(), {"loss/natural": natural.detach()}, None, relus,
-                          diagnostics)
-
-    def regularizer_weight(self, batch):
-        return regularizer_weight(self.lambda0, batch.eps, batch.eps_target)
-
-    def regularizer(self, tight, relu):
-        return (tight if self.tightness else 0.0) + (relu if self.relu else 0.0)
+        return fast_ibp_step(net, batch, self.kappa, self.warmup)

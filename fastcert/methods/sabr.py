@@ -8,8 +8,9 @@ import torch
 
 from fastcert.attacks import PGDConfig
 from fastcert.methods.adversarial import attack_point
-from fastcert.methods.base import Batch
-from fastcert.methods.ibp import FastIBP
+from fastcert.methods.base import Batch, Method, Ramp, StepOutput
+from fastcert.methods.ibp import fast_ibp_step
+from fastcert.methods.warmup import Warmup
 
 
 def small_box(lower: torch.Tensor, upper: torch.Tensor, center: torch.Tensor, lam: float
@@ -27,45 +28,63 @@ def small_box(lower: torch.Tensor, upper: torch.Tensor, center: torch.Tensor, la
     return lower + offset, upper - (slack - offset)
 
 
+def check_lam(lam: float) -> None:
+    """The small-box ratio λ = τ/ε must lie in (0, 1]."""
+    if not 0 < lam <= 1:
+        raise ValueError(f"lam={lam}: the small-box ratio τ/ε must be in (0, 1]")
+
+
+def propagation_box(net, batch: Batch, lam: float, attack: PGDConfig
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SABR's small box inside the batch's ε-box (the ε-box itself when λ = 1): PGD over the
+    ε-box with BatchNorm in eval mode, then :func:`small_box` around the attack point."""
+    if lam == 1:
+        return batch.lower, batch.upper
+    _, x_adv = attack_point(net, batch.x, batch.y, batch.lower, batch.upper, attack,
+                            clean_stats=False)
+    return small_box(batch.lower, batch.upper, x_adv, lam)
+
+
+def sabr_step(net, batch: Batch, lam: float, attack: PGDConfig, kappa: Ramp,
+              warmup: Warmup) -> StepOutput:
+    """:func:`fast_ibp_step` on SABR's small box (on the batch itself at ε = 0); for λ < 1
+    ``verified`` becomes ``stats["acc/small_box"]`` (the small box certifies nothing)."""
+    if batch.eps <= 0:
+        return fast_ibp_step(net, batch, kappa, warmup)
+    lower, upper = propagation_box(net, batch, lam, attack)
+    out = fast_ibp_step(net, dataclasses.replace(batch, lower=lower, upper=upper), kappa, warmup)
+    if lam < 1:
+        out.stats["acc/small_box"] = out.verified.float().mean()
+        out.verified = None
+    return out
+
+
 @dataclass
-class SABR(FastIBP):
+class SABR(Method):
     """SABR (Müller et al., ICLR 2023, Sec. 3 and Alg. 1): IBP on a small box of radius
     τ = λε inside the ε-box, centred near an adversarial example,
 
         x* = PGD_ce(B_ε(x)),  x' = clamp(x*, x̲ + τ, x̄ - τ),  L = CE(-m̲(B_τ(x')), y),
 
     with τ, x̲, x̄ taken per pixel from the clipped ε-box (τ = λ(x̄ - x̲)/2), so
-    B_τ(x') ⊆ B_ε(x) (:func:`small_box`); λ = 1 is IBP. Natural CE mixing (κ) and the warmup
-    regularisers of Shi et al. 2021 on the small box's bounds are those of
-    :class:`FastIBP` (CTBench ``--fast-reg``; SABR's own code uses them too, λ0 = 0.5).
-    ``attack``: PGD over the whole ε-box maximising CE, BatchNorm in eval mode (SABR's code:
-    8 steps, initial step 0.5 of the half-width, 1 restart; its step decays ×0.1 after steps
-    4 and 7 are not reproduced). ``verified`` is reported only for λ = 1 (the small box is no
-    certificate of the ε-box); ``acc/small_box`` is the small-box IBP accuracy.
+    B_τ(x') ⊆ B_ε(x) (:func:`small_box`); λ = 1 is IBP. It holds the natural-CE weight
+    ``kappa`` (:class:`Ramp`) and the warmup regularisers of Shi et al. 2021 (``warmup``,
+    :class:`Warmup`) on the small box's bounds, as fast IBP does on the ε-box (CTBench
+    ``--fast-reg``; SABR's own code uses them too, λ0 = 0.5). ``attack``: PGD over the whole
+    ε-box maximising CE, BatchNorm in eval mode (SABR's code: 8 steps, initial step 0.5 of
+    the half-width, 1 restart; its step decays ×0.1 after steps 4 and 7 are not
+    reproduced). ``verified`` is reported only for λ = 1 (the small box is no certificate of
+    the ε-box); ``acc/small_box`` is the small-box IBP accuracy.
     """
 
     lam: float = 0.4
     attack: PGDConfig = field(default_factory=lambda: PGDConfig(
         steps=8, restarts=1, step_size=0.5, loss="ce", random_start=True))
+    kappa: Ramp = field(default_factory=Ramp)
+    warmup: Warmup = field(default_factory=Warmup)
 
     def __post_init__(self):
-        if not 0 < self.lam <= 1:
-            raise ValueError(f"lam={self.lam}: the small-box ratio τ/ε must be in (0, 1]")
+        check_lam(self.lam)
 
     def step(self, net, batch):
-        if batch.eps <= 0:
-            return super().step(net, batch)
-        lower, upper = self.propagation_box(net, batch)
-        out = super().step(net, dataclasses.replace(batch, lower=lower, upper=upper))
-        if self.lam < 1:
-            out.stats["acc/small_box"] = out.verified.float().mean()
-            out.verified = None
-        return out
-
-    def propagation_box(self, net, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """SABR's small box inside the batch's ε-box (the ε-box itself when λ = 1)."""
-        if self.lam == 1:
-            return batch.lower, batch.upper
-        _, x_adv = attack_point(net, batch.x, batch.y, batch.lower, batch.upper, self.attack,
-                                clean_stats=False)
-        return small_box(batch.lower, batch.upper, x_adv, self.lam)
+        return sabr_step(net, batch, self.lam, self.attack, self.kappa, self.warmup)

@@ -8,11 +8,10 @@ import torch.nn as nn
 
 from fastcert.attacks import PGDConfig, pgd_attack
 from fastcert.bounds import BoundedNet, margin_spec, robust_ce_from_margins
-from fastcert.methods.base import Batch, StepOutput, mix
-from fastcert.methods.ibp import FastIBP
-from fastcert.methods.sabr import SABR
-from fastcert.methods.warmup import regularize
-from fastcert.schedules import linear_coefficient
+from fastcert.methods.base import Batch, Method, Ramp, StepOutput, mix
+from fastcert.methods.ibp import fast_ibp_step
+from fastcert.methods.sabr import check_lam, propagation_box, sabr_step
+from fastcert.methods.warmup import Warmup
 
 
 def head_start(model: nn.Module, head_blocks: int | None) -> int:
@@ -98,7 +97,7 @@ class _PivotMargins(nn.Module):
 
 
 @dataclass
-class TAPS(FastIBP):
+class TAPS(Method):
     """TAPS (Mao et al., NeurIPS 2023): IBP through a feature extractor g, PGD through the
     classifier head h. With [l, u] the IBP box of g over the input box, one PGD per class
     j ≠ y finds a pivot p_j ∈ [l, u] maximising h(p_j)_j - h(p_j)_y; the TAPS bound is
@@ -108,7 +107,10 @@ class TAPS(FastIBP):
         L_rob  = GradScale(L_TAPS, w) · L_IBP                                      (code of
     Mao et al.; CTBench ``TAPSModelWrapper``): the value is the product, the gradient
     w·L_IBP·∇L_TAPS + L_TAPS·∇L_IBP. The pivots reach [l, u] through the gradient connector
-    (:class:`_GradientLink`, threshold ``soft_threshold``). L = κ·CE(f(x), y) + (1-κ)·L_rob.
+    (:class:`_GradientLink`, threshold ``soft_threshold``). L = κ·CE(f(x), y) + (1-κ)·L_rob
+    + λ(L_tightness + L_relu): it holds the natural-CE weight ``kappa`` (:class:`Ramp`) and the
+    warmup regularisers of Shi et al. 2021 (``warmup``, :class:`Warmup`) on the bounds of the
+    box it propagates, as TAPS's code and CTBench do.
 
     ``head_blocks``: ReLU blocks in the head (:func:`head_start`; 1 = last hidden block +
     output layer; null, the default: 1, or the output layer alone where a network has one
@@ -116,10 +118,9 @@ class TAPS(FastIBP):
     random start in [l, u]); TAPS steps ``max(0.2, 2/T)·(u - l)``, i.e. 2·max(0.2, 2/T) of the
     half-width (0.4 for T = 10); CTBench's step decay (×0.2 at 0.7T for T ≥ 10) is not
     reproduced. BatchNorm: clean-batch statistics for the bounds, the search and the
-    estimate. ``ibp_during_ramp``: plain IBP (with the warmup regularisers) while
-    ε < ε_target, as both TAPS's and CTBench's code do. ``verified`` is IBP's on the ε-box
-    (sound; none for STAPS's small box); ``acc/taps`` is the accuracy of the (unsound) TAPS
-    estimate.
+    estimate. ``ibp_during_ramp``: fast IBP (:func:`fast_ibp_step`) while ε < ε_target, as
+    both TAPS's and CTBench's code do. ``verified`` is IBP's on the ε-box (sound; none for
+    STAPS's small box); ``acc/taps`` is the accuracy of the (unsound) TAPS estimate.
     """
 
     head_blocks: int | None = None
@@ -128,6 +129,8 @@ class TAPS(FastIBP):
     latent_attack: PGDConfig = field(default_factory=lambda: PGDConfig(
         steps=10, restarts=1, step_size=0.4, loss="margin", random_start=True))
     ibp_during_ramp: bool = True
+    kappa: Ramp = field(default_factory=Ramp)
+    warmup: Warmup = field(default_factory=Warmup)
 
     def __post_init__(self):
         if self.head_blocks is not None and self.head_blocks < 0:
@@ -137,8 +140,12 @@ class TAPS(FastIBP):
 
     def step(self, net, batch):
         if batch.eps <= 0 or (self.ibp_during_ramp and batch.ratio < 1):
-            return super().step(net, batch)
+            return self.ramp_step(net, batch)
         return self.taps_step(net, batch, *self.taps_box(net, batch))
+
+    def ramp_step(self, net, batch: Batch) -> StepOutput:
+        """The step at ε = 0 and, with ``ibp_during_ramp``, during the ramp: fast IBP."""
+        return fast_ibp_step(net, batch, self.kappa, self.warmup)
 
     def taps_box(self, net, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The input box TAPS propagates: the ε-box."""
@@ -154,15 +161,13 @@ class TAPS(FastIBP):
         ibp = robust_ce_from_margins(lb)
         robust = _GradScale.apply(taps, self.grad_scale) * ibp
         natural = torch.nn.functional.cross_entropy(logits, batch.y)
-        kappa = linear_coefficient(self.kappa_start, self.kappa_end, batch.ratio)
+        kappa = self.kappa.at(batch)
         loss = mix(natural, robust, kappa)
-        loss, relus, diagnostics = regularize(
-            loss, view.relu_bounds, upper - lower, self.regularizer_weight(batch), self.tau,
-            self.regularizer, batch.diagnostics)
+        loss, relus, diagnostics = self.warmup.add(loss, view.relu_bounds, upper - lower, batch)
         stats = {"loss/natural": natural.detach(), "loss/robust": robust.detach(),
                  "loss/taps": taps.detach(), "loss/ibp": ibp.detach(),
                  "acc/taps": ((est < 0).all(1) & (logits.argmax(1) == batch.y)).float().mean(),
-                 "kappa": kappa, "lambda": self.regularizer_weight(batch)}
+                 "kappa": kappa, "lambda": self.warmup.weight(batch)}
         # IBP of the ε-box certifies; of STAPS's small box it does not
         verified = (lb > 0).all(1).detach() if lower is batch.lower else None
         return StepOutput(loss, logits.detach(), stats, verified, relus, diagnostics)
@@ -189,18 +194,23 @@ class TAPS(FastIBP):
 
 
 @dataclass
-class STAPS(TAPS, SABR):
-    """STAPS (Mao et al., NeurIPS 2023; CTBench ``STAPSModelWrapper``): TAPS on SABR's small
-    box — the input box is :meth:`SABR.propagation_box` (PGD centre, radius λ·ε) instead of
-    the ε-box; during the ramp (``ibp_during_ramp``) it trains as SABR. ``attack`` is the
-    input-space search (TAPS's code: 10 steps of 0.2 of the half-width, 1 restart, CE)."""
+class STAPS(TAPS):
+    """STAPS (Mao et al., NeurIPS 2023; CTBench ``STAPSModelWrapper``): TAPS on SABR's small box
+    — the input box is :func:`fastcert.methods.sabr.propagation_box` (PGD centre, radius λ·ε,
+    ``lam``) instead of the ε-box; during the ramp (``ibp_during_ramp``) it trains as SABR
+    (:func:`fastcert.methods.sabr.sabr_step`). ``attack`` is the input-space search (TAPS's
+    code: 10 steps of 0.2 of the half-width, 1 restart, CE)."""
 
+    lam: float = 0.4
     attack: PGDConfig = field(default_factory=lambda: PGDConfig(
         steps=10, restarts=1, step_size=0.2, loss="ce", random_start=True))
 
     def __post_init__(self):
-        TAPS.__post_init__(self)
-        SABR.__post_init__(self)
+        super().__post_init__()
+        check_lam(self.lam)
+
+    def ramp_step(self, net, batch):
+        return sabr_step(net, batch, self.lam, self.attack, self.kappa, self.warmup)
 
     def taps_box(self, net, batch):
-        return self.propagation_box(net, batch)
+        return propagation_box(net, batch, self.lam, self.attack)
