@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastcert import distributed, memory, parallel, report
 from fastcert.bounds import BoundedNet
+from fastcert.checkpoint import load as checkpoint_load
 from fastcert.checkpoint import write_text_atomic
 from fastcert.config import instantiate
 from fastcert.data import DataBundle
@@ -32,6 +33,7 @@ from fastcert.methods import Method
 from fastcert.resume import Resume, check_resume
 from fastcert.schedules import EpsSchedule
 from fastcert.seeding import seed_everything
+from fastcert.selection import Selector
 from fastcert.settings import Settings, Speed, validate
 from fastcert.tightness import TightnessProbe
 from fastcert.train import TrainSetup, fit
@@ -115,6 +117,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, resume: str | os.PathLike |
     written, and then raised (:class:`fastcert.evaluate.SoundnessError`)."""
     t0 = time.perf_counter()
     settings = validate(cfg)
+    settings.select.warn()
     run_dir = Path(run_dir)
     ctx = distributed.current()
     if settings.speed.nproc > 1 and ctx is None:
@@ -152,12 +155,15 @@ def _run_here(settings: Settings, run_dir: Path, resume, device: torch.device,
         if start.state is not None:
             for record in start.history:  # what a killed process may not have sent
                 logger.log_epoch(record, record["epoch"])
-        history = fit(_train_setup(built, run_dir, logger, resolved, start, t0),
-                      resume_state=start.state)
+        setup = _train_setup(built, run_dir, logger, resolved, start, t0)
+        history = fit(setup, resume_state=start.state)
+        _keep_selected(built, setup.selector)
         val = None if built.data.val is None else _evaluate(built, built.data.val)
         result = _evaluate(built, built.data.test)
         results = report.results_dict(settings, result, history,
                                        start.previous_wall_s + time.perf_counter() - t0, val)
+        if setup.selector is not None:
+            results["selection"] = setup.selector.summary()
         if start.resumed is not None:
             results["resumed"] = start.resumed
         if main:
@@ -193,21 +199,55 @@ def _train_setup(built: Built, run_dir: Path, logger: Logger, resolved: dict, st
         return {"config": resolved, "logger_run_id": logger.run_id,
                 "wall_time_s": start.previous_wall_s + time.perf_counter() - t0}
 
+    selector = None
+    if s.select.on:
+        ctx = distributed.current()
+        selector = Selector(s.select, lambda: _selection_scores(built),
+                            lambda epoch: _eligible(built, epoch), run_dir,
+                            extra=lambda: {"config": resolved}, write=ctx is None or ctx.main)
     return TrainSetup(
         net=built.net, method=built.method, train_loader=built.data.train,
         box_fn=built.data.eps_box, schedule=built.schedule, optim=s.optim, epochs=s.epochs,
         seed=s.seed, device=built.device, run_dir=run_dir, logger=logger,
         checkpoint_extra=checkpoint_extra,
         epoch_metrics=TightnessProbe.on_held_out(built.data, s.eps, built.device),
-        dist=distributed.current(), channels_last=built.channels_last)
+        dist=distributed.current(), channels_last=built.channels_last, aids=s.aids,
+        selector=selector)
 
 
-def _evaluate(built: Built, loader) -> EvalResult:
+def _selection_scores(built: Built) -> dict:
+    """The current model's accuracies on the selection split, from the final evaluation with
+    only the verifiers the selection metric needs."""
+    s = built.settings
+    loader = built.data.test if s.select.split == "test" else built.data.val
+    return report.accuracies(_evaluate(built, loader, s.select.verifiers(s.eval.verifiers)))
+
+
+def _eligible(built: Built, epoch: int) -> bool:
+    """Whether epoch ``epoch`` (0-based) competes in the selection: its last step trained at
+    ε ≥ the test radius (CTBench's rule, ``mix_train.py``)."""
+    last_step = (epoch + 1) * len(built.data.train) - 1
+    return built.schedule.eps(last_step) >= built.settings.eval_eps
+
+
+def _keep_selected(built: Built, selector: Selector | None) -> None:
+    """The selected epoch's weights (best.pt) copied into the network, when one was kept."""
+    if selector is None or selector.best_epoch is None:
+        return
+    if distributed.current() is not None:
+        distributed.barrier()  # rank 0 wrote best.pt
+    state = checkpoint_load(selector.path, built.device)
+    built.net.model.load_state_dict(state["model"])
+
+
+def _evaluate(built: Built, loader, verifiers=None) -> EvalResult:
     """The final evaluation on ``loader`` (the test set, or the validation split: the same
-    evaluation); in a data-parallel run each rank evaluates its block of batches and every
-    rank gets the whole result (:func:`fastcert.parallel.gather_results`)."""
+    evaluation) with ``verifiers`` (default ``eval.verifiers``); in a data-parallel run each
+    rank evaluates its block of batches and every rank gets the whole result
+    (:func:`fastcert.parallel.gather_results`)."""
     s, data = built.settings, built.data
-    part = (evaluate(built.net, loader, data.eps_box, s.eval_eps, verifiers=s.eval.bounds,
+    verifiers = s.eval.bounds if verifiers is None else verifiers
+    part = (evaluate(built.net, loader, data.eps_box, s.eval_eps, verifiers=verifiers,
                      pgd=s.eval.pgd, device=built.device, seed=s.seed)
             if len(loader) else None)
     return part if distributed.current() is None else parallel.gather_results(part)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
+from fastcert.aids import Aids
 from fastcert.config import (
     CONF_DIR,
     ConfigError,
@@ -28,6 +29,7 @@ from fastcert.evaluate import EvalConfig
 from fastcert.methods import Method
 from fastcert.optim import Optimizer
 from fastcert.resume import resume_options
+from fastcert.selection import Select
 
 #: What the code supplies to each group's target (not settable from the config).
 RUNTIME = {
@@ -104,6 +106,8 @@ class Settings:
     data: Any           # a fastcert.data.DataSource
     init: Any           # a fastcert.initializers.Init
     speed: Speed
+    aids: Aids = Aids()         # CTBench's training aids (all off without an ``aids`` node)
+    select: Select = Select()   # model selection (none without a ``select`` node)
 
 
 def validate(cfg: DictConfig) -> Settings:
@@ -127,7 +131,23 @@ def validate(cfg: DictConfig) -> Settings:
         check_node(cfg[group], group, runtime)
     sched = check_node(cfg.schedule, "schedule", RUNTIME["schedule"])
     check_epochs(epochs, sched.get("start", 0), sched.get("length", 0))
+    aids, select = aids_and_selection(cfg, data, speed)
     return Settings(config=cfg, seed=seed, epochs=epochs, eps=eps, eval_eps=eval_eps,
                     cpu_threads=threads, method=instantiate(cfg.method, "method"),
                     optim=instantiate(cfg.optim, "optim"), eval=eval_cfg, data=data,
-                    init=instantiate(cfg.init, "init"), speed=speed)
+                    init=instantiate(cfg.init, "init"), speed=speed, aids=aids, select=select)
+
+
+def aids_and_selection(cfg: DictConfig, data, speed: Speed) -> tuple[Aids, Select]:
+    """The ``aids`` and ``select`` nodes, checked (a config saved before they existed gets
+    their defaults: no aid, no selection)."""
+    aids = instantiate(cfg.aids, "aids") if "aids" in cfg else Aids()
+    select = instantiate(cfg.select, "select") if "select" in cfg else Select()
+    if select.on and select.split == "val" and data.val_size == 0:
+        raise ConfigError("select.split=val needs a validation split: set data.val_size "
+                          "(e.g. data.val_size=0.1), or select.split=test to select on the "
+                          "test set as CTBench does, or select.metric=null")
+    if aids.edac.on and (speed.nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise ConfigError("aids.edac.gamma>0 runs in one process only (its pre-step is not "
+                          "reduced over data-parallel ranks): use nproc=1, or aids.edac.gamma=0")
+    return aids, select

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastcert import checkpoint, distributed
+from fastcert.aids import Aids
 from fastcert.bounds import BoundedNet
 from fastcert.loggers import Logger
 from fastcert.methods import Batch, Method, StepOutput
@@ -26,6 +27,7 @@ from fastcert.optim import Optimizer
 from fastcert.regularizers import relu_states
 from fastcert.schedules import EpsSchedule
 from fastcert.seeding import seed_everything, stream_seed
+from fastcert.selection import Selector
 
 #: Evenly spaced steps per epoch whose plot-only values (ReLU states, regularisers) the epoch's
 #: record averages (fewer when an epoch has fewer steps).
@@ -56,6 +58,8 @@ class TrainSetup:
     # tightness on a fixed test batch); must leave the network, its gradients and the RNGs as
     # they were, so that a resumed run stays identical
     epoch_metrics: Callable[[BoundedNet], dict] | None = None
+    aids: Aids | None = None            # the training aids (fastcert.aids); None: all off
+    selector: Selector | None = None    # model selection after each epoch (fastcert.selection)
 
 
 class _EpochStats:
@@ -175,8 +179,8 @@ def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
 
 
 class _Loop:
-    """The training loop's state (optimiser, LR schedule, DDP wrapper) and its steps: restore
-    a checkpoint, one epoch, one optimiser step, save the epoch."""
+    """The training loop's state (optimiser, LR schedule, DDP wrapper, the aids' state) and
+    its steps: restore a checkpoint, one epoch, one optimiser step, save the epoch."""
 
     def __init__(self, s: TrainSetup):
         self.s = s
@@ -190,6 +194,7 @@ class _Loop:
         self.steps = len(s.train_loader)
         self.log_every = int(s.logger.log_every or 0)
         self.record_every = max(1, self.steps // RECORD_STEPS)
+        self.aids = (s.aids or Aids()).start(s.net.model, self.steps, s.epochs)
 
     def restore(self, state: dict) -> int:
         """Weights, optimiser, LR schedule and RNGs of a checkpoint; the epochs it trained."""
@@ -197,6 +202,9 @@ class _Loop:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_sched.load_state_dict(state["lr_scheduler"])
         checkpoint.set_rng_state(state["rng"])
+        self.aids.load_state_dict(state.get("aids"))
+        if self.s.selector is not None:
+            self.s.selector.load_state_dict(state.get("select"))
         return state["epoch"]
 
     def method_step(self, batch: Batch, sync: bool) -> StepOutput:
@@ -228,14 +236,23 @@ class _Loop:
         for i, (x, y) in enumerate(bar):
             eps = self.step(epoch, i, x, y, stats, bar)
         bar.close()
+        aids = self.aids.end_epoch(epoch, self.train_inputs)
         self.lr_sched.step()
         record = {"epoch": epoch + 1, "phase": s.schedule.phase(epoch), "eps": eps,
-                  "lr": self.optimizer.param_groups[0]["lr"], **stats.record(s.dist),
+                  "lr": self.optimizer.param_groups[0]["lr"], **stats.record(s.dist), **aids,
                   "epoch_time_s": time.perf_counter() - t0}
         if s.epoch_metrics is not None:
             record.update(s.epoch_metrics(s.net))
+        if s.selector is not None:
+            record.update(s.selector.after_epoch(s.net.model, epoch))
         _check_finite(torch.tensor(record["loss"]), epoch, self.steps - 1, eps)
         return record
+
+    def train_inputs(self):
+        """The training inputs batch by batch on the device (a fresh pass over the loader):
+        what the aids' BatchNorm passes read."""
+        for x, _ in self.s.train_loader:
+            yield x.to(self.s.device, non_blocking=True, memory_format=self.memory_format)
 
     def step(self, epoch: int, i: int, x: torch.Tensor, y: torch.Tensor, stats: _EpochStats,
              bar) -> float:
@@ -250,9 +267,14 @@ class _Loop:
         record_now = i % self.record_every == 0 or i + 1 == self.steps
         diagnose = log_now or record_now
         self.optimizer.zero_grad(set_to_none=True)
-        out = self._accumulate(x, y, eps, weight, diagnose)
+        aids = self.aids.pre_step(s.net, self.optimizer, x, y, s.box_fn, eps)
+        with self.aids.shrinking():
+            out = self._accumulate(x, y, eps, weight, diagnose)
+        aids.update(self.aids.penalty())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, s.optim.grad_clip)
         self.optimizer.step()
+        self.aids.after_step(step)
+        out.stats.update(aids)
         stats.add(out, y, out.loss, record_now, weight / (s.dist.world if s.dist else 1))
         if diagnose:
             _check_finite(out.loss if s.dist is None else  # every rank stops together
@@ -289,7 +311,8 @@ class _Loop:
             f.write(json.dumps(record) + "\n")
         state = {"model": s.net.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "lr_scheduler": self.lr_sched.state_dict(), "epoch": record["epoch"],
-                 "rng": checkpoint.rng_state(),
+                 "rng": checkpoint.rng_state(), "aids": self.aids.state_dict(),
+                 "select": None if s.selector is None else s.selector.state_dict(),
                  **(s.checkpoint_extra() if s.checkpoint_extra else {})}
         checkpoint.save_atomic(state, s.run_dir / "last.pt")
         s.logger.log_epoch(record, record["epoch"])
