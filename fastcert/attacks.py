@@ -91,7 +91,10 @@ class PGDConfig:
     half-width (``schedule: cosine``: step k of N is ``step_size`` · (1 + cos(πk/N)) / 2, large
     first, vanishing last), maximising ``loss`` (``margin``: max_{j≠y} f_j - f_y; ``ce``: cross
     entropy), each from a random point of the box (``random_start``; ``start``: uniform in the
-    box, or a random corner) or from x."""
+    box, or a random corner) or from x. ``step_decay``: the step is multiplied by this factor
+    at each step index of ``decay_at`` (0-based; steps k ≥ m use it, in every restart), e.g.
+    CTBench's TAPS latent search (``_MultiPGDMixin``: ×0.2 from step int(0.7T) for
+    10 ≤ T ≤ 50) is ``step_decay=0.2, decay_at=[7]`` at T = 10."""
 
     steps: int = 20
     restarts: int = 1
@@ -100,23 +103,30 @@ class PGDConfig:
     random_start: bool = True
     start: Literal["uniform", "corner"] = "uniform"
     schedule: Literal["constant", "cosine"] = "constant"
+    step_decay: float = 1.0
+    decay_at: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.steps < 0 or self.restarts < 1 or self.step_size <= 0:
             raise ValueError(f"invalid PGD settings {self}: steps >= 0, restarts >= 1, "
                              f"step_size > 0")
+        if self.step_decay <= 0 or any(m < 0 for m in self.decay_at):
+            raise ValueError(f"invalid PGD step decay {self}: step_decay > 0, decay_at >= 0")
 
     @property
     def description(self) -> str:
+        decay = (f", x{self.step_decay:g} from step{'s' if len(self.decay_at) > 1 else ''} "
+                 f"{', '.join(map(str, self.decay_at))}" if self.decay_at else "")
         return (f"PGD {self.steps} steps x {self.restarts} restart(s), {self.loss} loss, step "
                 f"{self.step_size:g} x half-width" + (", cosine" if self.schedule == "cosine"
-                                                      else ""))
+                                                      else "") + decay)
 
     def step(self, k: int) -> float:
         """The step size of step k, as a fraction of the box half-width."""
+        decay = self.step_decay ** sum(k >= m for m in self.decay_at) if self.decay_at else 1.0
         if self.schedule == "cosine":
-            return self.step_size * (1 + math.cos(math.pi * k / max(self.steps, 1))) / 2
-        return self.step_size
+            return decay * self.step_size * (1 + math.cos(math.pi * k / max(self.steps, 1))) / 2
+        return decay * self.step_size
 
     def run(self, model, x, y, lower, upper, generator=None) -> AttackResult:
         """Search the box for misclassified inputs (the caller chooses the model's mode);

@@ -24,7 +24,9 @@ the closed forms below), not PyTorch's ``xavier_*`` (which average fan-in and fa
 ``default``          DefaultInit         PyTorch's own init, left untouched
 ===================  ==================  ==========================  ======================
 
-The baselines (the Table 3.1 rows) fill every ``Conv2d``/``Linear`` weight and set biases to 0.
+The baselines (the Table 3.1 rows) fill every ``Conv2d``/``Linear`` weight and set biases to 0
+(``zero_bias: false`` keeps PyTorch's bias init U(-1/√n, 1/√n) instead: CTBench's
+``--init default``, ``networks.py``, is ``kaiming_uniform`` with it).
 ``ibp`` does what Shi et al.'s released code does (see :class:`IBPInit`): output layer and
 biases keep PyTorch's init, and the layers reading a residual block's output are halved.
 """
@@ -58,9 +60,13 @@ def _fan_in(weight: torch.Tensor) -> int:
 
 class Init:
     """An initialisation: ``init(model, seed)`` fills every ``Conv2d`` / ``Linear`` weight with
-    :meth:`fill` and zeroes the biases. ``conf/init/<name>.yaml`` names the class
-    (``_target_: fastcert.initializers.<Class>``). :meth:`gain` is the closed-form difference
-    gain (n/2)·E|W| (Eq. 6 of Shi et al. 2021) for fan-in ``n``."""
+    :meth:`fill` and zeroes the biases (``zero_bias``; false: they keep PyTorch's init).
+    ``conf/init/<name>.yaml`` names the class (``_target_: fastcert.initializers.<Class>``).
+    :meth:`gain` is the closed-form difference gain (n/2)·E|W| (Eq. 6 of Shi et al. 2021) for
+    fan-in ``n``."""
+
+    def __init__(self, zero_bias: bool = True):
+        self.zero_bias = zero_bias
 
     def fill(self, weight: torch.Tensor, generator: torch.Generator | None) -> None:
         raise NotImplementedError  # pragma: no cover - every subclass defines it
@@ -76,7 +82,7 @@ class Init:
         for module in model.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 _fill(module.weight, self.fill, generator)
-                if module.bias is not None:
+                if module.bias is not None and self.zero_bias:
                     module.bias.zero_()
         return model
 
@@ -88,6 +94,9 @@ class DefaultInit(Init):
     """PyTorch's own init, left untouched: ``kaiming_uniform_(a=sqrt(5))`` = U(-1/√n, 1/√n)
     (:meth:`fill` samples it so :func:`fastcert.gain.difference_gain` can measure PyTorch's
     default)."""
+
+    def __init__(self):
+        super().__init__()
 
     def fill(self, weight, generator):
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
@@ -125,6 +134,9 @@ class IBPInit(Init):
     """
 
     residual_scale = 0.5
+
+    def __init__(self):
+        super().__init__(zero_bias=False)
 
     def fill(self, weight, generator):
         weight.normal_(0.0, math.sqrt(2 * math.pi) / _fan_in(weight), generator=generator)

@@ -3,6 +3,7 @@ per ``conf/optim/<name>.yaml`` (``_target_: fastcert.optim.<Class>``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -10,7 +11,10 @@ import torch
 @dataclass(frozen=True)
 class Optimizer:
     """LR × ``gamma`` at each of ``milestones`` (epochs), gradient-norm clipping at
-    ``grad_clip``, and ``grad_acc_steps`` accumulation steps per optimiser step."""
+    ``grad_clip``, and ``grad_acc_steps`` accumulation steps per optimiser step, whose chunks
+    normalise with their own BatchNorm statistics (``grad_acc_bn: chunk``, Shi et al. 2021's
+    code) or with those of one clean pass over the whole batch (``batch``, CTBench's
+    ``GradAccuFunctionWrapper``: :func:`fastcert.whole_batch_bn.whole_batch_statistics`)."""
 
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -18,6 +22,7 @@ class Optimizer:
     gamma: float = 0.2
     grad_clip: float = 10.0
     grad_acc_steps: int = 1
+    grad_acc_bn: Literal["chunk", "batch"] = "chunk"
 
     def __post_init__(self):
         if self.lr <= 0:

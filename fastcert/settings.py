@@ -132,9 +132,13 @@ def validate(cfg: DictConfig) -> Settings:
     sched = check_node(cfg.schedule, "schedule", RUNTIME["schedule"])
     check_epochs(epochs, sched.get("start", 0), sched.get("length", 0))
     aids, select = aids_and_selection(cfg, data, speed)
+    optim = instantiate(cfg.optim, "optim")
+    if optim.grad_acc_bn == "batch" and optim.grad_acc_steps > 1 and _parallel(speed):
+        raise ConfigError("optim.grad_acc_bn=batch runs in one process only: use nproc=1, or "
+                          "optim.grad_acc_bn=chunk")
     return Settings(config=cfg, seed=seed, epochs=epochs, eps=eps, eval_eps=eval_eps,
                     cpu_threads=threads, method=instantiate(cfg.method, "method"),
-                    optim=instantiate(cfg.optim, "optim"), eval=eval_cfg, data=data,
+                    optim=optim, eval=eval_cfg, data=data,
                     init=instantiate(cfg.init, "init"), speed=speed, aids=aids, select=select)
 
 
@@ -147,7 +151,11 @@ def aids_and_selection(cfg: DictConfig, data, speed: Speed) -> tuple[Aids, Selec
         raise ConfigError("select.split=val needs a validation split: set data.val_size "
                           "(e.g. data.val_size=0.1), or select.split=test to select on the "
                           "test set as CTBench does, or select.metric=null")
-    if aids.edac.on and (speed.nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+    if aids.edac.on and _parallel(speed):
         raise ConfigError("aids.edac.gamma>0 runs in one process only (its pre-step is not "
                           "reduced over data-parallel ranks): use nproc=1, or aids.edac.gamma=0")
     return aids, select
+
+
+def _parallel(speed: Speed) -> bool:
+    return speed.nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -8,6 +8,7 @@ epoch's numbers are summed over ranks, and only rank 0 writes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import defaultdict
@@ -28,6 +29,7 @@ from fastcert.regularizers import relu_states
 from fastcert.schedules import EpsSchedule
 from fastcert.seeding import seed_everything, stream_seed
 from fastcert.selection import Selector
+from fastcert.whole_batch_bn import whole_batch_statistics
 
 #: Evenly spaced steps per epoch whose plot-only values (ReLU states, regularisers) the epoch's
 #: record averages (fewer when an epoch has fewer steps).
@@ -291,17 +293,22 @@ class _Loop:
     def _accumulate(self, x: torch.Tensor, y: torch.Tensor, eps: float, weight: float,
                     diagnose: bool) -> StepOutput:
         """The gradients of the batch's mean loss, chunk by chunk (each chunk's mean loss
-        weighted by its share of the batch); the chunks' outputs merged."""
+        weighted by its share of the batch; BatchNorm as ``optim.grad_acc_bn`` says); the
+        chunks' outputs merged."""
         s = self.s
         k = s.optim.grad_acc_steps
         chunks = list(zip(x.chunk(k), y.chunk(k)))
+        whole = len(chunks) > 1 and s.optim.grad_acc_bn == "batch"
         outs = []
-        for j, (xc, yc) in enumerate(chunks):
-            lower, upper = s.box_fn(xc, eps)
-            out = self.method_step(Batch(xc, yc, lower, upper, eps, s.schedule.eps_target,
-                                         s.box_fn, diagnose), sync=j + 1 == len(chunks))
-            (out.loss * (weight * len(yc) / len(y))).backward()  # chunk means → batch mean
-            outs.append(out)
+        with whole_batch_statistics(s.net, x) if whole else contextlib.nullcontext():
+            for j, (xc, yc) in enumerate(chunks):
+                lower, upper = s.box_fn(xc, eps)
+                last = j + 1 == len(chunks)
+                out = self.method_step(Batch(xc, yc, lower, upper, eps, s.schedule.eps_target,
+                                             s.box_fn, diagnose), sync=last)
+                # chunk means → batch mean; the whole batch's statistics serve every chunk
+                (out.loss * (weight * len(yc) / len(y))).backward(retain_graph=whole and not last)
+                outs.append(out)
         return _merge(outs, [len(yc) for _, yc in chunks])
 
     def save(self, record: dict) -> None:

@@ -16,8 +16,8 @@ image range).
     same split, so "± std over seeds" measures training alone. No normalisation (mean 0, std 1);
     ``augment`` is ignored.
 :class:`MNIST`
-    ``torchvision.datasets.MNIST`` (``<root>/MNIST/raw/*-idx?-ubyte``), 1x28x28, mean 0 / std 1.
-    No augmentation.
+    ``torchvision.datasets.MNIST`` (``<root>/MNIST/raw/*-idx?-ubyte``), 1x28x28, normalised with
+    ``mean``/``std`` (default 0 / 1; CTBench's presets 0.1307 / 0.3081). No augmentation.
 :class:`FashionMNIST`
     ``torchvision.datasets.FashionMNIST`` (Xiao et al. 2017: 60,000 / 10,000 28x28 grey images
     of clothes in MNIST's file format), mean 0 / std 1, no augmentation (as in the CROWN-IBP

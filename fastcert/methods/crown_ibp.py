@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from fastcert.bounds import Bound, Mix, beta_mix, compute_bounds, robust_ce_from_margins
 from fastcert.methods.base import Ramp, StepOutput, mix, natural_step
 from fastcert.methods.crown import RelaxationRegularized
+from fastcert.methods.warmup import Warmup
 from fastcert.relaxation import relaxed_margins
 from fastcert.schedules import linear_coefficient
 
@@ -30,15 +31,24 @@ class CrownIBP(RelaxationRegularized):
     e.g. ``gamma_start=γ, gamma_end=0``). Without loss fusion the CROWN-IBP pass of the loss
     gives them; with it they take one more margin-bound pass, whose clean forward pass also
     updates BatchNorm's running statistics (twice per step with the fused one).
+
+    ``warmup``: the warmup regularisers of Shi et al. 2021 (:class:`Warmup`) on the IBP
+    intermediate bounds of the CROWN-IBP pass, as CTBench's CROWN-IBP scripts do
+    (``--fast-reg``: the regulariser reads the box bounds its ``DeepPolyModelWrapper`` stores;
+    at ε = 0 :meth:`Warmup.natural_phase_step`); ``lambda0 = 0`` (the default) switches them
+    off.
     """
 
     loss_fusion: bool = True
     beta_start: float = 1.0
     beta_end: float = 0.0
     kappa: Ramp = field(default_factory=Ramp)
+    warmup: Warmup = field(default_factory=lambda: Warmup(lambda0=0.0))
 
     def step(self, net, batch):
         if batch.eps <= 0:
+            if self.warmup.lambda0 > 0:
+                return self.warmup.natural_phase_step(net, batch)
             return natural_step(net, batch)
         beta = linear_coefficient(self.beta_start, self.beta_end, batch.ratio)
         kappa = self.kappa.at(batch)
@@ -68,6 +78,13 @@ class CrownIBP(RelaxationRegularized):
         loss = mix(natural, robust, kappa)
         stats = {"loss/natural": natural.detach(), "loss/robust": robust.detach(),
                  "kappa": kappa, "beta": beta}
+        diagnostics = {}
+        if self.warmup.lambda0 > 0:  # the IBP intermediate bounds of the pass just run
+            loss, warm, diagnostics = self.warmup.add(
+                loss, lambda: net.relu_bounds(fused=self.loss_fusion), batch.upper - batch.lower,
+                batch)
+            relus = warm if warm is not None else relus
+            stats["lambda"] = self.warmup.weight(batch)
         if regularized:
             loss = self.regularize(net.bounded, lin, C, batch, "adaptive", loss, stats)
-        return StepOutput(loss, logits, stats, verified, relus)
+        return StepOutput(loss, logits, stats, verified, relus, diagnostics)

@@ -1,10 +1,14 @@
 """SABR: small adversarial bounding regions (Müller et al., ICLR 2023)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+import torch.nn as nn
 
 from fastcert.attacks import PGDConfig
 from fastcert.methods.adversarial import attack_point
@@ -34,24 +38,52 @@ def check_lam(lam: float) -> None:
         raise ValueError(f"lam={lam}: the small-box ratio τ/ε must be in (0, 1]")
 
 
-def propagation_box(net, batch: Batch, lam: float, attack: PGDConfig
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+#: How SABR's centre search normalises: BatchNorm in eval mode (SABR's code) or with the clean
+#: batch's statistics (CTBench).
+SearchBN = Literal["eval", "clean"]
+
+
+@contextlib.contextmanager
+def running_statistics_kept(model: nn.Module) -> Iterator[None]:
+    """BatchNorm running statistics restored on exit (in place: tied views stay tied)."""
+    saved = [(b, b.detach().clone()) for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def propagation_box(net, batch: Batch, lam: float, attack: PGDConfig,
+                    search_bn: SearchBN = "eval") -> tuple[torch.Tensor, torch.Tensor]:
     """SABR's small box inside the batch's ε-box (the ε-box itself when λ = 1): PGD over the
-    ε-box with BatchNorm in eval mode, then :func:`small_box` around the attack point."""
+    ε-box, then :func:`small_box` around the attack point. ``search_bn``: the search runs with
+    BatchNorm in eval mode (``eval``, SABR's code) or with the statistics of a clean pass over
+    the batch (``clean``, CTBench's ``SmallBoxModelWrapper``: the step's clean pass sets them;
+    here that pass leaves the running statistics as they were, so that they are updated once a
+    step, by the step's own clean pass)."""
     if lam == 1:
         return batch.lower, batch.upper
-    _, x_adv = attack_point(net, batch.x, batch.y, batch.lower, batch.upper, attack,
-                            clean_stats=False)
+    if search_bn == "clean" and net.training:
+        with running_statistics_kept(net.model):
+            net(batch.x)
+            _, x_adv = attack_point(net, batch.x, batch.y, batch.lower, batch.upper, attack,
+                                    clean_stats=True)
+    else:
+        _, x_adv = attack_point(net, batch.x, batch.y, batch.lower, batch.upper, attack,
+                                clean_stats=False)
     return small_box(batch.lower, batch.upper, x_adv, lam)
 
 
 def sabr_step(net, batch: Batch, lam: float, attack: PGDConfig, kappa: Ramp,
-              warmup: Warmup) -> StepOutput:
+              warmup: Warmup, search_bn: SearchBN = "eval") -> StepOutput:
     """:func:`fast_ibp_step` on SABR's small box (on the batch itself at ε = 0); for λ < 1
     ``verified`` becomes ``stats["acc/small_box"]`` (the small box certifies nothing)."""
     if batch.eps <= 0:
         return fast_ibp_step(net, batch, kappa, warmup)
-    lower, upper = propagation_box(net, batch, lam, attack)
+    lower, upper = propagation_box(net, batch, lam, attack, search_bn)
     out = fast_ibp_step(net, dataclasses.replace(batch, lower=lower, upper=upper), kappa, warmup)
     if lam < 1:
         out.stats["acc/small_box"] = out.verified.float().mean()
@@ -71,10 +103,12 @@ class SABR(Method):
     ``kappa`` (:class:`Ramp`) and the warmup regularisers of Shi et al. 2021 (``warmup``,
     :class:`Warmup`) on the small box's bounds, as fast IBP does on the ε-box (CTBench
     ``--fast-reg``; SABR's own code uses them too, λ0 = 0.5). ``attack``: PGD over the whole
-    ε-box maximising CE, BatchNorm in eval mode (SABR's code: 8 steps, initial step 0.5 of
-    the half-width, 1 restart; its step decays ×0.1 after steps 4 and 7 are not
-    reproduced). ``verified`` is reported only for λ = 1 (the small box is no certificate of
-    the ε-box); ``acc/small_box`` is the small-box IBP accuracy.
+    ε-box maximising CE (SABR's code: 8 steps, initial step 0.5 of the half-width, 1
+    restart; its step decays ×0.1 after steps 4 and 7 are not reproduced), with BatchNorm in
+    eval mode (``search_bn: eval``, SABR's code) or with the clean batch's statistics
+    (``clean``, CTBench's convention; its presets). ``verified`` is reported only for λ = 1
+    (the small box is no certificate of the ε-box); ``acc/small_box`` is the small-box IBP
+    accuracy.
     """
 
     lam: float = 0.4
@@ -82,9 +116,11 @@ class SABR(Method):
         steps=8, restarts=1, step_size=0.5, loss="ce", random_start=True))
     kappa: Ramp = field(default_factory=Ramp)
     warmup: Warmup = field(default_factory=Warmup)
+    search_bn: SearchBN = "eval"
 
     def __post_init__(self):
         check_lam(self.lam)
 
     def step(self, net, batch):
-        return sabr_step(net, batch, self.lam, self.attack, self.kappa, self.warmup)
+        return sabr_step(net, batch, self.lam, self.attack, self.kappa, self.warmup,
+                         self.search_bn)

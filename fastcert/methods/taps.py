@@ -10,7 +10,7 @@ from fastcert.attacks import PGDConfig, pgd_attack
 from fastcert.bounds import BoundedNet, margin_spec, robust_ce_from_margins
 from fastcert.methods.base import Batch, Method, Ramp, StepOutput, mix
 from fastcert.methods.ibp import fast_ibp_step
-from fastcert.methods.sabr import check_lam, propagation_box, sabr_step
+from fastcert.methods.sabr import SearchBN, check_lam, propagation_box, sabr_step
 from fastcert.methods.warmup import Warmup
 
 
@@ -116,11 +116,12 @@ class TAPS(Method):
     output layer; null, the default: 1, or the output layer alone where a network has one
     hidden block). ``latent_attack``: the pivot PGD (margin objective,
     random start in [l, u]); TAPS steps ``max(0.2, 2/T)·(u - l)``, i.e. 2·max(0.2, 2/T) of the
-    half-width (0.4 for T = 10); CTBench's step decay (×0.2 at 0.7T for T ≥ 10) is not
-    reproduced. BatchNorm: clean-batch statistics for the bounds, the search and the
-    estimate. ``ibp_during_ramp``: fast IBP (:func:`fast_ibp_step`) while ε < ε_target, as
-    both TAPS's and CTBench's code do. ``verified`` is IBP's on the ε-box (sound; none for
-    STAPS's small box); ``acc/taps`` is the accuracy of the (unsound) TAPS estimate.
+    half-width (0.4 for T = 10); CTBench's step decay (×0.2 from step int(0.7T) for
+    10 ≤ T ≤ 50) is its ``step_decay``/``decay_at`` (the ctbench presets set them).
+    BatchNorm: clean-batch statistics for the bounds, the search and the estimate.
+    ``ibp_during_ramp``: fast IBP (:func:`fast_ibp_step`) while ε < ε_target, as both TAPS's
+    and CTBench's code do. ``verified`` is IBP's on the ε-box (sound; none for STAPS's small
+    box); ``acc/taps`` is the accuracy of the (unsound) TAPS estimate.
     """
 
     head_blocks: int | None = None
@@ -199,18 +200,21 @@ class STAPS(TAPS):
     — the input box is :func:`fastcert.methods.sabr.propagation_box` (PGD centre, radius λ·ε,
     ``lam``) instead of the ε-box; during the ramp (``ibp_during_ramp``) it trains as SABR
     (:func:`fastcert.methods.sabr.sabr_step`). ``attack`` is the input-space search (TAPS's
-    code: 10 steps of 0.2 of the half-width, 1 restart, CE)."""
+    code: 10 steps of 0.2 of the half-width, 1 restart, CE), with BatchNorm in eval mode or
+    the clean batch's statistics (``search_bn``, as SABR's)."""
 
     lam: float = 0.4
     attack: PGDConfig = field(default_factory=lambda: PGDConfig(
         steps=10, restarts=1, step_size=0.2, loss="ce", random_start=True))
+    search_bn: SearchBN = "eval"
 
     def __post_init__(self):
         super().__post_init__()
         check_lam(self.lam)
 
     def ramp_step(self, net, batch):
-        return sabr_step(net, batch, self.lam, self.attack, self.kappa, self.warmup)
+        return sabr_step(net, batch, self.lam, self.attack, self.kappa, self.warmup,
+                         self.search_bn)
 
     def taps_box(self, net, batch):
-        return propagation_box(net, batch, self.lam, self.attack)
+        return propagation_box(net, batch, self.lam, self.attack, self.search_bn)
