@@ -20,7 +20,11 @@ METHODS = ("ibp", "crown_ibp", "fast", "sabr", "taps", "staps", "mtl_ibp", "cc_i
 PER_METHOD = {("mnist_0_3", "taps"): {"eps"}, ("cifar10_2", "sabr"): {"eps"},
               ("tinyimagenet_1", "exp_ibp"): {"epochs", "schedule", "optim"},
               ("tinyimagenet_1", "crown_ibp"): {"optim"}, ("tinyimagenet_1", "taps"): {"optim"},
-              ("tinyimagenet_1", "staps"): {"optim"}}
+              ("tinyimagenet_1", "staps"): {"optim"},
+              # no CTBench script: De Palma et al.'s recipes (tests/test_ctbench_transcriptions.py)
+              ("mnist_0_3", "cc_ibp"): {"eps"}, ("mnist_0_3", "exp_ibp"): {"eps"},
+              ("cifar10_8", "cc_ibp"): {"epochs", "schedule", "optim"},
+              ("cifar10_8", "exp_ibp"): {"epochs", "schedule", "optim"}}
 
 
 def test_every_setting_has_a_preset_per_method():
