@@ -132,6 +132,10 @@ def validate(cfg: DictConfig) -> Settings:
     sched = check_node(cfg.schedule, "schedule", RUNTIME["schedule"])
     check_epochs(epochs, sched.get("start", 0), sched.get("length", 0))
     aids, select = aids_and_selection(cfg, data, speed)
+    if aids.swa.on and aids.swa.start >= epochs:
+        raise ConfigError(f"aids.swa.start={aids.swa.start}: SWA must start before the last of "
+                          f"the {epochs} epochs (an epoch index, 0-based), e.g. "
+                          f"aids.swa.start={max(0, epochs - max(1, epochs // 10))}")
     optim = instantiate(cfg.optim, "optim")
     if optim.grad_acc_bn == "batch" and optim.grad_acc_steps > 1 and _parallel(speed):
         raise ConfigError("optim.grad_acc_bn=batch runs in one process only: use nproc=1, or "

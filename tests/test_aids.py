@@ -225,3 +225,16 @@ def test_shrinking_changes_a_training_loss():
         shrunk = method.step(net, batch).loss
     assert shrunk < plain - 1e-3
     assert F.relu(torch.tensor(1.0)) == 1  # the patched operator is auto_LiRPA's, not torch's
+
+
+@pytest.mark.parametrize("over,key", [
+    (["nproc=2", "aids.edac.gamma=0.3"], "aids.edac.gamma>0 runs in one process only"),
+    (["nproc=2", "optim.grad_acc_steps=2", "optim.grad_acc_bn=batch"], "optim.grad_acc_bn=batch"),
+    (["epochs=5", "aids.swa.start=5"], "aids.swa.start=5: SWA must start before"),
+    (["select.metric=clean_acc"], "select.split=val needs a validation split"),
+])
+def test_run_config_combinations_refused_before_training(compose, over, key):
+    from fastcert.settings import validate
+
+    with pytest.raises(ConfigError, match=key):
+        validate(compose(["device=cpu", *over]))
