@@ -14,7 +14,7 @@ every point exactly: the optimal weights. For an input box of radius ε its outp
 half-widths (per unit ε, mean over the D outputs; :func:`fastcert.tightness.dln_box_radii`)
 
     layer-wise (IBP)  |V| |Vᵀ| 1   ≈ (2/π)·k        (linear in k)
-    optimal           |V Vᵀ| 1     ≈ √(2k/π) + k/D  (√k for k ≪ D)
+    optimal           |V Vᵀ| 1     ≈ √(2k/π) + k/D  (√k for 1 ≪ k ≪ D)
 
 and τ = optimal / layer-wise ≈ 1/√k. Writes ``<out>/box_reconstruction.csv`` (per k: mean ± std
 over the draws of both radii, τ, and the largest reconstruction error of the data, ~1e-6),
