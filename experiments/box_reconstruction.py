@@ -16,8 +16,8 @@ half-widths (per unit ε, mean over the D outputs; :func:`fastcert.tightness.dln
     layer-wise (IBP)  |V| |Vᵀ| 1   ≈ (2/π)·k        (linear in k)
     optimal           |V Vᵀ| 1     ≈ √(2k/π) + k/D  (√k for 1 ≪ k ≪ D)
 
-and τ = optimal / layer-wise ≈ 1/√k. Writes ``<out>/box_reconstruction.csv`` (per k: mean ± std
-over the draws of both radii, τ, and the largest reconstruction error of the data, ~1e-6),
+and τ = optimal / layer-wise ≈ 1/√k. Writes ``<out>/box_reconstruction.csv`` (per k: mean
+± std over the draws of both radii, τ, and the largest reconstruction error of the data),
 ``<out>/slopes.csv`` (fitted exponents of both radii and of τ against k) and
 ``<out>/box_reconstruction.png``. Full: D = 1024, k = 1 … 128, 10 draws; ``--quick``: D = 256,
 k = 1 … 32, 3 draws.

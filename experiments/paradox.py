@@ -34,10 +34,10 @@ Li et al. 2018), two directions, with dL/dt from autograd at each grid point. An
 whose change departs from the trapezoid prediction h·(g_i + g_(i+1))/2 by more than
 1e-4·max(1, |L|) is a candidate (a kink departs by O(h·Δg), a jump by its size); it is bisected
 12 times following the larger change and counted as a jump when the change across the final
-interval (1/4096 of a grid step) is more than 8× what the end slopes explain. *Sensitivity*: the mean
-over 10 such directions of |L_R(θ + σ·d) - L_R(θ)| / σ for σ = 1e-3 and 1e-2, and (how rugged
-the landscape is, the non-smoothness later work names beside it) the mean relative change of
-the gradient ‖∇L_R(θ + σ·d) - ∇L_R(θ)‖ / ‖∇L_R(θ)‖ at σ = 1e-3.
+interval (1/4096 of a grid step) is more than 8× what the end slopes explain.
+*Sensitivity*: the mean over 10 such directions of |L_R(θ + σ·d) - L_R(θ)| / σ for σ = 1e-3 and
+1e-2, and (how rugged the landscape is, the non-smoothness later work names beside it) the mean
+relative change of the gradient ‖∇L_R(θ + σ·d) - ∇L_R(θ)‖ / ‖∇L_R(θ)‖ at σ = 1e-3.
 
 Writes ``<out>/runs.csv`` (every training run: accuracies by verifier, τ), ``<out>/summary.csv``
 (mean ± std over seeds), ``<out>/relaxations.csv`` (tightness of each relaxation on each trained
@@ -422,7 +422,8 @@ def claims(summary: list[dict], land: list[dict]) -> list[dict]:
         if "ibp" in get:
             t = [get["ibp"][f"tightness_{k}"] for k in ("IBP", "CROWN-IBP", "CROWN")]
             out.append({"claim": f"eps={eps:g}: tightness on the IBP-trained net CROWN > "
-                                 f"CROWN-IBP > IBP", "values": f"{t[2]:.3f} > {t[1]:.3f} > {t[0]:.3f}",
+                                 f"CROWN-IBP > IBP",
+                        "values": f"{t[2]:.3f} > {t[1]:.3f} > {t[0]:.3f}",
                         "held": t[2] > t[1] > t[0]})
         for point in ("init", "ibp-trained"):
             rows = {r["relaxation"]: r for r in land if (r["eps"], r["point"]) == (eps, point)}
@@ -452,7 +453,8 @@ def plot(summary: list[dict], land: list[dict], lines: list[dict], path: Path) -
         for j, eps in enumerate(epsilons):
             row = next(r for r in summary if (r["variant"], r["eps"]) == (variant, eps))
             for k, v in enumerate(VERIFIERS):
-                pos = i + (j * len(VERIFIERS) + k - (len(epsilons) * len(VERIFIERS) - 1) / 2) * width
+                slot = j * len(VERIFIERS) + k - (len(epsilons) * len(VERIFIERS) - 1) / 2
+                pos = i + slot * width
                 ax.bar(pos, 100 * row[f"{v}_verified_acc"], width, color=f"C{k}",
                        alpha=1.0 if j == 0 else 0.55,
                        label=f"{v} verifier, ε={eps:g}" if i == 0 else None)
