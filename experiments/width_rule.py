@@ -12,7 +12,8 @@ series: hidden layers of 128 units, as many as make the parameter count closest 
 of the width series (1, 2, 6, 18 layers: 10k, 27k, 94k, 295k parameters against 9k, 27k, 86k,
 303k; at 1× both series are the same network, trained once). Methods: ``fast`` (IBP with IBP
 initialisation and the warmup regularisers of Shi et al. 2021, the IBP baseline of the SABR and
-TAPS papers) and ``sabr`` (λ = 0.4), each trained with the schedule of ``experiments.compare_methods`` (``--epochs`` 36) at ε = ``--eps`` (0.1).
+TAPS papers) and ``sabr`` (λ = 0.4), each trained with the schedule of
+``experiments.compare_methods`` (``--epochs`` 36) at ε = ``--eps`` (0.1).
 
 The claims tested: at initialisation τ falls far faster with depth than with width
 (τ = Θ(d^(-1/2)) against exponential in L), and widening (not deepening) improves certified
