@@ -123,7 +123,7 @@ def claims(summary: list[dict]) -> list[dict]:
                 continue
             out.append({"claim": f"{method}, ~{w['params'] // 1000}k params: tau at init, "
                                  f"wide > deep", "values":
-                        f"{w['tau_init']:.4f} > {d['tau_init']:.4f}",
+                        f"{w['tau_init']:.3g} > {d['tau_init']:.3g}",
                         "held": w["tau_init"] > d["tau_init"]})
             out.append({"claim": f"{method}, ~{w['params'] // 1000}k params: certified, "
                                  f"wide > deep", "values":
