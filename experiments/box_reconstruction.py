@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.science import loglog_slope, mean_std, pyplot, write_csv
+from experiments.science import loglog_slope, mean_and_std, pyplot, write_csv
 from fastcert.tightness import dln_box_radii
 
 FULL = {"ambient": 1024, "dims": [1, 2, 4, 8, 16, 32, 64, 128], "draws": 10}
@@ -69,7 +69,7 @@ def sweep(ambient: int, dims, draws: int) -> list[dict]:
         draws_ = [measure(ambient, dim, seed) for seed in range(draws)]
         row = {"ambient_dim": ambient, "intrinsic_dim": dim, "draws": draws}
         for key in ("layerwise", "optimal", "tau"):
-            row[f"{key}_mean"], row[f"{key}_std"] = mean_std(d[key] for d in draws_)
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_and_std(d[key] for d in draws_)
         row["layerwise_theory"] = 2 / math.pi * dim
         row["optimal_theory"] = math.sqrt(2 * dim / math.pi) + dim / ambient
         row["max_reconstruction_error"] = max(d["error"] for d in draws_)

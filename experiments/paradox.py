@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 
 from experiments.compare_methods import schedule
-from experiments.science import compose, mean_std, pyplot, train, write_csv
+from experiments.science import compose, mean_and_std, pyplot, train, write_csv
 from fastcert.bounds import Bound, compute_bounds, margin_spec, robust_ce_from_margins
 from fastcert.train import read_metrics
 
@@ -181,7 +181,7 @@ class Line:
     direction: list[torch.Tensor]
 
     @classmethod
-    def random(cls, net, seed: int) -> "Line":
+    def random(cls, net, seed: int) -> Line:
         """A direction normalised per row of each weight matrix to that row's norm (biases
         and other vectors fixed), Li et al. 2018's filter normalisation."""
         g = torch.Generator().manual_seed(seed)
@@ -258,7 +258,7 @@ def landscape(net, x, y, lower, upper, grid: int, directions: int,
         for k in range(directions):
             line = lines[k]
 
-            def loss(t, line=line):
+            def loss(t, line=line, name=name):
                 line.set(t)
                 return relaxation_loss(net, x, y, lower, upper, name)
 
@@ -306,8 +306,9 @@ def load_net(cfg, run_dir: Path | None):
     """The network of ``cfg`` as built (initialised), or with ``run_dir``'s trained weights,
     and its test digits at the training ε."""
     from fastcert.pipeline import build
+    from fastcert.settings import validate
 
-    built = build(cfg, torch.device("cpu"))
+    built = build(validate(cfg), torch.device("cpu"))
     if run_dir is not None:
         state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
         built.net.model.load_state_dict(state["model"])
@@ -405,7 +406,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                 continue
             row = {"variant": variant, "eps": eps, "seeds": len(group)}
             for key in SUMMARY_KEYS:
-                row[key], row[f"{key}_std"] = mean_std(r[key] for r in group)
+                row[key], row[f"{key}_std"] = mean_and_std(r[key] for r in group)
             out.append(row)
     return out
 

@@ -8,10 +8,14 @@ import csv
 import json
 import math
 import statistics
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
+
+from experiments.common import compose, mean_and_std
+
+__all__ = ["compose", "mean_and_std"]
 
 
 def write_csv(path: Path, rows: Sequence[dict]) -> Path:
@@ -38,12 +42,6 @@ def geomean(values: Iterable[float]) -> float:
     return math.exp(statistics.mean(math.log(v) for v in values))
 
 
-def mean_std(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    values = list(values)
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def digits(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The UCI digits shipped with scikit-learn as (N, 1, 8, 8) pixels in [0, 1] and labels:
     the inputs of the experiments that only probe a network (no training)."""
@@ -53,22 +51,6 @@ def digits(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16
     y = torch.tensor(bunch.target, dtype=torch.long)
     return (x, y) if n is None else (x[:n], y[:n])
-
-
-def compose(overrides: Sequence[str]):
-    """The run config ``python -m fastcert.run <overrides>`` would compose (no Hydra run dir)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from fastcert.config import CONF_DIR
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose("config", overrides=list(overrides))
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def train(overrides: Sequence[str], run_dir: Path, group: str) -> dict:

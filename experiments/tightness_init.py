@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.science import digits, geomean, loglog_slope, mean_std, pyplot, write_csv
+from experiments.science import digits, geomean, loglog_slope, mean_and_std, pyplot, write_csv
 from fastcert.config import build_option
 from fastcert.tightness import dln_tightness, propagation_tightness
 
@@ -72,7 +72,7 @@ def sweep(family: str, pairs, draws: int, x=None, y=None) -> list[dict]:
     for depth, width in pairs:
         taus = [dln_tau(depth, width, seed) if family == "dln" else
                 relu_tau(depth, width, seed, x, y) for seed in range(draws)]
-        mean, std = mean_std(taus)
+        mean, std = mean_and_std(taus)
         rows.append({"family": family, "depth": depth, "width": width, "draws": draws,
                      "tau_mean": mean, "tau_std": std, "tau_geomean": geomean(taus),
                      "dln_theory": dln_theory(depth, width)})

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from experiments.compare_methods import schedule
-from experiments.science import compose, mean_std, pyplot, train, write_csv
+from experiments.science import compose, mean_and_std, pyplot, train, write_csv
 from fastcert.train import read_metrics
 
 VARIANTS = {
@@ -55,10 +55,14 @@ def overrides(variant: str, eps: float, seed: int, epochs: int, extra=()) -> lis
 
 def initial_tightness(cfg) -> float:
     """τ of the network a run with ``cfg`` starts from, on the run's probe batch."""
-    from fastcert.pipeline import build, tightness_probe
+    from fastcert.pipeline import build
+    from fastcert.settings import validate
+    from fastcert.tightness import TightnessProbe
 
-    built = build(cfg, torch.device("cpu"))
-    return tightness_probe(built)(built.net)["tightness"]
+    settings = validate(cfg)
+    built = build(settings, torch.device("cpu"))
+    probe = TightnessProbe.on_test(built.data, settings.eps, built.device)
+    return probe(built.net)["tightness"]
 
 
 def run_one(variant: str, eps: float, seed: int, epochs: int, out: Path, extra=()) -> dict:
@@ -86,7 +90,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                                 ("clean_acc", [r["clean_acc"] for r in group]),
                                 ("ibp_verified_acc", [r["ibp_verified_acc"] for r in group]),
                                 ("crown_verified_acc", [r["crown_verified_acc"] for r in group])):
-                row[key], row[f"{key}_std"] = mean_std(values)
+                row[key], row[f"{key}_std"] = mean_and_std(values)
             rows.append(row)
     return rows
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from experiments.compare_methods import schedule
-from experiments.science import compose, mean_std, pyplot, train, write_csv
+from experiments.science import compose, mean_and_std, pyplot, train, write_csv
 from experiments.tightness_training import initial_tightness
 from fastcert.config import build_option
 from fastcert.train import read_metrics
@@ -104,7 +104,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                                                  "width", "params")}
                 row["seeds"] = len(group)
                 for key in KEYS:
-                    row[key], row[f"{key}_std"] = mean_std(r[key] for r in group)
+                    row[key], row[f"{key}_std"] = mean_and_std(r[key] for r in group)
                 out.append(row)
     return out
 

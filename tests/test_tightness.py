@@ -14,8 +14,13 @@ import torch.nn as nn
 
 from fastcert.bounds import BoundedNet, margin_spec
 from fastcert.pipeline import run
-from fastcert.tightness import (TightnessProbe, dln_box_radii, dln_tightness,
-                                propagation_tightness, two_layer_invariant)
+from fastcert.tightness import (
+    TightnessProbe,
+    dln_box_radii,
+    dln_tightness,
+    propagation_tightness,
+    two_layer_invariant,
+)
 
 from conftest import MODEL_NAMES, TINY, build_model, compose_config, tiny_kwargs
 
