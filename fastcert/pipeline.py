@@ -79,8 +79,9 @@ def build(settings: Settings, device: torch.device | None = None) -> Built:
     model.to(device, memory_format=memory_format)
     if ctx is not None:
         distributed.sync_batchnorm(model)
-    # two test images to trace the graph (not a whole loader batch: no workers, no 512 images)
-    test_set = data.test.dataset
+    # two held-out images to trace the graph (not a whole loader batch: no workers, no 512
+    # images; validation images where there are some: the test set is read only at the end)
+    test_set = (data.test if data.val is None else data.val).dataset
     example = torch.stack([test_set[i][0] for i in range(min(2, len(test_set)))])
     net = BoundedNet(model, example.to(device, memory_format=memory_format), data.num_classes)
     schedule = instantiate(cfg.schedule, "schedule", eps_target=s.eps,
@@ -153,14 +154,17 @@ def _run_here(settings: Settings, run_dir: Path, resume, device: torch.device,
                 logger.log_epoch(record, record["epoch"])
         history = fit(_train_setup(built, run_dir, logger, resolved, start, t0),
                       resume_state=start.state)
-        result = _evaluate(built)
+        val = None if built.data.val is None else _evaluate(built, built.data.val)
+        result = _evaluate(built, built.data.test)
         results = report.results_dict(settings, result, history,
-                                       start.previous_wall_s + time.perf_counter() - t0)
+                                       start.previous_wall_s + time.perf_counter() - t0, val)
         if start.resumed is not None:
             results["resumed"] = start.resumed
         if main:
             _write(run_dir, results, logger)
-        result.raise_if_unsound()
+        for r in (val, result):
+            if r is not None:
+                r.raise_if_unsound()
         return results
     except KeyboardInterrupt:  # SIGINT, or SIGTERM through fastcert.cli.preemptible
         logger.mark_preempting()
@@ -194,17 +198,18 @@ def _train_setup(built: Built, run_dir: Path, logger: Logger, resolved: dict, st
         box_fn=built.data.eps_box, schedule=built.schedule, optim=s.optim, epochs=s.epochs,
         seed=s.seed, device=built.device, run_dir=run_dir, logger=logger,
         checkpoint_extra=checkpoint_extra,
-        epoch_metrics=TightnessProbe.on_test(built.data, s.eps, built.device),
+        epoch_metrics=TightnessProbe.on_held_out(built.data, s.eps, built.device),
         dist=distributed.current(), channels_last=built.channels_last)
 
 
-def _evaluate(built: Built) -> EvalResult:
-    """The final test evaluation; in a data-parallel run each rank evaluates its block of
-    test batches and every rank gets the whole result (:func:`fastcert.parallel.gather_results`)."""
+def _evaluate(built: Built, loader) -> EvalResult:
+    """The final evaluation on ``loader`` (the test set, or the validation split: the same
+    evaluation); in a data-parallel run each rank evaluates its block of batches and every
+    rank gets the whole result (:func:`fastcert.parallel.gather_results`)."""
     s, data = built.settings, built.data
-    part = (evaluate(built.net, data.test, data.eps_box, s.eval_eps, verifiers=s.eval.bounds,
+    part = (evaluate(built.net, loader, data.eps_box, s.eval_eps, verifiers=s.eval.bounds,
                      pgd=s.eval.pgd, device=built.device, seed=s.seed)
-            if len(data.test) else None)
+            if len(loader) else None)
     return part if distributed.current() is None else parallel.gather_results(part)
 
 

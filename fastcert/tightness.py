@@ -35,7 +35,7 @@ from fastcert.bounds import margin_spec
 from fastcert.models import affine_layers
 
 _FLOOR = 1e-8
-#: Test examples on which a run measures the propagation tightness after each epoch.
+#: Held-out examples on which a run measures the propagation tightness after each epoch.
 PROBE_EXAMPLES = 64
 
 
@@ -149,11 +149,12 @@ class TightnessProbe:
     upper: torch.Tensor
 
     @classmethod
-    def on_test(cls, data, eps: float, device: torch.device,
-                n: int = PROBE_EXAMPLES) -> TightnessProbe:
-        """The probe of a run (Mao et al. 2024's τ after each epoch): the first ``n`` test
-        examples of ``data`` (a :class:`fastcert.data.DataBundle`) at radius ``eps``."""
-        test_set = data.test.dataset
+    def on_held_out(cls, data, eps: float, device: torch.device,
+                    n: int = PROBE_EXAMPLES) -> TightnessProbe:
+        """The probe of a run (Mao et al. 2024's τ after each epoch): the first ``n`` examples
+        of ``data``'s (a :class:`fastcert.data.DataBundle`) validation split, or of its test
+        set where it has none, at radius ``eps``."""
+        test_set = (data.test if data.val is None else data.val).dataset
         n = min(n, len(test_set))
         x = torch.stack([test_set[i][0] for i in range(n)]).to(device)
         y = torch.tensor([int(test_set[i][1]) for i in range(n)], device=device)
