@@ -18,6 +18,7 @@ import pkgutil
 import re
 from pathlib import Path
 
+import config_reference
 from sphinx.util.nodes import make_refnode
 
 DOCS = Path(__file__).resolve().parents[1]
@@ -162,12 +163,39 @@ def resolve_as_python(app, env, node, contnode):
                         contnode, found[0])
 
 
+def bench_tables() -> None:
+    """``_generated/bench_data.md``: every CSV under ``docs/data/`` (what ``make bench`` commits)
+    as a table, for the performance page to include."""
+    csvs = sorted((DOCS / "data").glob("*.csv"))
+    lines = []
+    for path in csvs:
+        lines += [f"### `docs/data/{path.name}`", "", "```{csv-table}",
+                  f":file: ../data/{path.name}", ":header-rows: 1", "```", ""]
+    if not csvs:
+        lines = ["No benchmark CSVs are committed yet: `make bench` writes them to "
+                 "`docs/data/`.", ""]
+    write(OUT / "bench_data.md", "\n".join(lines))
+
+
+def drop_absent_pages(app, docname, source) -> None:
+    """Remove from the root page's toctrees the pages of ``fastcert_optional_pages`` that do not
+    exist yet (pages that other branches add); any other missing page still fails the build."""
+    if docname != app.config.root_doc:
+        return
+    absent = {p for p in app.config.fastcert_optional_pages if not (DOCS / f"{p}.md").is_file()}
+    source[0] = "\n".join(line for line in source[0].split("\n") if line.strip() not in absent)
+
+
 def generate(app) -> None:
     api_pages()
+    config_reference.generate(DOCS.parent / "fastcert" / "conf", OUT / "config", write)
+    bench_tables()
 
 
 def setup(app):
+    app.add_config_value("fastcert_optional_pages", [], "env")
     app.connect("builder-inited", generate)
+    app.connect("source-read", drop_absent_pages)
     app.connect("autodoc-process-docstring", process_docstring)
     app.connect("missing-reference", resolve_as_python)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
