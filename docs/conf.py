@@ -23,8 +23,8 @@ extensions = [
 ]
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 root_doc = "index"
-# option blocks are {include}d by other pages, not pages of their own
-exclude_patterns = ["_build", "_generated/config/option"]
+# blocks that other pages {include}, not pages of their own
+exclude_patterns = ["_build", "_generated/config/option", "_generated/include"]
 templates_path = []
 
 # Markdown: $…$ maths is not enabled (the pages write formulas in Unicode); headings up to level 3

@@ -12,6 +12,7 @@ docstring conventions the build understands.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import importlib
 import pkgutil
@@ -163,18 +164,29 @@ def resolve_as_python(app, env, node, contnode):
                         contnode, found[0])
 
 
+def csv_table(path: Path) -> list[str]:
+    """A CSV file as a Markdown table."""
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return []
+    cell = config_reference.md_text
+    out = ["| " + " | ".join(cell(c) for c in rows[0]) + " |",
+           "|" + "---|" * len(rows[0])]
+    return out + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows[1:]]
+
+
 def bench_tables() -> None:
-    """``_generated/bench_data.md``: every CSV under ``docs/data/`` (what ``make bench`` commits)
-    as a table, for the performance page to include."""
+    """``_generated/include/bench_data.md``: every CSV under ``docs/data/`` (what ``make bench``
+    commits) as a table, for the performance page to include."""
     csvs = sorted((DOCS / "data").glob("*.csv"))
     lines = []
     for path in csvs:
-        lines += [f"### `docs/data/{path.name}`", "", "```{csv-table}",
-                  f":file: ../data/{path.name}", ":header-rows: 1", "```", ""]
+        lines += [f"**`docs/data/{path.name}`**", "", *csv_table(path), ""]
     if not csvs:
         lines = ["No benchmark CSVs are committed yet: `make bench` writes them to "
                  "`docs/data/`.", ""]
-    write(OUT / "bench_data.md", "\n".join(lines))
+    write(OUT / "include" / "bench_data.md", "\n".join(lines))
 
 
 def drop_absent_pages(app, docname, source) -> None:
@@ -184,6 +196,11 @@ def drop_absent_pages(app, docname, source) -> None:
         return
     absent = {p for p in app.config.fastcert_optional_pages if not (DOCS / f"{p}.md").is_file()}
     source[0] = "\n".join(line for line in source[0].split("\n") if line.strip() not in absent)
+
+
+def reread_root(app, env, added, changed, removed) -> list[str]:
+    """Read the root page at every build: which optional pages exist may have changed."""
+    return [app.config.root_doc]
 
 
 def generate(app) -> None:
@@ -196,6 +213,7 @@ def setup(app):
     app.add_config_value("fastcert_optional_pages", [], "env")
     app.connect("builder-inited", generate)
     app.connect("source-read", drop_absent_pages)
+    app.connect("env-get-outdated", reread_root)
     app.connect("autodoc-process-docstring", process_docstring)
     app.connect("missing-reference", resolve_as_python)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
