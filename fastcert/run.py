@@ -14,7 +14,7 @@ run preempting) with status 128 + the signal's number.
 from __future__ import annotations
 
 from fastcert import resolvers
-from fastcert.cli import exit_on_known_errors, preemptible, quiet_known_warnings
+from fastcert.cli import RUN_STOPPED, exit_on_known_errors, preemptible, quiet_known_warnings
 
 quiet_known_warnings()
 resolvers.register()  # also in a joblib worker, which imports this module to run a job
@@ -26,9 +26,10 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from fastcert import distributed  # noqa: E402
+from fastcert import distributed, preflight, rundir  # noqa: E402
 from fastcert.pipeline import run  # noqa: E402
 from fastcert.resume import resume_options  # noqa: E402
+from fastcert.settings import objective_metrics  # noqa: E402
 
 HYDRA_DIR = ".hydra"
 
@@ -60,7 +61,7 @@ def main(cfg: DictConfig):
     run_dir = Path(hydra_cfg.runtime.output_dir)
     print(f"run dir: {run_dir}", flush=True)
     try:
-        with exit_on_known_errors(), preemptible():
+        with exit_on_known_errors(RUN_STOPPED), preemptible():
             ctx = distributed.current()
             # a fresh run writes .hydra/ once accepted; under torchrun rank 0 alone
             fresh = resume_options(cfg)[0] is None and (ctx is None or ctx.main)
@@ -68,8 +69,11 @@ def main(cfg: DictConfig):
                           started=(lambda: write_hydra_dir(run_dir, cfg)) if fresh else None)
     finally:
         print(f"run dir: {run_dir}", flush=True)
-    metric = cfg.get("optimized_metric")
-    return results[metric] if metric else None
+    objective = cfg.get("optimized_metric")
+    if objective is None:
+        return None
+    values = [results[m] for m in objective_metrics(objective)]
+    return values[0] if isinstance(objective, str) else values
 
 
 def _join_torchrun() -> None:
@@ -82,10 +86,21 @@ def _join_torchrun() -> None:
 
 
 def cli() -> None:
-    """``fastcert-train`` (the console script) and ``python -m fastcert.run``."""
+    """``fastcert-train`` (the console script) and ``python -m fastcert.run``: the command
+    line checked and the output dir claimed before Hydra starts
+    (:func:`fastcert.preflight.prepare`), then the Hydra app. A job refused after that (e.g.
+    missing data) leaves none of the directories the check created."""
     _join_torchrun()
     try:
-        main()
+        with exit_on_known_errors(RUN_STOPPED), preemptible():
+            prepared = preflight.prepare(sys.argv[1:])
+        sys.argv[1:] = prepared.argv
+        try:
+            main()
+        except SystemExit as e:
+            if e.code == 2:
+                rundir.release(prepared.created)
+            raise
     finally:
         distributed.shutdown()
 
