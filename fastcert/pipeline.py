@@ -105,9 +105,10 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, resume: str | os.PathLike |
     """Train and evaluate as ``cfg`` says, writing metrics.jsonl, last.pt and results.json
     into ``run_dir``. ``resume``: where to continue from (True / ``"last"``: the run dir's
     last.pt; a path), default ``cfg.resume.checkpoint``. ``group`` names the sweep/preset for
-    loggers. ``started()`` is called once the config, the run dir, the resume and the data are
-    checked, before anything is written into the run dir. Returns the results dict. With
-    ``nproc`` > 1 (outside torchrun) it spawns that many data-parallel ranks on devices of the pool
+    loggers. ``started()`` is called for a fresh start (not a resume) once the config, the run
+    dir, the resume and the data are checked, before anything is written into the run dir.
+    Returns the results dict. With ``nproc`` > 1 (outside torchrun) it spawns that many
+    data-parallel ranks on devices of the pool
     (:func:`fastcert.parallel.run_parallel`).
 
     A soundness violation in the final evaluation is recorded in results.json, which is
@@ -148,7 +149,7 @@ def _run_here(settings: Settings, run_dir: Path, resume, device: torch.device,
     built = build(settings, device)
     if start.state is not None:
         check_weights(start.state, built.net.model, start.resumed[-1]["changes"])
-    if started is not None:
+    if started is not None and start.state is None:
         started()
     if ctx is not None:
         distributed.barrier()  # every rank checked the run dir before rank 0 writes to it

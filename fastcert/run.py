@@ -1,15 +1,17 @@
 """``fastcert-train [overrides]`` (or ``python -m fastcert.run``): train and certify one model
 (a Hydra app).
 
-With no overrides it runs the embedded default (digits, IBP, ε=0.1) on the CPU in about
-30 s. ``-m`` sweeps, e.g. ``python -m fastcert.run -m method=ibp,fast seed=0,1,2``.
+With no overrides it runs the embedded default (digits, IBP, ε=0.1) on the CPU. ``-m``
+sweeps, e.g. ``python -m fastcert.run -m method=ibp,fast seed=0,1,2``.
 
-The run dir is printed at the start and the end. Hydra's ``.hydra/`` (config.yaml, hydra.yaml,
-overrides.yaml) is written by this app, not by Hydra (``hydra.output_subdir: null``), and only
-for a fresh run that was accepted: a refused run (its dir holds a checkpoint) leaves the
-config that trained the checkpoint in place. A mistake in the config prints one line and exits
-with status 2; SIGTERM / SIGINT stop the run cleanly (the last checkpoint stays, W&B marks the
-run preempting) with status 128 + the signal's number.
+Before Hydra starts, the command line and every job's config are checked and the output dir
+is claimed (:mod:`fastcert.preflight`): a mistake prints one line and exits with status 2
+having written nothing; two launches in the same second get two dirs. The run dir is printed
+at the start and the end. Hydra's ``.hydra/`` (config.yaml, hydra.yaml, overrides.yaml) is
+written by this app, not by Hydra (``hydra.output_subdir: null``), and only for a fresh start
+that was accepted: a refused run (its dir holds a checkpoint) or a resume leaves the config
+that trained the checkpoint in place. SIGTERM / SIGINT stop the run cleanly (the last
+checkpoint stays, W&B marks the run preempting) with status 128 + the signal's number.
 """
 from __future__ import annotations
 
@@ -28,7 +30,6 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from fastcert import distributed, preflight, rundir  # noqa: E402
 from fastcert.pipeline import run  # noqa: E402
-from fastcert.resume import resume_options  # noqa: E402
 from fastcert.settings import objective_metrics  # noqa: E402
 
 HYDRA_DIR = ".hydra"
@@ -63,10 +64,10 @@ def main(cfg: DictConfig):
     try:
         with exit_on_known_errors(RUN_STOPPED), preemptible():
             ctx = distributed.current()
-            # a fresh run writes .hydra/ once accepted; under torchrun rank 0 alone
-            fresh = resume_options(cfg)[0] is None and (ctx is None or ctx.main)
+            # a fresh start writes .hydra/ once accepted; under torchrun rank 0 alone
+            writes = ctx is None or ctx.main
             results = run(cfg, run_dir, group=experiment_name(hydra_cfg.runtime.choices),
-                          started=(lambda: write_hydra_dir(run_dir, cfg)) if fresh else None)
+                          started=(lambda: write_hydra_dir(run_dir, cfg)) if writes else None)
     finally:
         print(f"run dir: {run_dir}", flush=True)
     objective = cfg.get("optimized_metric")
