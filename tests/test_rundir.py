@@ -89,3 +89,28 @@ def test_runs_with_one_natural_name_get_a_dir_each(tmp_path, n):
     assert seeds == set(range(n))
     taken = [out for out, _ in outs if "was taken" in out]
     assert len(taken) == n - 1, [out[:300] for out, _ in outs]
+
+
+@pytest.mark.parametrize("key,args", [("hydra.run.dir", []),
+                                      ("hydra.sweep.dir", ["-m", "seed=0,1"])])
+def test_launches_in_the_same_second_claim_two_dirs_and_explicit_dirs_are_kept(
+        tmp_path, monkeypatch, capsys, key, args):
+    """What ``fastcert.run`` hands Hydra: a timestamped name taken by an earlier launch is
+    replaced by the next free one (said in one line); an explicit dir is used as given."""
+    from fastcert.preflight import prepare
+
+    monkeypatch.chdir(tmp_path)
+    natural = f"{key}=out/${{now:%Y}}/same"
+    first = prepare([*args, "debug=smoke", natural])
+    second = prepare([*args, "debug=smoke", natural])
+    year = time.strftime("%Y")
+    assert first.argv[-1] == f"{key}=out/{year}/same"
+    assert second.argv[-1] == f"{key}=out/{year}/same_1"
+    what = "sweep" if "sweep" in key else "run"
+    assert (f"out/{year}/same was taken (another launch in the same second): this {what} is "
+            f"in out/{year}/same_1") in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out" / year).iterdir()) == ["same", "same_1"]
+    for _ in range(2):
+        explicit = prepare([*args, "debug=smoke", f"{key}=mine"])
+        assert explicit.argv == [*args, "debug=smoke", f"{key}=mine"]
+    assert (tmp_path / "mine").is_dir() and not (tmp_path / "mine_1").exists()
