@@ -78,9 +78,9 @@ def main(cfg: DictConfig):
 
 
 def _join_torchrun() -> None:
-    """Under ``torchrun``: join the process group before Hydra resolves the run dir (so every
-    rank resolves the same one); ranks > 0 leave Hydra's own files (.hydra/, the job log) to
-    rank 0."""
+    """Under ``torchrun``: join the process group before the run dir is claimed (rank 0
+    claims it and the other ranks take it); ranks > 0 leave Hydra's own files (.hydra/, log
+    lines) to rank 0."""
     ctx = distributed.init_from_env()
     if ctx is not None and not ctx.main:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
