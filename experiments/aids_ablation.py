@@ -12,10 +12,11 @@ ReLU shrinking 0.8 in the training bound, EDAC (γ 0.3, the method's attack), an
 selection of the best IBP-verified accuracy on a 10 % validation split (its runs train on the
 other 90 %). The verifiers are IBP and CROWN-IBP (:data:`VERIFIERS`; "any-verified" is either):
 CROWN's intermediate bounds cost more than a whole short run of this CNN on one core, and an
-``eval.verifiers=[...]`` override replaces them. Writes ``runs.csv`` (one line per run) and ``table.md`` / ``table.csv`` (mean ± std
-over seeds of clean, IBP-verified and any-verified test accuracy, in %) into ``--out``, and prints
-the Markdown table. A run whose directory already holds results.json is read, not rerun.
-``--quick``: one seed, 4 epochs on 256 training and 100 test examples (minutes on two cores).
+``eval.verifiers=[...]`` override replaces them. Writes ``runs.csv`` (one line per run) and
+``table.md`` / ``table.csv`` (mean ± std over seeds of clean, IBP-verified and any-verified
+test accuracy, in %) into ``--out``, and prints the Markdown table. A run whose directory
+already holds results.json is read, not rerun. ``--quick``: one seed, 4 epochs on 256 training
+and 100 test examples (under 5 minutes on one core).
 """
 from __future__ import annotations
 

@@ -159,31 +159,40 @@ def _run_here(settings: Settings, run_dir: Path, resume, device: torch.device,
         distributed.barrier()  # every rank checked the run dir before rank 0 writes to it
     logger = _logger(built, run_dir, resolved, start, group, main)
     try:
-        if start.state is not None:
-            for record in start.history:  # what a killed process may not have sent
-                logger.log_epoch(record, record["epoch"])
-        setup = _train_setup(built, run_dir, logger, resolved, start, t0)
-        history = fit(setup, resume_state=start.state)
-        _keep_selected(built, setup.selector)
-        val = None if built.data.val is None else _evaluate(built, built.data.val)
-        result = _evaluate(built, built.data.test)
-        results = report.results_dict(settings, result, history,
-                                       start.previous_wall_s + time.perf_counter() - t0, val)
-        if setup.selector is not None:
-            results["selection"] = setup.selector.summary()
-        if start.resumed is not None:
-            results["resumed"] = start.resumed
-        if main:
-            _write(run_dir, results, logger)
-        for r in (val, result):
-            if r is not None:
-                r.raise_if_unsound()
-        return results
+        return _train_and_report(built, run_dir, logger, resolved, start, t0, main)
     except KeyboardInterrupt:  # SIGINT, or SIGTERM through fastcert.cli.preemptible
         logger.mark_preempting()
         raise
     finally:
         logger.finish()
+
+
+def _train_and_report(built: Built, run_dir: Path, logger: Logger, resolved: dict,
+                      start: Resume, t0: float, main: bool) -> dict:
+    """fit (a resumed run's records sent to the logger first) → the selected epoch's weights
+    (when ``select`` kept one) → the final evaluation of the validation split, then of the
+    test set → results.json (rank 0); a soundness violation of either is raised after."""
+    settings = built.settings
+    if start.state is not None:
+        for record in start.history:  # what a killed process may not have sent
+            logger.log_epoch(record, record["epoch"])
+    setup = _train_setup(built, run_dir, logger, resolved, start, t0)
+    history = fit(setup, resume_state=start.state)
+    _keep_selected(built, setup.selector)
+    val = None if built.data.val is None else _evaluate(built, built.data.val)
+    result = _evaluate(built, built.data.test)
+    results = report.results_dict(settings, result, history,
+                                  start.previous_wall_s + time.perf_counter() - t0, val)
+    if setup.selector is not None:
+        results["selection"] = setup.selector.summary()
+    if start.resumed is not None:
+        results["resumed"] = start.resumed
+    if main:
+        _write(run_dir, results, logger)
+    for r in (val, result):
+        if r is not None:
+            r.raise_if_unsound()
+    return results
 
 
 def _announce(start: Resume, settings: Settings, run_dir: Path) -> None:
