@@ -63,6 +63,76 @@ def test_precise_bn_is_the_average_over_the_training_batches(tmp_path, monkeypat
         assert torch.allclose(state[f"{name}.running_var"], var, rtol=1e-5, atol=1e-6)
 
 
+#: one plain SGD step (no momentum, no clipping) on one batch of 64
+ONE_SGD_STEP = SMALL + ["epochs=1", "data.limit_train=64", "data.batch_size=64", "optim=sgd",
+                        "optim.lr=0.1", "optim.momentum=0", "optim.grad_clip=1e9"]
+
+
+def test_l1_moves_only_conv_and_linear_weights_by_lr_c_sign(tmp_path):
+    """With SGD, one step of a run with aids.l1=c differs from the same step without it by
+    −lr·c·sign(W₀) on every linear weight (W₀: the initial weights) and by nothing elsewhere
+    (biases, BatchNorm)."""
+    from fastcert.pipeline import build
+    from fastcert.settings import validate
+
+    cfg = compose_config("config", ONE_SGD_STEP)
+    initial = build(validate(cfg), torch.device("cpu")).net.model
+    run(cfg, tmp_path / "plain")
+    run(compose_config("config", ONE_SGD_STEP + ["aids.l1=0.01"]), tmp_path / "l1")
+    plain, l1 = (_state(tmp_path / d / "last.pt")["model"] for d in ("plain", "l1"))
+    start = initial.state_dict()
+    weights = {f"{n}.weight" for n, m in initial.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    assert len(weights) == 3
+    for key, w in plain.items():
+        if key in weights:
+            assert torch.allclose(l1[key] - w, -0.1 * 0.01 * start[key].sign(), atol=1e-6), key
+        else:
+            assert torch.equal(l1[key], w), key
+    assert _metrics(tmp_path / "l1")[0]["loss/l1"] > 0
+    assert "loss/l1" not in _metrics(tmp_path / "plain")[0]
+
+
+def test_edac_steps_before_the_training_step_and_its_gradient_is_kept(tmp_path, monkeypatch):
+    """Per training step: EDAC's pre-step and its optimiser step, then the method's step on
+    the pre-step's weights with the pre-step's gradient still in .grad, then the optimiser
+    step on the sum."""
+    import fastcert.train as train
+
+    events = []
+    first = {}
+
+    def grad():
+        return first["p"].grad.clone()
+
+    pre_step = aids_module.EDAC.pre_step
+
+    def edac(self, net, optimizer, *args):
+        first.setdefault("p", next(net.model.parameters()))
+        step = optimizer.step
+
+        def recorded_step(*a, **k):
+            events.append(("optimizer.step", grad()))
+            return step(*a, **k)
+        monkeypatch.setattr(optimizer, "step", recorded_step)
+        events.append(("edac", None))
+        return pre_step(self, net, optimizer, *args)
+
+    method_step = train._Loop.method_step
+
+    def method(self, *args, **kwargs):
+        events.append(("method", grad()))
+        return method_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(aids_module.EDAC, "pre_step", edac)
+    monkeypatch.setattr(train._Loop, "method_step", method)
+    run(compose_config("config", ONE_SGD_STEP + ["aids.edac.gamma=0.3"]), tmp_path)
+    assert [e for e, _ in events] == ["edac", "optimizer.step", "method", "optimizer.step"]
+    edac_grad, at_method, summed = events[1][1], events[2][1], events[3][1]
+    assert torch.equal(at_method, edac_grad) and not torch.equal(summed, edac_grad)
+    assert _metrics(tmp_path)[0]["loss/edac"] > 0
+
+
 def test_swa_average_is_what_last_and_best_hold_and_what_is_evaluated(tmp_path, monkeypatch):
     snapshots, swaps = [], []
     after_step = swa_module.Averager.after_step
