@@ -109,10 +109,10 @@ def main(argv=None) -> list[dict]:
     swa_start = epochs - max(1, epochs // 6)
     out = Path(args.out)
     records, t0 = [], time.perf_counter()
-    for method in args.methods:
-        for eps in args.eps:
-            for row in args.rows:
-                for seed in seeds:
+    for seed in seeds:  # seed by seed: the runs done first cover every row
+        for method in args.methods:
+            for eps in args.eps:
+                for row in args.rows:
                     res = one_run(out, method, eps, row, seed, base, swa_start)
                     records.append({"method": method, "eps": eps, "row": row, "seed": seed,
                                     **{k: res.get(k) for k, _ in METRICS},
