@@ -321,3 +321,33 @@ def test_a_drifting_preset_or_an_unmapped_flag_fails():
     script.flags["new-flag"] = 1
     with pytest.raises(AssertionError, match="--new-flag has no fastcert key"):
         _expected(script)
+
+
+def _doc_rows() -> dict[str, list[str]]:
+    """docs/papers/ctbench.md's preset table: ``setting/method`` → its cells."""
+    doc = Path(__file__).parents[1] / "docs" / "papers" / "ctbench.md"
+    rows = {}
+    for line in doc.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and cells[0] in {p.parent.name for p in TRANSCRIPTIONS}:
+            rows[f"{cells[0]}/{cells[1]}"] = cells
+    return rows
+
+
+def test_the_docs_table_says_each_presets_aids():
+    """Each row of docs/papers/ctbench.md's preset table states its preset's aids and
+    selection as composed."""
+    rows = _doc_rows()
+    assert len(rows) == 50
+    for preset, (_, _, _, l1, bn, swa, shrink, edac, select, _) in rows.items():
+        cfg = _composed(preset)
+        aids, sel = cfg["aids"], cfg["select"]
+        assert float(l1) == aids["l1"], preset
+        assert bn == ("yes" if aids["precise_bn"] else "no"), preset
+        assert swa == ("–" if aids["swa"]["start"] is None else str(aids["swa"]["start"])), preset
+        assert shrink == ("–" if aids["relu_shrinkage"] is None
+                          else f"{aids['relu_shrinkage']:g}"), preset
+        assert edac == ("–" if aids["edac"]["gamma"] == 0 else f"{aids['edac']['gamma']:g}"), \
+            preset
+        assert select == ("last" if sel["metric"] is None
+                          else f"{sel['metric']} ({sel['split']})"), preset
