@@ -15,8 +15,9 @@ CROWN's intermediate bounds cost more than a whole short run of this CNN on one 
 ``eval.verifiers=[...]`` override replaces them. Writes ``runs.csv`` (one line per run) and
 ``table.md`` / ``table.csv`` (mean ± std over seeds of clean, IBP-verified and any-verified
 test accuracy, in %) into ``--out``, and prints the Markdown table. A run whose directory
-already holds results.json is read, not rerun. ``--quick``: one seed, 4 epochs on 256 training
-and 100 test examples (under 5 minutes on one core).
+already holds results.json is read, not rerun; one with last.pt only continues from it.
+``--quick``: one seed, 4 epochs on 256 training and 100 test examples (under 5 minutes on one
+core).
 """
 from __future__ import annotations
 
@@ -62,13 +63,14 @@ def schedule(epochs: int) -> list[str]:
 
 def one_run(out: Path, method: str, eps: float, row: str, seed: int, base: list[str],
             swa_start: int) -> dict:
-    """results.json of one run (read when it exists, else trained and evaluated)."""
+    """results.json of one run (read when it exists, else trained and evaluated; an
+    interrupted run continues from its last.pt)."""
     run_dir = out / f"{method}-eps{eps:g}-{row}-s{seed}"
     if (run_dir / "results.json").is_file():
         return json.loads((run_dir / "results.json").read_text())
     cfg = compose(["experiment=digits_ablation", f"method={method}", f"eps={eps}",
                    f"seed={seed}", *base, *row_overrides(row, swa_start)])
-    return run(cfg, run_dir, group="aids_ablation")
+    return run(cfg, run_dir, resume="auto", group="aids_ablation")
 
 
 def table(records: list[dict], methods, radii, rows) -> tuple[str, list[list[str]]]:
