@@ -44,6 +44,7 @@ ROWS = ["none", *AIDS, "all"]
 METRICS = (("clean_acc", "clean"), ("ibp_verified_acc", "IBP-verified"),
            ("any_verified_acc", "any-verified"))
 QUICK = ["data.limit_train=256", "data.limit_test=100"]
+#: The verifiers of every run (an ``eval.verifiers=[...]`` override given after them wins).
 VERIFIERS = "eval.verifiers=[ibp,crown_ibp]"
 
 
