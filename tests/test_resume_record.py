@@ -82,7 +82,7 @@ def test_a_failed_evaluation_is_redone_by_a_resume_without_training(finished, tm
 
     run_dir = tmp_path / "run"
     with monkeypatch.context() as m:
-        def dies(built):
+        def dies(*args, **kwargs):
             raise MemoryError("killed during the final evaluation")
         m.setattr(pipeline, "_evaluate", dies)
         with pytest.raises(MemoryError):
