@@ -227,7 +227,8 @@ def _evaluate(built: Built, loader) -> EvalResult:
     rank gets the whole result (:func:`fastcert.parallel.gather_results`)."""
     s, data = built.settings, built.data
     part = (evaluate(built.net, loader, data.eps_box, s.eval_eps, verifiers=s.eval.bounds,
-                     pgd=s.eval.pgd, device=built.device, seed=s.seed)
+                     pgd=s.eval.pgd, device=built.device, seed=s.seed,
+                     memory_gb=s.speed.memory_gb)
             if len(loader) else None)
     return part if distributed.current() is None else parallel.gather_results(part)
 
