@@ -166,16 +166,17 @@ def _attack(net: BoundedNet, pgd, x, y, lower, upper, gen: torch.Generator,
             budget: memory.Budget) -> tuple[torch.Tensor, AttackResult]:
     """Clean logits and the attack on one test batch, in chunks of the budget's attack phase.
     One chunk (the batch fits): the batch's generator ``gen``, as unchunked; several: chunk k
-    draws from a generator seeded with stream_seed(seed of ``gen``, k)."""
+    draws from a generator seeded with stream_seed(seed of ``gen``, k) mod 2⁶³."""
     budget.probe("attack", lambda: pgd.run(net.model, x[:1], y[:1], lower[:1], upper[:1],
                                            torch.Generator().manual_seed(0)))
     n = len(y)
     size = budget.chunk("attack") or n
     logits, robust, margin = [], [], []
+    base = gen.initial_seed()
     for k, i in enumerate(range(0, n, size)):
         part = slice(i, i + size)
         if size < n:
-            gen = torch.Generator().manual_seed(stream_seed(gen.initial_seed(), k))
+            gen = torch.Generator().manual_seed(stream_seed(base, k) % 2**63)
         with torch.no_grad():
             logits.append(net(x[part]))
         result = budget.run("attack", lambda part=part, gen=gen: pgd.run(

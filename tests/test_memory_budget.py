@@ -44,7 +44,8 @@ class Recorded(memory.Budget):
 memory.Budget = Recorded
 result = evaluate(net, [(x, y)], box, 0.01, verifiers=sys.argv[3].split(","),
                   pgd=PGDConfig(steps=3, restarts=1), memory_gb=float(sys.argv[1]))
-print(json.dumps({"peak": result.peak_rss, "chunk": {p: budgets[0].chunk(p) for p in result.peak_rss}, "applied": memory.applied()}))
+chunks = {p: budgets[0].chunk(p) for p in result.peak_rss}
+print(json.dumps({"peak": result.peak_rss, "chunk": chunks, "applied": memory.applied()}))
 """
 
 

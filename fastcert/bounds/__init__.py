@@ -35,7 +35,8 @@ from fastcert.bounds.linear import (
 from fastcert.bounds.lirpa import auto_lirpa
 from fastcert.bounds.net import RELAXATIONS, BoundedNet, SplitNet
 
-__all__ = ["auto_lirpa", "alpha_crown_margins", "Bound", "BoundChoice", "Mix", "ReluBounds", "beta_mix",
+__all__ = ["auto_lirpa", "alpha_crown_margins",
+           "Bound", "BoundChoice", "Mix", "ReluBounds", "beta_mix",
            "compute_bounds", "margin_spec", "relu_bounds_of", "robust_ce_from_margins",
            "BoundedNet", "SplitNet", "RELAXATIONS", "LinearMarginBound", "linear_margin_bound",
            "relu_nodes", "forward_relu_inputs"]
