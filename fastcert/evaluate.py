@@ -186,6 +186,20 @@ def _attack(net: BoundedNet, pgd, x, y, lower, upper, gen: torch.Generator,
     return torch.cat(logits), AttackResult(torch.cat(robust), None, torch.cat(margin))
 
 
+def _chunked_margin_lb(net: BoundedNet, budget: memory.Budget, verifier: str,
+                       todo: torch.Tensor, x, y, lower, upper) -> torch.Tensor:
+    """``verifier``'s min_j m̲_j on the examples ``todo`` (NaN elsewhere), in the budget's
+    chunks."""
+    lb = torch.full(y.shape, float("nan"), device=x.device)
+    i = torch.nonzero(todo).flatten()
+    if len(i):
+        xi, yi, li, ui = x[i], y[i], lower[i], upper[i]
+        bound = Bound.parse(verifier)
+        lb[i] = torch.cat(budget.map(verifier, len(i), lambda c: _margin_lb(
+            net, xi[c], yi[c], li[c], ui[c], bound)))
+    return lb
+
+
 #: The cheap attack of :func:`evaluate` unless given.
 DEFAULT_PGD = PGDConfig()
 
@@ -237,15 +251,9 @@ def evaluate(net: BoundedNet, loader, box_fn, eps: float, verifiers=("ibp", "cro
         undecided = robust.clone()
         for v in keys:
             todo = undecided.clone() if cascade else torch.ones_like(robust)
-            lb = torch.full(y.shape, float("nan"), device=x.device)
-            if todo.any():
-                t0 = time.perf_counter()
-                i = torch.nonzero(todo).flatten()
-                xi, yi, li, ui = x[i], y[i], lower[i], upper[i]
-                lb[i] = torch.cat(budget.map(v, len(i), lambda c, v=v, xi=xi, yi=yi, li=li, ui=ui:
-                                             _margin_lb(net, xi[c], yi[c], li[c], ui[c],
-                                                        Bound.parse(v))))
-                times[v] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            lb = _chunked_margin_lb(net, budget, v, todo, x, y, lower, upper)
+            times[v] += time.perf_counter() - t0
             ok, tie, unsound = judge(lb, attack.margin, robust, tol)
             for i in torch.nonzero(unsound).flatten().tolist():
                 violations.append({"eps": eps, "index": offset + i, "verifier": v,
