@@ -42,8 +42,9 @@ test-all: $(VENV)/.installed ## every test, the slow ones included
 run: $(VENV)/.installed ## train + certify: make run ARGS="model=cnn7 data=cifar10"
 	$(PY) -m fastcert.run $(ARGS)
 
-bench: $(VENV)/.installed ## time one training step per method (CNN-7, CIFAR shapes)
+bench: $(VENV)/.installed ## time one training step per method (CNN-7, CIFAR shapes); peak memory per evaluation phase
 	$(PY) -m experiments.bench $(ARGS)
+	$(PY) -m experiments.memory_bench
 
 clean: ## remove outputs of runs (never the venv or data)
 	rm -rf outputs multirun wandb .pytest_cache

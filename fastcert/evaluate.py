@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastcert.attacks import PGDConfig
-from fastcert.bounds import Bound, BoundedNet, margin_spec
+from fastcert import memory
+from fastcert.attacks import AttackResult, PGDConfig
+from fastcert.bounds import Bound, BoundedNet, alpha_crown_margins, margin_spec
 from fastcert.seeding import stream_seed
 
 #: Relative tolerance for a tie between a certified margin and an attack's margin.
@@ -89,6 +90,7 @@ class EvalResult:
     stage_time_s: dict[str, float] = field(default_factory=dict)      # attack, each verifier
     violations: list[dict] = field(default_factory=list)
     ties: int = 0
+    peak_rss: dict[str, int] = field(default_factory=dict)  # attack, each verifier: bytes
 
     @property
     def clean_correct(self) -> torch.Tensor:
@@ -150,18 +152,52 @@ def judge(margin_lb: torch.Tensor, attack_margin: torch.Tensor, robust: torch.Te
 
 
 def _margin_lb(net: BoundedNet, x, y, lower, upper, bound: Bound) -> torch.Tensor:
-    """min_j m̲_j per example."""
+    """min_j m̲_j per example; α-CROWN's is never below CROWN's
+    (:func:`fastcert.bounds.alpha.alpha_crown_margins`)."""
     if bound is Bound.ALPHA_CROWN:
-        # α-CROWN optimises the ReLU slopes by gradient steps: autograd on, and auto_LiRPA
-        # needs the input passed (it re-runs bounds on it)
-        with torch.enable_grad():
-            lb, _ = net.bounded.compute_bounds(x=(net.perturbed(x, lower, upper),),
-                                               method=bound.value,
-                                               C=margin_spec(y, net.num_classes),
-                                               bound_upper=False)
-        return lb.detach().min(1).values
+        lb, _ = alpha_crown_margins(net.bounded, net.perturbed(x, lower, upper),
+                                    margin_spec(y, net.num_classes))
+        return lb.min(1).values
     with torch.no_grad():
         return net.margin_bounds(x, y, lower, upper, bound)[1].min(1).values
+
+
+def _attack(net: BoundedNet, pgd, x, y, lower, upper, gen: torch.Generator,
+            budget: memory.Budget) -> tuple[torch.Tensor, AttackResult]:
+    """Clean logits and the attack on one test batch, in chunks of the budget's attack phase.
+    One chunk (the batch fits): the batch's generator ``gen``, as unchunked; several: chunk k
+    draws from a generator seeded with stream_seed(seed of ``gen``, k) mod 2⁶³."""
+    budget.probe("attack", lambda: pgd.run(net.model, x[:1], y[:1], lower[:1], upper[:1],
+                                           torch.Generator().manual_seed(0)))
+    n = len(y)
+    size = budget.chunk("attack") or n
+    logits, robust, margin = [], [], []
+    base = gen.initial_seed()
+    for k, i in enumerate(range(0, n, size)):
+        part = slice(i, i + size)
+        if size < n:
+            gen = torch.Generator().manual_seed(stream_seed(base, k) % 2**63)
+        with torch.no_grad():
+            logits.append(net(x[part]))
+        result = budget.run("attack", lambda part=part, gen=gen: pgd.run(
+            net.model, x[part], y[part], lower[part], upper[part], gen))
+        robust.append(result.robust)
+        margin.append(result.margin)
+    return torch.cat(logits), AttackResult(torch.cat(robust), None, torch.cat(margin))
+
+
+def _chunked_margin_lb(net: BoundedNet, budget: memory.Budget, verifier: str,
+                       todo: torch.Tensor, x, y, lower, upper) -> torch.Tensor:
+    """``verifier``'s min_j m̲_j on the examples ``todo`` (NaN elsewhere), in the budget's
+    chunks."""
+    lb = torch.full(y.shape, float("nan"), device=x.device)
+    i = torch.nonzero(todo).flatten()
+    if len(i):
+        xi, yi, li, ui = x[i], y[i], lower[i], upper[i]
+        bound = Bound.parse(verifier)
+        lb[i] = torch.cat(budget.map(verifier, len(i), lambda c: _margin_lb(
+            net, xi[c], yi[c], li[c], ui[c], bound)))
+    return lb
 
 
 #: The cheap attack of :func:`evaluate` unless given.
@@ -170,7 +206,8 @@ DEFAULT_PGD = PGDConfig()
 
 def evaluate(net: BoundedNet, loader, box_fn, eps: float, verifiers=("ibp", "crown"),
              pgd=DEFAULT_PGD, device: torch.device | str = "cpu", seed: int = 0,
-             progress=None, cascade: bool = False, indices=None) -> EvalResult:
+             progress=None, cascade: bool = False, indices=None,
+             memory_gb: float | None = None) -> EvalResult:
     """Evaluate ``net`` on ``loader`` at radius ``eps``.
 
     ``box_fn(x, eps) -> (lower, upper)`` maps a pixel-space ε to the input box (see
@@ -183,11 +220,18 @@ def evaluate(net: BoundedNet, loader, box_fn, eps: float, verifiers=("ibp", "cro
     docstring; the verifiers then run in :data:`CASCADE` order. ``indices``: the examples'
     positions in the full test set, for the violation records (default: their position in the
     test set).
+
+    ``memory_gb``: the memory budget in GiB (None: :func:`fastcert.memory.default_memory_gb`, a
+    quarter of the machine's memory). The attack and each verifier run their examples in
+    chunks sized to it (:class:`fastcert.memory.Budget`); the freed memory kept for training
+    steps is given back first (:func:`fastcert.memory.release_freed_memory`).
     """
     keys = [Bound.parse(v).key for v in verifiers]
     if cascade:
         keys = [v for v in CASCADE if v in keys]
     net.eval()
+    memory.release_freed_memory()
+    budget = memory.Budget(memory_gb)
     gen = torch.Generator()
     first = getattr(loader, "first_batch", 0)
     parts = defaultdict(list)
@@ -198,23 +242,18 @@ def evaluate(net: BoundedNet, loader, box_fn, eps: float, verifiers=("ibp", "cro
         gen.manual_seed(stream_seed(seed, b))
         x, y = x.to(device), y.to(device)
         lower, upper = box_fn(x, eps)
-        with torch.no_grad():
-            logits = net(x)
-        correct = logits.argmax(1) == y
         t0 = time.perf_counter()
-        attack = pgd.run(net.model, x, y, lower, upper, gen)
+        logits, attack = _attack(net, pgd, x, y, lower, upper, gen, budget)
         times["attack"] += time.perf_counter() - t0
+        correct = logits.argmax(1) == y
         robust = attack.robust & correct
         tol = tie_tolerance(logits)
         undecided = robust.clone()
         for v in keys:
             todo = undecided.clone() if cascade else torch.ones_like(robust)
-            lb = torch.full(y.shape, float("nan"), device=x.device)
-            if todo.any():
-                t0 = time.perf_counter()
-                i = torch.nonzero(todo).flatten()
-                lb[i] = _margin_lb(net, x[i], y[i], lower[i], upper[i], Bound.parse(v))
-                times[v] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            lb = _chunked_margin_lb(net, budget, v, todo, x, y, lower, upper)
+            times[v] += time.perf_counter() - t0
             ok, tie, unsound = judge(lb, attack.margin, robust, tol)
             for i in torch.nonzero(unsound).flatten().tolist():
                 violations.append({"eps": eps, "index": offset + i, "verifier": v,
@@ -244,4 +283,4 @@ def evaluate(net: BoundedNet, loader, box_fn, eps: float, verifiers=("ibp", "cro
         margin_lb={v: cat[f"lb/{v}"] for v in keys},
         ran={v: cat[f"ran/{v}"] for v in keys},
         stage_time_s={k: times[k] for k in ["attack", *keys]},
-        violations=violations, ties=ties)
+        violations=violations, ties=ties, peak_rss=dict(budget.peaks))

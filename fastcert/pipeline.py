@@ -276,7 +276,8 @@ def _evaluate(built: Built, loader, verifiers=None) -> EvalResult:
     s, data = built.settings, built.data
     verifiers = s.eval.bounds if verifiers is None else verifiers
     part = (evaluate(built.net, loader, data.eps_box, s.eval_eps, verifiers=verifiers,
-                     pgd=s.eval.pgd, device=built.device, seed=s.seed)
+                     pgd=s.eval.pgd, device=built.device, seed=s.seed,
+                     memory_gb=s.speed.memory_gb)
             if len(loader) else None)
     return part if distributed.current() is None else parallel.gather_results(part)
 

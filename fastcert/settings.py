@@ -29,6 +29,7 @@ from fastcert.config import (
 )
 from fastcert.devices import check_device_spec
 from fastcert.evaluate import EvalConfig
+from fastcert.memory import check_memory_gb
 from fastcert.methods import Method
 from fastcert.optim import Optimizer
 from fastcert.resume import resume_options
@@ -76,6 +77,7 @@ class Speed:
     keep_freed_memory: bool = True           # CPU: glibc keeps freed memory (fastcert.memory)
     channels_last: Literal["auto"] | bool = "auto"  # auto: on CUDA
     cudnn_benchmark: bool = True             # CUDA: cuDNN picks the fastest convolution
+    memory_gb: float | None = None           # the evaluation's memory budget, GiB (fastcert.memory)
 
 
 def speed_settings(cfg: DictConfig) -> Speed:
@@ -85,6 +87,10 @@ def speed_settings(cfg: DictConfig) -> Speed:
     speed = Speed(**{key: coerce(cfg[key], hints[key], key) for key in hints if key in cfg})
     if speed.nproc < 1:
         raise ConfigError(f"nproc={speed.nproc}: use 1 (one process) or more")
+    try:
+        check_memory_gb(speed.memory_gb)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and speed.nproc not in (1, world):
         raise ConfigError(f"nproc={speed.nproc} under torchrun with {world} processes: "

@@ -11,8 +11,10 @@ accuracy).
 
 The modules: ``lirpa`` (:func:`auto_lirpa`, the one way into auto_LiRPA), ``choices`` (the
 bound methods, the margin specification, the robust loss), ``net`` (:class:`BoundedNet`,
-:class:`SplitNet`), ``linear`` (linear margin bounds and their coefficients).
+:class:`SplitNet`), ``linear`` (linear margin bounds and their coefficients), ``alpha``
+(α-CROWN of the margins with intermediate bounds from CROWN).
 """
+from fastcert.bounds.alpha import alpha_crown_margins
 from fastcert.bounds.choices import (
     Bound,
     BoundChoice,
@@ -33,7 +35,8 @@ from fastcert.bounds.linear import (
 from fastcert.bounds.lirpa import auto_lirpa
 from fastcert.bounds.net import RELAXATIONS, BoundedNet, SplitNet
 
-__all__ = ["auto_lirpa", "Bound", "BoundChoice", "Mix", "ReluBounds", "beta_mix",
+__all__ = ["auto_lirpa", "alpha_crown_margins",
+           "Bound", "BoundChoice", "Mix", "ReluBounds", "beta_mix",
            "compute_bounds", "margin_spec", "relu_bounds_of", "robust_ce_from_margins",
            "BoundedNet", "SplitNet", "RELAXATIONS", "LinearMarginBound", "linear_margin_bound",
            "relu_nodes", "forward_relu_inputs"]
