@@ -30,6 +30,9 @@ import torch.nn as nn
 
 from fastcert.attacks import PGDConfig, StrongAttack
 from fastcert.bounds import BoundedNet
+from fastcert.config import build_option
+
+from conftest import bn_mlp, random_batch
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "attacks.json"
 REGEN = os.environ.get("FASTCERT_REGEN_GOLDEN") == "1"
@@ -136,3 +139,55 @@ def test_attack_results_match_the_golden_values(name):
         assert torch.equal(got["margin"], want["margin"]), f"{name}: {got['margin']} != stored"
     else:
         torch.testing.assert_close(got["margin"], want["margin"], rtol=1e-5, atol=1e-6)
+
+
+def _count_forwards(model: nn.Module) -> list[int]:
+    calls = [0]
+    model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("steps,restarts", [(1, 1), (5, 1), (3, 2)])
+def test_one_attack_makes_steps_plus_one_forward_passes(steps, restarts):
+    """A restart evaluates x and its ``steps`` iterates after it: ``steps`` + 1 forward passes
+    when the caller passes the clean logits it has or the attack starts at x, one more for the
+    clean input otherwise (never the clean pass twice)."""
+    net = _cnn().eval()
+    x, y, lower, upper = _data("eval")
+    calls = _count_forwards(net.model)
+    with torch.no_grad():
+        clean = net.model(x)
+    for cfg, clean_logits, want in (
+            (PGDConfig(steps=steps, restarts=restarts), clean, restarts * (steps + 1)),
+            (PGDConfig(steps=steps, restarts=restarts, random_start=False), None,
+             restarts * (steps + 1)),
+            (PGDConfig(steps=steps, restarts=restarts), None, restarts * (steps + 1) + 1)):
+        calls[0] = 0
+        cfg.run(net.model, x, y, lower, upper, torch.Generator().manual_seed(0), clean_logits)
+        assert calls[0] == want, (cfg, clean_logits is not None)
+
+
+def test_the_clean_logits_a_caller_passes_give_the_same_result():
+    """Given the logits at x it would compute itself, the attack returns the same bits."""
+    net = _cnn().eval()
+    x, y, lower, upper = _data("eval")
+    cfg = PGDConfig(steps=3, restarts=2, loss="ce")
+    own = cfg.run(net.model, x, y, lower, upper, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        clean = net.model(x)
+    given = cfg.run(net.model, x, y, lower, upper, torch.Generator().manual_seed(0), clean)
+    for a, b in zip((own.x_adv, own.margin, own.robust), (given.x_adv, given.margin,
+                                                           given.robust)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["mtl_ibp", "pgd"])
+def test_a_training_step_runs_the_clean_pass_once(name):
+    """MTL-IBP (one attack step) and PGD training: the clean pass through the BoundedModule
+    serves the attack's clean evaluation, so the plain model runs only the attack's iterates
+    and the adversarial logits: restarts·(steps + 1) + 1 forward passes."""
+    method = build_option("method", name)
+    net = bn_mlp()
+    calls = _count_forwards(net.model)
+    method.step(net, random_batch(0.05, n=BATCH))
+    assert calls[0] == method.attack.restarts * (method.attack.steps + 1) + 1

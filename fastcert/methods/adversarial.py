@@ -20,17 +20,23 @@ from fastcert.methods.base import Method, Ramp, StepOutput, mix, natural_step
 
 
 def attack_point(net: BoundedNet, x: torch.Tensor, y: torch.Tensor, lower: torch.Tensor,
-                 upper: torch.Tensor, cfg: PGDConfig, clean_stats: bool
+                 upper: torch.Tensor, cfg: PGDConfig, clean_stats: bool,
+                 clean_logits: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """PGD on the plain module inside [lower, upper]: (robust per example, attack point).
 
     ``clean_stats``: BatchNorm normalises with the statistics of the clean pass just run
     through ``net.bounded`` (detached); else BatchNorm runs in eval mode. Either way the
-    attack updates no running statistics and accumulates no parameter gradient."""
+    attack updates no running statistics and accumulates no parameter gradient.
+    ``clean_logits``: that clean pass's logits at x (``clean_stats`` only: they are f(x) with
+    the clean statistics), which spare the attack its own clean forward pass."""
     if clean_stats:
         with net.batch_norm_stats(detach=True):
-            robust, x_adv = pgd_attack(net.model, x, y, lower, upper, cfg)
+            robust, x_adv = pgd_attack(net.model, x, y, lower, upper, cfg,
+                                       clean_logits=clean_logits)
         return robust, x_adv.detach()
+    if clean_logits is not None:
+        raise ValueError("clean_logits are the clean pass's: only with clean_stats=True")
     was_training = net.model.training
     net.model.eval()
     try:
@@ -72,7 +78,7 @@ class PGDTraining(Method):
             return natural_step(net, batch)
         logits = net(batch.x)  # the clean pass: sets the BatchNorm statistics
         robust, x_adv = attack_point(net, batch.x, batch.y, batch.lower, batch.upper,
-                                     self.attack, clean_stats=True)
+                                     self.attack, clean_stats=True, clean_logits=logits)
         adv = F.cross_entropy(adversarial_logits(net, x_adv), batch.y)
         natural = F.cross_entropy(logits, batch.y)
         kappa = self.kappa.at(batch)

@@ -54,7 +54,7 @@ class _Expressive(Method):
         else:
             lower, upper = batch.box(batch.x, self.attack_eps_factor * batch.eps)
         robust_pgd, x_adv = attack_point(net, batch.x, batch.y, lower, upper, self.attack,
-                                         clean_stats=True)
+                                         clean_stats=True, clean_logits=logits)
         adv_logits = adversarial_logits(net, x_adv)
         robust = self.combine(lb, adv_logits, batch.y)
         natural = F.cross_entropy(logits, batch.y)
