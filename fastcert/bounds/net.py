@@ -217,17 +217,20 @@ class BoundedNet(nn.Module):
                 if detach:
                     mean, var = mean.detach(), var.detach()
                 stats[id(node.inputs[3].buffer)] = (mean, var, node.eps, detach)
-        frozen = []
+        replaced = []  # (layer, its own instance forward: a data-parallel run's, an outer block's)
         try:
             for bn in self.model.modules():
                 if (isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training
                         and id(bn.running_mean) in stats):
+                    replaced.append((bn, bn.__dict__.get("forward")))
                     bn.forward = _BatchStats(bn, *stats[id(bn.running_mean)])
-                    frozen.append(bn)
             yield
         finally:
-            for bn in frozen:
-                del bn.forward
+            for bn, previous in replaced:
+                if previous is None:
+                    del bn.forward
+                else:
+                    bn.forward = previous
 
     # ---- inputs ------------------------------------------------------------------------
     @staticmethod
