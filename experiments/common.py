@@ -25,6 +25,12 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
+def mean_and_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = list(values)
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def mean_std(values: Iterable[float | None], *, scale: float = 1.0, digits: int = 4,
              empty: str = "-", bare_single: bool = False) -> str:
     """``mean ± std`` (sample std) of the values that are not None, each times ``scale``, with
@@ -35,5 +41,5 @@ def mean_std(values: Iterable[float | None], *, scale: float = 1.0, digits: int 
         return empty
     if len(values) == 1 and bare_single:
         return f"{values[0]:.{digits}f}"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
+    mean, std = mean_and_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"

@@ -29,7 +29,7 @@ from fastcert.devices import acquire_device, release_device
 from fastcert.evaluate import EvalResult, evaluate
 from fastcert.loggers import Logger, NullLogger
 from fastcert.methods import Method
-from fastcert.resume import Resume, check_resume
+from fastcert.resume import Resume, check_resume, check_weights
 from fastcert.schedules import EpsSchedule
 from fastcert.seeding import seed_everything
 from fastcert.settings import Settings, Speed, validate
@@ -79,8 +79,9 @@ def build(settings: Settings, device: torch.device | None = None) -> Built:
     model.to(device, memory_format=memory_format)
     if ctx is not None:
         distributed.sync_batchnorm(model)
-    # two test images to trace the graph (not a whole loader batch: no workers, no 512 images)
-    test_set = data.test.dataset
+    # two held-out images to trace the graph (not a whole loader batch: no workers, no 512
+    # images; validation images where there are some: the test set is read only at the end)
+    test_set = (data.test if data.val is None else data.val).dataset
     example = torch.stack([test_set[i][0] for i in range(min(2, len(test_set)))])
     net = BoundedNet(model, example.to(device, memory_format=memory_format), data.num_classes)
     schedule = instantiate(cfg.schedule, "schedule", eps_target=s.eps,
@@ -105,9 +106,10 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, resume: str | os.PathLike |
     """Train and evaluate as ``cfg`` says, writing metrics.jsonl, last.pt and results.json
     into ``run_dir``. ``resume``: where to continue from (True / ``"last"``: the run dir's
     last.pt; a path), default ``cfg.resume.checkpoint``. ``group`` names the sweep/preset for
-    loggers. ``started()`` is called once the config, the run dir and the resume are checked,
-    before anything is written. Returns the results dict. With ``nproc`` > 1 (outside
-    torchrun) it spawns that many data-parallel ranks on devices of the pool
+    loggers. ``started()`` is called for a fresh start (not a resume) once the config, the run
+    dir, the resume and the data are checked, before anything is written into the run dir.
+    Returns the results dict. With ``nproc`` > 1 (outside torchrun) it spawns that many
+    data-parallel ranks on devices of the pool
     (:func:`fastcert.parallel.run_parallel`).
 
     A soundness violation in the final evaluation is recorded in results.json, which is
@@ -137,13 +139,19 @@ def _run_here(settings: Settings, run_dir: Path, resume, device: torch.device,
     resolved = OmegaConf.to_container(settings.config, resolve=True)
     start = check_resume(settings.config, resolved, run_dir, resume, device)
     ctx = distributed.current()
+    main = ctx is None or ctx.main
+    if main:
+        _announce(start, settings, run_dir)
+    if start.done is not None:
+        return start.done
     if ctx is not None:
         parallel.check_parallel(settings, ctx.world)
-    if started is not None:
-        started()
     run_dir.mkdir(parents=True, exist_ok=True)
     built = build(settings, device)
-    main = ctx is None or ctx.main
+    if start.state is not None:
+        check_weights(start.state, built.net.model, start.resumed[-1]["changes"])
+    if started is not None and start.state is None:
+        started()
     if ctx is not None:
         distributed.barrier()  # every rank checked the run dir before rank 0 writes to it
     logger = _logger(built, run_dir, resolved, start, group, main)
@@ -153,20 +161,34 @@ def _run_here(settings: Settings, run_dir: Path, resume, device: torch.device,
                 logger.log_epoch(record, record["epoch"])
         history = fit(_train_setup(built, run_dir, logger, resolved, start, t0),
                       resume_state=start.state)
-        result = _evaluate(built)
+        val = None if built.data.val is None else _evaluate(built, built.data.val)
+        result = _evaluate(built, built.data.test)
         results = report.results_dict(settings, result, history,
-                                       start.previous_wall_s + time.perf_counter() - t0)
+                                       start.previous_wall_s + time.perf_counter() - t0, val)
         if start.resumed is not None:
             results["resumed"] = start.resumed
         if main:
             _write(run_dir, results, logger)
-        result.raise_if_unsound()
+        for r in (val, result):
+            if r is not None:
+                r.raise_if_unsound()
         return results
     except KeyboardInterrupt:  # SIGINT, or SIGTERM through fastcert.cli.preemptible
         logger.mark_preempting()
         raise
     finally:
         logger.finish()
+
+
+def _announce(start: Resume, settings: Settings, run_dir: Path) -> None:
+    """One line for a resume: where it continues, or that there is nothing to do."""
+    if start.done is not None:
+        print(f"{run_dir / 'results.json'} holds the finished run ({start.epoch} epochs); "
+              f"nothing to do", flush=True)
+    elif start.state is not None:
+        print(f"resuming {start.path} at epoch {start.epoch}/{settings.epochs}"
+              + (" (trained: evaluating only)" if start.epoch == settings.epochs else ""),
+              flush=True)
 
 
 def _logger(built: Built, run_dir: Path, resolved: dict, start: Resume, group: str | None,
@@ -187,24 +209,26 @@ def _train_setup(built: Built, run_dir: Path, logger: Logger, resolved: dict, st
 
     def checkpoint_extra() -> dict:
         return {"config": resolved, "logger_run_id": logger.run_id,
-                "wall_time_s": start.previous_wall_s + time.perf_counter() - t0}
+                "wall_time_s": start.previous_wall_s + time.perf_counter() - t0,
+                **({"resumed": start.resumed} if start.resumed else {})}
 
     return TrainSetup(
         net=built.net, method=built.method, train_loader=built.data.train,
         box_fn=built.data.eps_box, schedule=built.schedule, optim=s.optim, epochs=s.epochs,
         seed=s.seed, device=built.device, run_dir=run_dir, logger=logger,
         checkpoint_extra=checkpoint_extra,
-        epoch_metrics=TightnessProbe.on_test(built.data, s.eps, built.device),
+        epoch_metrics=TightnessProbe.on_held_out(built.data, s.eps, built.device),
         dist=distributed.current(), channels_last=built.channels_last)
 
 
-def _evaluate(built: Built) -> EvalResult:
-    """The final test evaluation; in a data-parallel run each rank evaluates its block of
-    test batches and every rank gets the whole result (:func:`fastcert.parallel.gather_results`)."""
+def _evaluate(built: Built, loader) -> EvalResult:
+    """The final evaluation on ``loader`` (the test set, or the validation split: the same
+    evaluation); in a data-parallel run each rank evaluates its block of batches and every
+    rank gets the whole result (:func:`fastcert.parallel.gather_results`)."""
     s, data = built.settings, built.data
-    part = (evaluate(built.net, data.test, data.eps_box, s.eval_eps, verifiers=s.eval.bounds,
+    part = (evaluate(built.net, loader, data.eps_box, s.eval_eps, verifiers=s.eval.bounds,
                      pgd=s.eval.pgd, device=built.device, seed=s.seed)
-            if len(data.test) else None)
+            if len(loader) else None)
     return part if distributed.current() is None else parallel.gather_results(part)
 
 

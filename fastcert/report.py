@@ -26,44 +26,74 @@ def table_row(cells: Sequence[str], widths: Sequence[int], align: str) -> str:
 
 
 def format_table(results: dict) -> str:
-    """The final metrics as a small fixed-width table."""
-    rows = [("clean accuracy", results["clean_acc"]),
-            ("PGD accuracy (cheap attack)", results["pgd_acc"]),
-            ("IBP-verified accuracy", results["ibp_verified_acc"]),
-            ("CROWN-verified accuracy", results["crown_verified_acc"]),
-            ("verified by any", results["any_verified_acc"])]
-    rows += [(f"{k[:-len('_verified_acc')]}-verified accuracy", v) for k, v in results.items()
-             if k.endswith("_verified_acc") and k not in NAMED_VERIFIED]
+    """The final metrics as a small fixed-width table (with a validation split, its column
+    beside the test set's)."""
+    rows = [("clean accuracy", "clean_acc"), ("PGD accuracy (cheap attack)", "pgd_acc"),
+            ("IBP-verified accuracy", "ibp_verified_acc"),
+            ("CROWN-verified accuracy", "crown_verified_acc"),
+            ("verified by any", "any_verified_acc")]
+    rows += [(f"{k[:-len('_verified_acc')]}-verified accuracy", k) for k in results
+             if k.endswith("_verified_acc") and k not in NAMED_VERIFIED
+             and not k.startswith("val_")]
     width = max(len(r[0]) for r in rows)
     head = (f"{results['method']} | {results['model']} | {results['data']} | "
             f"eps={results['eps']:.4g} | {results['n_test']} test examples | "
             f"{results['epochs']} epochs | {results['wall_time_s']:.1f}s")
     lines = [head, "-" * len(head)]
-    lines += [table_row([name, percent(value, "{:6.2f} %")], [width, 0], "<<")
-              for name, value in rows]
+    if "n_val" in results:
+        lines.append(table_row(["", "test", f"validation ({results['n_val']} examples)"],
+                               [width, 8, 0], "<><"))
+        lines += [table_row([name, percent(results[k], "{:6.2f} %"),
+                             percent(results.get(f"val_{k}"), "{:6.2f} %")],
+                            [width, 8, 0], "<><") for name, k in rows]
+    else:
+        lines += [table_row([name, percent(results[k], "{:6.2f} %")], [width, 0], "<<")
+                  for name, k in rows]
     lines.append(f"(attack: {results['pgd_attack']}; python -m fastcert.certify runs a "
                  f"strong attack and the verifier cascade)")
-    violations = results["soundness"]["violations"]
+    violations = results["soundness"]["violations"] + results["soundness"].get(
+        "val_violations", [])
     if violations:
         lines.append(f"SOUNDNESS VIOLATIONS: {len(violations)} (see results.json)")
     return "\n".join(lines)
 
 
-def results_dict(settings: Settings, result: EvalResult, history: list[dict],
-                 wall_time_s: float) -> dict:
-    """results.json: the final evaluation's accuracies (``pgd_attack`` names the attack), what
-    was trained, the mean epoch time per ε phase, and the soundness record."""
+def accuracies(result: EvalResult) -> dict:
+    """An evaluation's accuracies, results.json's order: clean, PGD, the named verifiers, the
+    other verifiers, any verifier (None: a verifier that did not run)."""
     summary = result.summary()
-    cfg = settings.config
     return {
         "clean_acc": summary["clean_acc"],
         "pgd_acc": summary["pgd_acc"],
-        "pgd_attack": settings.eval.pgd.description,
         "ibp_verified_acc": summary.get("ibp_verified_acc"),
         "crown_verified_acc": summary.get("crown_verified_acc"),
         **{k: v for k, v in summary.items() if k.endswith("_verified_acc")
            and k not in NAMED_VERIFIED},
         "any_verified_acc": summary.get("any_verified_acc"),
+    }
+
+
+def validation_entries(result: EvalResult) -> dict:
+    """The validation split's evaluation in results.json: ``val_<key>`` for every accuracy
+    of :func:`accuracies` and ``n_val``."""
+    return {**{f"val_{k}": v for k, v in accuracies(result).items()},
+            "n_val": len(result.label)}
+
+
+def results_dict(settings: Settings, result: EvalResult, history: list[dict],
+                 wall_time_s: float, val: EvalResult | None = None) -> dict:
+    """results.json: the final evaluation's accuracies (``pgd_attack`` names the attack), what
+    was trained, the mean epoch time per ε phase, and the soundness record; with ``val`` (the
+    same evaluation on the validation split) its :func:`validation_entries` too, and its
+    violations in the soundness record."""
+    cfg = settings.config
+    soundness = {"violations": result.violations, "ties": result.ties,
+                 "tie_tolerance": "1e-5 * max(1, max_k |f_k(x)|)"}
+    if val is not None:
+        soundness.update(val_violations=val.violations, val_ties=val.ties)
+    return {
+        **accuracies(result),
+        "pgd_attack": settings.eval.pgd.description,
         "eps": result.eps,
         "train_eps": settings.eps,
         "epochs": settings.epochs,
@@ -75,6 +105,6 @@ def results_dict(settings: Settings, result: EvalResult, history: list[dict],
         "n_test": len(result.label),
         "phase_epoch_time_s": epoch_times_by_phase(history),
         "wall_time_s": wall_time_s,
-        "soundness": {"violations": result.violations, "ties": result.ties,
-                      "tie_tolerance": "1e-5 * max(1, max_k |f_k(x)|)"},
+        "soundness": soundness,
+        **({} if val is None else validation_entries(val)),
     }

@@ -5,7 +5,7 @@ interval bound propagation"; code: eth-sri/ibp-propagation-tightness, ``PI_funct
 network at input x both are taken for its *locally linear* network, the one with x's
 activation pattern D_i = diag(1[h_i(x) > 0]) (BatchNorm in eval mode is affine and folds
 into the weights). With r the half-width of the (clipped) input box and the output taken as
-the margins C·f (C the specification matrix of :func:`fastcert.bounds.margin_spec`):
+the margins C·f (C the specification matrix of :func:`fastcert.bounds.margin_spec`)::
 
     optimal radius     |J_x| r               J_x = C W_L D_{L-1} W_{L-1} … D_1 W_1, the
                                              Jacobian of the margins at x;
@@ -35,7 +35,7 @@ from fastcert.bounds import margin_spec
 from fastcert.models import affine_layers
 
 _FLOOR = 1e-8
-#: Test examples on which a run measures the propagation tightness after each epoch.
+#: Held-out examples on which a run measures the propagation tightness after each epoch.
 PROBE_EXAMPLES = 64
 
 
@@ -149,11 +149,12 @@ class TightnessProbe:
     upper: torch.Tensor
 
     @classmethod
-    def on_test(cls, data, eps: float, device: torch.device,
-                n: int = PROBE_EXAMPLES) -> TightnessProbe:
-        """The probe of a run (Mao et al. 2024's τ after each epoch): the first ``n`` test
-        examples of ``data`` (a :class:`fastcert.data.DataBundle`) at radius ``eps``."""
-        test_set = data.test.dataset
+    def on_held_out(cls, data, eps: float, device: torch.device,
+                    n: int = PROBE_EXAMPLES) -> TightnessProbe:
+        """The probe of a run (Mao et al. 2024's τ after each epoch): the first ``n`` examples
+        of ``data``'s (a :class:`fastcert.data.DataBundle`) validation split, or of its test
+        set where it has none, at radius ``eps``."""
+        test_set = (data.test if data.val is None else data.val).dataset
         n = min(n, len(test_set))
         x = torch.stack([test_set[i][0] for i in range(n)]).to(device)
         y = torch.tensor([int(test_set[i][1]) for i in range(n)], device=device)
@@ -163,3 +164,47 @@ class TightnessProbe:
         tau = propagation_tightness(net.model, self.x, self.y, self.lower, self.upper,
                                     net.num_classes)
         return {"tightness": tau.mean().item()}
+
+
+# ---------------------------------------------------------------- deep linear networks
+
+
+def dln_box_radii(weights, radius: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output half-widths of the optimal and of the layer-wise (IBP) box of a deep linear
+    network f(x) = W_L … W_1 x over an input box of half-width ``radius`` (default: ones), as
+    in Sec. 3 of Mao et al. 2024 (ICLR; "Understanding certified training with interval bound
+    propagation"):
+
+        optimal     |W_L W_{L-1} … W_1| r
+        layer-wise  |W_L| |W_{L-1}| … |W_1| r
+
+    ``weights`` lists W_1 … W_L (each (n_k, n_{k-1}), applied first to last). Both are
+    computed right to left, one matrix-vector product per layer for the layer-wise radius."""
+    weights = list(weights)
+    if not weights:
+        raise ValueError("dln_box_radii: no weight matrices")
+    r = weights[0].new_ones(weights[0].shape[1]) if radius is None else radius
+    product = weights[0]
+    layerwise = weights[0].abs() @ r
+    for w in weights[1:]:
+        product = w @ product
+        layerwise = w.abs() @ layerwise
+    return product.abs() @ r, layerwise
+
+
+def dln_tightness(weights, radius: torch.Tensor | None = None) -> torch.Tensor:
+    """τ per output of a deep linear network: |W_L…W_1| r / (|W_L|…|W_1| r) (Mao et al. 2024,
+    Def. of propagation tightness specialised to DLNs), with the radii floored at 1e-8 as
+    :func:`propagation_tightness` does. τ = 1 for every output iff the network is
+    propagation invariant (IBP's box is the optimal one)."""
+    optimal, layerwise = dln_box_radii(weights, radius)
+    return optimal.clamp_min(_FLOOR) / layerwise.clamp_min(_FLOOR)
+
+
+def two_layer_invariant(w1: torch.Tensor, w2: torch.Tensor) -> bool:
+    """The sign condition of Mao et al. 2024 (Theorem on two-layer DLNs; the talk's slide
+    "Propagation Invariance"): f = W2 W1 is propagation invariant iff for every output i and
+    input j the products W2_ik·W1_kj are ≥ 0 for all k or ≤ 0 for all k."""
+    terms = w2.unsqueeze(2) * w1.unsqueeze(0)  # (i, k, j): W2_ik · W1_kj
+    return bool(((terms >= 0).all(1) | (terms <= 0).all(1)).all())

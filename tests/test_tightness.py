@@ -14,7 +14,13 @@ import torch.nn as nn
 
 from fastcert.bounds import BoundedNet, margin_spec
 from fastcert.pipeline import run
-from fastcert.tightness import TightnessProbe, propagation_tightness
+from fastcert.tightness import (
+    TightnessProbe,
+    dln_box_radii,
+    dln_tightness,
+    propagation_tightness,
+    two_layer_invariant,
+)
 
 from conftest import MODEL_NAMES, TINY, build_model, compose_config, tiny_kwargs
 
@@ -212,3 +218,73 @@ def test_a_failing_tightness_does_not_cost_the_certification(digits_runs, tmp_pa
     saved = json.loads((tmp_path / "certify.json").read_text())
     assert saved["results"][0]["tightness"] is None and saved["results"][0]["clean"] > 0
     assert "AvgPool2d" in saved["skipped"]["tightness"] and summary["skipped"] == saved["skipped"]
+
+
+# ------------------------------------------- propagation invariance of deep linear networks
+# (Mao et al. 2024, Sec. 3; the talk's slides "Propagation Invariance")
+
+
+def test_dln_radii_are_the_two_matrix_products():
+    """Optimal |W3 W2 W1| r and layer-wise |W3| |W2| |W1| r, written out."""
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(5, 4, generator=g, dtype=torch.float64),
+          torch.randn(6, 5, generator=g, dtype=torch.float64),
+          torch.randn(3, 6, generator=g, dtype=torch.float64)]
+    r = torch.rand(4, generator=g, dtype=torch.float64)
+    optimal, layerwise = dln_box_radii(ws, r)
+    torch.testing.assert_close(optimal, (ws[2] @ ws[1] @ ws[0]).abs() @ r)
+    torch.testing.assert_close(layerwise, ws[2].abs() @ ws[1].abs() @ ws[0].abs() @ r)
+    assert (optimal <= layerwise + 1e-12).all()
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 6])
+def test_nonnegative_dln_is_propagation_invariant(depth):
+    """All weights ≥ 0: |W_L…W_1| = |W_L|…|W_1| entrywise, so τ = 1 for every output."""
+    g = torch.Generator().manual_seed(depth)
+    ws = [torch.rand(7, 7, generator=g, dtype=torch.float64) for _ in range(depth)]
+    torch.testing.assert_close(dln_tightness(ws), torch.ones(7, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("hidden", [2, 3, 8])
+def test_the_talks_example_is_not_propagation_invariant(hidden):
+    """W2 W1 = [[1, 2], [-3, 4]] has (W2W1)_11 (W2W1)_12 (W2W1)_21 (W2W1)_22 = -24 < 0, so no
+    factorisation through any hidden width is propagation invariant: the sign condition fails
+    and τ < 1 on some output."""
+    target = torch.tensor([[1.0, 2.0], [-3.0, 4.0]], dtype=torch.float64)
+    g = torch.Generator().manual_seed(hidden)
+    for _ in range(20):
+        w1 = torch.randn(hidden, 2, generator=g, dtype=torch.float64)
+        w2 = target @ torch.linalg.pinv(w1)  # W1 has full column rank: pinv(W1) W1 = I
+        torch.testing.assert_close(w2 @ w1, target)
+        assert not two_layer_invariant(w1, w2)
+        assert dln_tightness([w1, w2]).min() < 1 - 1e-6
+
+
+def _sign_consistent(g, m, d, n):
+    """W2_ik W1_kj = s_i t_j |B_ik| |A_kj|: one sign per (i, j) across k (invariant)."""
+    a = torch.randint(0, 4, (d, n), generator=g).double()
+    b = torch.randint(0, 4, (m, d), generator=g).double()
+    flip_k = torch.randint(0, 2, (d, 1), generator=g).double() * 2 - 1
+    s = torch.randint(0, 2, (m, 1), generator=g).double() * 2 - 1
+    t = torch.randint(0, 2, (1, n), generator=g).double() * 2 - 1
+    return flip_k * a * t, s * b * flip_k.T
+
+
+def test_two_layer_sign_condition_decides_invariance_on_random_cases():
+    """On random small integer DLNs (exact arithmetic in float64), the sign condition holds
+    iff τ = 1 on every output; both kinds of case occur."""
+    g = torch.Generator().manual_seed(0)
+    seen = {True: 0, False: 0}
+    for case in range(400):
+        m, d, n = (int(v) for v in torch.randint(1, 5, (3,), generator=g))
+        if case % 2:
+            w1, w2 = _sign_consistent(g, m, d, n)
+        else:
+            w1 = torch.randint(-2, 3, (d, n), generator=g).double()
+            w2 = torch.randint(-2, 3, (m, d), generator=g).double()
+        invariant = two_layer_invariant(w1, w2)
+        tau = dln_tightness([w1, w2], torch.full((n,), 0.5, dtype=torch.float64))
+        # an output whose optimal and layer-wise radii are both 0 is exact too (τ = 1)
+        assert invariant == bool((tau == 1).all()), (w1, w2, tau)
+        seen[invariant] += 1
+    assert seen[True] > 100 and seen[False] > 100

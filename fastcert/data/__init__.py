@@ -36,6 +36,13 @@ image range).
     ``python -m fastcert.prep_tinyimagenet``), 3x64x64, 200 classes; training augmentation: random
     crop 64 with 4 pixels of edge padding + horizontal flip.
 
+Validation split (``val_size``, ``val_seed``, every data set): ``val_size`` examples (an int, or
+a fraction in (0, 1) of the training set) are held out of training, drawn with ``val_seed``
+(default 0, independent of the run's seed), before ``limit_train`` draws from the rest; they go
+through the test-time transform (no augmentation) and ``DataBundle.val`` is their loader (None
+without a split). A run evaluates its final model on them as on the test set (``val_<key>`` in
+results.json).
+
 On the device (``on_device``): a split that fits is moved to the device once, as one tensor of
 normalised images, and :class:`DeviceBatches` draws the batches there: the same example order as
 the ``DataLoader`` for the same seed (its generator draws the workers' base seed, then the

@@ -30,6 +30,8 @@ class DataBundle:
     mean: torch.Tensor  # (C,), normalisation applied by the loaders
     std: torch.Tensor  # (C,)
     name: str
+    #: the validation split held out of the training set (``data.val_size``), None without one
+    val: DataLoader | DeviceBatches | None = None
     _on_device: dict = field(default_factory=dict, repr=False)
 
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fastcert.data.errors import load_torchvision, not_found
-from fastcert.data.source import DatasetSplits, DataSource, transforms
+from fastcert.data.source import DatasetSplits, DataSource, transforms, with_transform
 
 
 @dataclass
@@ -198,7 +198,8 @@ class CIFAR10(DataSource):
                                   transform=tf_train, **kw)
         test = load_torchvision(TorchCIFAR10, train=False, download=False, transform=tf_test,
                                  **kw)
-        return DatasetSplits(train, test, (3, 32, 32), 10, mean, std)
+        return DatasetSplits(train, test, (3, 32, 32), 10, mean, std,
+                             with_transform(train, tf_test) if aug else None)
 
 
 TINYIMAGENET_MEAN = (0.4802, 0.4481, 0.3975)
@@ -272,4 +273,4 @@ class TinyImageNet(DataSource):
                 stacklevel=3,
             )
         return DatasetSplits(train, test, (3, 64, 64), len(train.classes), TINYIMAGENET_MEAN,
-                             TINYIMAGENET_STD)
+                             TINYIMAGENET_STD, with_transform(train, tf_test) if aug else None)
