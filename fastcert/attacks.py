@@ -40,6 +40,7 @@ class AttackResult:
     robust: torch.Tensor
     x_adv: torch.Tensor
     margin: torch.Tensor
+    logits: torch.Tensor | None = None  # PGDConfig.run's ``final`` logits at x_adv, if any
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -139,7 +140,7 @@ class PGDConfig:
             return self.step_size * (1 + math.cos(math.pi * k / max(self.steps, 1))) / 2
         return self.step_size
 
-    def run(self, model, x, y, lower, upper, generator=None, clean_logits=None
+    def run(self, model, x, y, lower, upper, generator=None, clean_logits=None, final=None
             ) -> AttackResult:
         """Search the box for misclassified inputs (the caller chooses the model's mode);
         ``x_adv`` is the point of largest ``loss`` found (x when nothing beat it).
@@ -148,20 +149,32 @@ class PGDConfig:
         x where the caller already has them (in the attack's BatchNorm mode), else one
         forward pass computes them; without a random start the first iterate is x and its
         pass serves. One restart thus makes ``steps`` + 1 forward passes (``steps`` + 2 with
-        a random start and no ``clean_logits``); the last iterate's keeps no graph."""
+        a random start and no ``clean_logits``); the last iterate's keeps no graph.
+
+        ``final``: the caller's own forward pass (the same values as ``model``'s, e.g. with
+        the graph a training loss needs) evaluates the last iterate of the last restart in
+        place of ``model``; where ``x_adv`` is that iterate (every example's best point is
+        the last one), its logits are ``result.logits``, and the caller needs no forward pass
+        at ``x_adv`` of its own."""
         if clean_logits is None and self.random_start:
             with torch.no_grad():
                 clean_logits = model(x)
         best = None if clean_logits is None else _Best(clean_logits, x, y, self.loss)
         half = (upper - lower) / 2
-        for _ in range(self.restarts):
+        kept = None
+        for restart in range(self.restarts):
             adv = _start(x, lower, upper, self.start if self.random_start else "clean",
                          generator)
             for step in range(self.steps + 1):  # evaluate every iterate, the last one included
                 last = step == self.steps
-                with torch.no_grad() if last else contextlib.nullcontext():
-                    logits = model(adv.requires_grad_(not last))
+                if last and final is not None and restart == self.restarts - 1:
+                    kept = final(adv)
+                    logits = kept.detach()
                     loss = _objective(logits, y, self.loss)
+                else:
+                    with torch.no_grad() if last else contextlib.nullcontext():
+                        logits = model(adv.requires_grad_(not last))
+                        loss = _objective(logits, y, self.loss)
                 if best is None:  # the first iterate is x itself: the clean evaluation
                     best = _Best(logits, x, y, self.loss)
                 best.update(adv, logits, loss, y)
@@ -171,7 +184,9 @@ class PGDConfig:
                 with torch.no_grad():
                     adv = adv + self.step(step) * half * grad.sign()
                     adv = torch.max(torch.min(adv, upper), lower).detach()
-        return AttackResult(best.margin > 0, best.x_best, best.margin)
+        if kept is not None and not torch.equal(best.x_best, adv):
+            kept = None
+        return AttackResult(best.margin > 0, best.x_best, best.margin, kept)
 
 
 def pgd_attack(model, x, y, lower, upper, cfg: PGDConfig = PGDConfig(),

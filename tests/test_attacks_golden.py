@@ -181,13 +181,62 @@ def test_the_clean_logits_a_caller_passes_give_the_same_result():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["mtl_ibp", "pgd"])
-def test_a_training_step_runs_the_clean_pass_once(name):
-    """MTL-IBP (one attack step) and PGD training: the clean pass through the BoundedModule
-    serves the attack's clean evaluation, so the plain model runs only the attack's iterates
-    and the adversarial logits: restarts·(steps + 1) + 1 forward passes."""
+class _Overshoot(nn.Module):
+    """Logits (5·cos(10·Σx), 0): from x = 0.1 (label 0) the signed-gradient step of a box of
+    half-width 0.478 lands at 10·Σx ≈ 2π - 0.5, past cos's minimum, where the cross entropy is
+    below the clean one: the attack's point is x, not its last iterate."""
+
+    def forward(self, x):
+        z = 5 * torch.cos(10 * x.flatten(1).sum(1, keepdim=True))
+        return torch.cat([z, torch.zeros_like(z)], 1)
+
+
+def test_the_final_pass_returns_its_logits_where_the_last_iterate_is_the_attack_point():
+    """``final`` evaluates the last iterate in place of the model (the attack's result keeps
+    every bit) and its logits come back exactly when x_adv is that iterate: one forward pass
+    in all for the last iterate and the attack point."""
+    net = _cnn().eval()
+    x, y, lower, upper = _data("eval")
+    calls = _count_forwards(net.model)
+    # one step to a vertex: its point; 2 restarts: the first restart's point beats the last
+    for cfg, at_last in ((PGDConfig(steps=1, step_size=10.0, loss="ce"), True),
+                         (PGDConfig(steps=3, restarts=2, step_size=0.25, loss="margin"), False)):
+        plain = cfg.run(net.model, x, y, lower, upper, torch.Generator().manual_seed(0))
+        final = []
+        calls[0] = 0
+        got = cfg.run(net.model, x, y, lower, upper, torch.Generator().manual_seed(0),
+                      final=lambda z: final.append(net.model(z)) or final[-1])
+        assert calls[0] == cfg.restarts * (cfg.steps + 1) + 1 and len(final) == 1
+        for a, b in zip((plain.x_adv, plain.margin, plain.robust),
+                        (got.x_adv, got.margin, got.robust)):
+            assert torch.equal(a, b)
+        assert plain.logits is None and (got.logits is not None) == at_last
+        if at_last:
+            assert got.logits is final[0] and torch.equal(got.logits, net.model(got.x_adv))
+    model, x = _Overshoot(), torch.full((1, 1), 0.1)
+    y, half = torch.zeros(1, dtype=torch.long), 0.478
+    cfg = PGDConfig(steps=1, step_size=1.0, loss="ce", random_start=False)
+    got = cfg.run(model, x, y, x - half, x + half, final=model)
+    assert torch.equal(got.x_adv, x) and got.logits is None
+
+
+@pytest.mark.parametrize("name", ["mtl_ibp", "cc_ibp", "pgd"])
+def test_a_training_step_runs_the_clean_pass_once(name, monkeypatch):
+    """MTL/CC-IBP (one attack step) and PGD training: the clean pass through the BoundedModule
+    serves the attack's clean evaluation and the pass at the attack's last iterate serves
+    the adversarial logits where that iterate is the attack point, so the plain model runs
+    only the attack's iterates, restarts·(steps + 1) forward passes, and one more where the
+    attack point is another point."""
     method = build_option("method", name)
     net = bn_mlp()
     calls = _count_forwards(net.model)
+    results = []
+    run = PGDConfig.run
+    monkeypatch.setattr(PGDConfig, "run", lambda *a, **k: results.append(run(*a, **k))
+                        or results[-1])
     method.step(net, random_batch(0.05, n=BATCH))
-    assert calls[0] == method.attack.restarts * (method.attack.steps + 1) + 1
+    (result,) = results
+    again = int(result.logits is None)
+    assert calls[0] == method.attack.restarts * (method.attack.steps + 1) + again
+    if name != "pgd":  # one step of 10× the half-width: the vertex beats x and the start
+        assert again == 0

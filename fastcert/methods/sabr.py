@@ -40,8 +40,7 @@ def propagation_box(net, batch: Batch, lam: float, attack: PGDConfig
     ε-box with BatchNorm in eval mode, then :func:`small_box` around the attack point."""
     if lam == 1:
         return batch.lower, batch.upper
-    _, x_adv = attack_point(net, batch.x, batch.y, batch.lower, batch.upper, attack,
-                            clean_stats=False)
+    _, x_adv = attack_point(net, batch.x, batch.y, batch.lower, batch.upper, attack)
     return small_box(batch.lower, batch.upper, x_adv, lam)
 
 
