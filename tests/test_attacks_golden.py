@@ -203,9 +203,14 @@ def test_the_final_pass_returns_its_logits_where_the_last_iterate_is_the_attack_
                          (PGDConfig(steps=3, restarts=2, step_size=0.25, loss="margin"), False)):
         plain = cfg.run(net.model, x, y, lower, upper, torch.Generator().manual_seed(0))
         final = []
+
+        def final_pass(z, final=final):
+            final.append(net.model(z))
+            return final[-1]
+
         calls[0] = 0
         got = cfg.run(net.model, x, y, lower, upper, torch.Generator().manual_seed(0),
-                      final=lambda z: final.append(net.model(z)) or final[-1])
+                      final=final_pass)
         assert calls[0] == cfg.restarts * (cfg.steps + 1) + 1 and len(final) == 1
         for a, b in zip((plain.x_adv, plain.margin, plain.robust),
                         (got.x_adv, got.margin, got.robust)):
