@@ -191,8 +191,10 @@ def _median_step(s, method: str, tmp: Path, steps: int) -> float:
     return statistics.median(row.run())
 
 
-def tiny_piece(device, quick: bool, tmp: Path) -> list[dict]:
-    """TinyImageNet shapes: s/step at batch 128 (4 with --quick) and the largest batch."""
+def tiny_piece(device, quick: bool, tmp: Path, save=None) -> list[dict]:
+    """TinyImageNet shapes: s/step at batch 128 (4 with --quick) and the largest batch;
+    ``save`` gets the records so far after each model and method (a piece cut short by its
+    time limit keeps what it measured)."""
     import torch
 
     batch = 4 if quick else 128
@@ -208,6 +210,8 @@ def tiny_piece(device, quick: bool, tmp: Path) -> list[dict]:
             else:
                 rec.update({"largest": None, "predicted": None, "note": "no GPU memory"})
             out.append(rec)
+            if save is not None:
+                save(out)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return out
@@ -330,15 +334,21 @@ def run_own_piece(name: str, device_name: str, quick: bool, out: Path) -> None:
     device = torch.device(device_name)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    path = out / f"{name}.json"
+
+    def save(result):
+        path.write_text(json.dumps(result, indent=1) + "\n")
+
     with tempfile.TemporaryDirectory(prefix=f"fastcert-gpu-check-{name}-") as tmp:
         from experiments.bench_rows import quiet
 
         with quiet():
             if name == "certify":
-                result = certify_piece(device, quick)
+                save(certify_piece(device, quick))
+            elif name == "tiny":
+                tiny_piece(device, quick, Path(tmp), save)
             else:
-                result = {"tiny": tiny_piece, "data": data_piece}[name](device, quick, Path(tmp))
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+                save(data_piece(device, quick, Path(tmp)))
 
 
 # --------------------------------------------------------------------------- the report
