@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[dev,sweeps,docs]'
 	@touch $@
 
-.PHONY: help install lint format docs test test-all run bench clean
+.PHONY: help install lint format docs test test-all run bench gpu-check clean
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
 
@@ -45,6 +45,9 @@ run: $(VENV)/.installed ## train + certify: make run ARGS="model=cnn7 data=cifar
 bench: $(VENV)/.installed ## time one training step per method (CNN-7, CIFAR shapes); peak memory per evaluation phase
 	$(PY) -m experiments.bench $(ARGS)
 	$(PY) -m experiments.memory_bench
+
+gpu-check: $(VENV)/.installed ## every GPU figure in one command (< 8 min on one H100): Markdown report + CSV
+	$(PY) -m experiments.gpu_check $(ARGS)
 
 clean: ## remove outputs of runs (never the venv or data)
 	rm -rf outputs multirun wandb .pytest_cache

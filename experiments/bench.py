@@ -35,6 +35,7 @@ the device; the columns of Table 3 of Shi et al. 2021, 30.0 / 54.8 / 64.0 / 78.5
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import resource
@@ -229,6 +230,25 @@ def markdown(rows: dict, cpu: bool) -> str:
     return "\n".join(lines)
 
 
+CSV_COLUMNS = ("row", "median_s", "min_s", "cpu_median_s", "x_natural", "floor", "x_floor",
+               "x_floor_cpu", "goal", "meets_goal", "peak_mib")
+
+
+def write_csv(result: dict, path: Path) -> None:
+    """The rows of ``result`` (:data:`CSV_COLUMNS`), then the setting they were measured in
+    (device, model, batch, threads, repetitions, load average before and after)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS + ("device", "batch", "threads", "reps", "load"))
+        setting = (result["device"], result["batch"], result["threads"], result["reps"],
+                   "{:.1f} -> {:.1f}".format(*result["load"]))
+        for name, r in result["rows"].items():
+            cells = [name] + [r.get(k) for k in CSV_COLUMNS[1:]]
+            w.writerow([f"{c:.4f}" if isinstance(c, float) else "" if c is None else c
+                        for c in cells] + list(setting))
+
+
 def phase_markdown(table: dict) -> str:
     lines = ["| method | " + " | ".join(f"{p} s/epoch (Shi et al.)" for p in PHASES) + " |",
              "|---|" + "---|" * len(PHASES)]
@@ -258,6 +278,8 @@ def parse(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="tiny CNN-7 (width 1/8), batch 4, 2 repetitions: the test suite's run")
     p.add_argument("--out", default="bench_results", help="folder for bench.json")
+    p.add_argument("--csv", default=None,
+                   help="also write the rows here (docs/data/bench_*.csv: rendered by the docs)")
     return p.parse_args(argv)
 
 
@@ -284,6 +306,7 @@ def main(argv=None):
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # fit's checkpoints: not on disk
     with tempfile.TemporaryDirectory(dir=shm, prefix="fastcert-bench-") as tmp:
         names = row_names(methods)
+        load0 = os.getloadavg()[0]
         t0 = time.perf_counter()
         peaks = ({n: rss_of_row(n, s, Path(tmp)) for n in names}
                  if device.type == "cpu" and not args.no_memory else {})
@@ -294,7 +317,7 @@ def main(argv=None):
         result = {"model": s.model, "model_options": s.model_options, "batch": s.batch,
                   "device": str(device), "reps": reps, "threads": torch.get_num_threads(),
                   "eps": s.eps, "eps_target": s.eps_target, "rows": rows,
-                  "time_s": time.perf_counter() - t0}
+                  "time_s": time.perf_counter() - t0, "load": (load0, os.getloadavg()[0])}
         print(f"\n{s.model} {s.model_options or ''}, batch {s.batch}, {device}, "
               f"{torch.get_num_threads()} thread(s), ε = ε_target/2 = {s.eps:.5f}; median and "
               f"min over {reps} interleaved repetitions\n")
@@ -317,6 +340,8 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.csv:
+        write_csv(result, Path(args.csv))
     return result
 
 

@@ -22,6 +22,7 @@ and the smallest classification margin f_y - max_{j≠y} f_j seen at any evaluat
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -39,6 +40,7 @@ class AttackResult:
     robust: torch.Tensor
     x_adv: torch.Tensor
     margin: torch.Tensor
+    logits: torch.Tensor | None = None  # PGDConfig.run's ``final`` logits at x_adv, if any
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -67,11 +69,12 @@ def _start(x, lower, upper, kind: str, generator) -> torch.Tensor:
 
 
 class _Tracker:
-    """The smallest margin per example over every point evaluated, and where it was."""
+    """The smallest margin per example over every point evaluated, and where it was; it starts
+    at x with the margins of ``clean_logits`` (the model's logits at x)."""
 
-    def __init__(self, model, x, y):
+    def __init__(self, clean_logits, x, y):
         with torch.no_grad():
-            self.margin = -margin_loss(model(x), y)
+            self.margin = -margin_loss(clean_logits.detach(), y)
         self.x_adv = x.detach().clone()
 
     def update(self, idx, points, logits, y):
@@ -83,6 +86,25 @@ class _Tracker:
 
     def result(self) -> AttackResult:
         return AttackResult(self.margin > 0, self.x_adv, self.margin)
+
+
+class _Best(_Tracker):
+    """PGD's record: the tracker's smallest margins, and per example the point of largest
+    ``loss`` evaluated (x, with ``clean_logits``, to start)."""
+
+    def __init__(self, clean_logits, x, y, loss: str):
+        super().__init__(clean_logits, x, y)
+        with torch.no_grad():
+            self.loss = _objective(clean_logits.detach(), y, loss)
+        self.x_best = x.detach().clone()
+        self.idx = torch.arange(len(y), device=x.device)
+
+    def update(self, points, logits, loss, y):
+        super().update(self.idx, points, logits, y)
+        with torch.no_grad():
+            better = loss > self.loss
+            self.loss = torch.where(better, loss, self.loss)
+            self.x_best[better] = points[better].detach()
 
 
 @dataclass(frozen=True)
@@ -128,46 +150,67 @@ class PGDConfig:
             return decay * self.step_size * (1 + math.cos(math.pi * k / max(self.steps, 1))) / 2
         return decay * self.step_size
 
-    def run(self, model, x, y, lower, upper, generator=None) -> AttackResult:
+    def run(self, model, x, y, lower, upper, generator=None, clean_logits=None, final=None
+            ) -> AttackResult:
         """Search the box for misclassified inputs (the caller chooses the model's mode);
-        ``x_adv`` is the point of largest ``loss`` found (x when nothing beat it)."""
-        track = _Tracker(model, x, y)
-        with torch.no_grad():
-            best_loss = _objective(model(x), y, self.loss)
-        best_x = x.detach().clone()
+        ``x_adv`` is the point of largest ``loss`` found (x when nothing beat it).
+
+        The clean input counts as an evaluated point. ``clean_logits``: the model's logits at
+        x where the caller already has them (in the attack's BatchNorm mode), else one
+        forward pass computes them; without a random start the first iterate is x and its
+        pass serves. One restart thus makes ``steps`` + 1 forward passes (``steps`` + 2 with
+        a random start and no ``clean_logits``); the last iterate's keeps no graph.
+
+        ``final``: the caller's own forward pass (the same values as ``model``'s, e.g. with
+        the graph a training loss needs) evaluates the last iterate of the last restart in
+        place of ``model``; where ``x_adv`` is that iterate (every example's best point is
+        the last one), its logits are ``result.logits``, and the caller needs no forward pass
+        at ``x_adv`` of its own."""
+        if clean_logits is None and self.random_start:
+            with torch.no_grad():
+                clean_logits = model(x)
+        best = None if clean_logits is None else _Best(clean_logits, x, y, self.loss)
         half = (upper - lower) / 2
-        idx = torch.arange(len(y), device=x.device)
-        for _ in range(self.restarts):
+        kept = None
+        for restart in range(self.restarts):
             adv = _start(x, lower, upper, self.start if self.random_start else "clean",
                          generator)
             for step in range(self.steps + 1):  # evaluate every iterate, the last one included
-                adv.requires_grad_(True)
-                logits = model(adv)
-                loss = _objective(logits, y, self.loss)
-                track.update(idx, adv, logits, y)
-                with torch.no_grad():
-                    better = loss > best_loss
-                    best_loss = torch.where(better, loss, best_loss)
-                    best_x[better] = adv[better].detach()
-                if step == self.steps:
+                last = step == self.steps
+                if last and final is not None and restart == self.restarts - 1:
+                    kept = final(adv)
+                    logits = kept.detach()
+                    loss = _objective(logits, y, self.loss)
+                else:
+                    with torch.no_grad() if last else contextlib.nullcontext():
+                        logits = model(adv.requires_grad_(not last))
+                        loss = _objective(logits, y, self.loss)
+                if best is None:  # the first iterate is x itself: the clean evaluation
+                    best = _Best(logits, x, y, self.loss)
+                best.update(adv, logits, loss, y)
+                if last:
                     break
                 (grad,) = torch.autograd.grad(loss.sum(), adv)
                 with torch.no_grad():
                     adv = adv + self.step(step) * half * grad.sign()
                     adv = torch.max(torch.min(adv, upper), lower).detach()
-        return AttackResult(track.margin > 0, best_x, track.margin)
+        if kept is not None and not torch.equal(best.x_best, adv):
+            kept = None
+        return AttackResult(best.margin > 0, best.x_best, best.margin, kept)
 
 
 def pgd_attack(model, x, y, lower, upper, cfg: PGDConfig = PGDConfig(),
-               generator: torch.Generator | None = None):
+               generator: torch.Generator | None = None,
+               clean_logits: torch.Tensor | None = None):
     """Search the box for misclassified inputs with PGD. Returns (robust, x_adv).
 
     ``robust[i]`` is True iff the clean input and every restart's iterates were classified
     correctly; ``x_adv`` holds the point of largest ``cfg.loss`` found per example (the clean
     input when nothing beat it). The caller chooses the model's mode (eval: BatchNorm on
-    running statistics, as evaluation requires).
+    running statistics, as evaluation requires) and may pass the logits at x it already has
+    (:meth:`PGDConfig.run`).
     """
-    result = cfg.run(model, x, y, lower, upper, generator)
+    result = cfg.run(model, x, y, lower, upper, generator, clean_logits)
     return result.robust, result.x_adv
 
 
@@ -282,9 +325,10 @@ class StrongAttack:
                 f"{self.restart_step_size:g}->0 x half-width")
 
     def run(self, model, x, y, lower, upper, generator=None) -> AttackResult:
-        track = _Tracker(model, x, y)
         with torch.no_grad():
-            ranked = model(x).argsort(1, descending=True)
+            clean = model(x)
+        track = _Tracker(clean, x, y)
+        ranked = clean.argsort(1, descending=True)
         runs = [("margin", None), ("ce", None)]
         runs += [("targeted", k) for k in range(1, min(self.targets, ranked.shape[1] - 1) + 1)]
         for loss, k in runs:
@@ -304,7 +348,7 @@ class StrongAttack:
                 break
             pgd = PGDConfig(steps=self.restart_steps, step_size=self.restart_step_size,
                             loss="ce", start=("corner", "uniform")[r % 2], schedule="cosine")
-            sub = pgd.run(model, x[idx], y[idx], lower[idx], upper[idx], generator)
+            sub = pgd.run(model, x[idx], y[idx], lower[idx], upper[idx], generator, clean[idx])
             better = sub.margin < track.margin[idx]
             track.margin[idx[better]] = sub.margin[better]
             track.x_adv[idx[better]] = sub.x_adv[better]

@@ -145,9 +145,9 @@ def test_edac_pre_step_changes_only_what_it_should():
     # the same by hand on a twin: clean pass, the same attack point, L_AC, one Adam step
     torch.manual_seed(11)
     twin(batch.x)
-    from fastcert.methods.adversarial import attack_point
-    _, x_adv = attack_point(twin, batch.x, batch.y, batch.lower, batch.upper, edac.attack,
-                            clean_stats=True)
+    from fastcert.attacks import pgd_attack
+    with twin.batch_norm_stats(detach=True):
+        _, x_adv = pgd_attack(twin.model, batch.x, batch.y, batch.lower, batch.upper, edac.attack)
     with twin.batch_norm_stats():
         want = 0.3 * twin.model(x_adv).std(dim=1).mean()
     want.backward()

@@ -2,6 +2,7 @@
 issue asks for, on a tiny CNN-7 (speed goals are read in the full run, never asserted here)."""
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -13,12 +14,13 @@ from fastcert.config import options
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    result = bench.main(["--quick", "--phases", "--fit-check", "--out", str(out)])
-    return result, json.loads((out / "bench.json").read_text())
+    result = bench.main(["--quick", "--phases", "--fit-check", "--out", str(out),
+                         "--csv", str(out / "bench.csv")])
+    return result, json.loads((out / "bench.json").read_text()), out / "bench.csv"
 
 
 def test_every_method_option_is_a_row_beside_natural_and_the_floors(quick):
-    result, saved = quick
+    result, saved, _ = quick
     want = ["torch natural", "floor ibp", "floor loss fusion",
             *(f"fit {m}" for m in options("method") if m not in EXPENSIVE_METHODS)]
     assert list(saved["rows"]) == want
@@ -44,6 +46,18 @@ def test_phase_table_and_fit_check(quick):
     for _method, phases in saved["phases"].items():
         assert set(phases) == {"eps0", "ramp", "final"} and all(v > 0 for v in phases.values())
     assert saved["fit_check"]["fits"] is True and saved["fit_check"]["model"] == "resnext"
+
+
+def test_csv_has_every_row_and_the_setting(quick):
+    saved, path = quick[1], quick[2]
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["row"] for r in rows] == list(saved["rows"])
+    fit = {r["row"]: r for r in rows}["fit mtl_ibp"]
+    assert float(fit["x_floor_cpu"]) == pytest.approx(saved["rows"]["fit mtl_ibp"]["x_floor_cpu"],
+                                                      rel=1e-3)
+    assert fit["floor"] == "floor ibp" and fit["batch"] == "4" and fit["device"] == "cpu"
+    assert " -> " in fit["load"]
 
 
 def test_default_run_settings():

@@ -84,10 +84,10 @@ def test_centre_search_on_the_clean_batch_statistics():
         running[mode] = _running(net)
     twin = bn_mlp()
     twin(batch.x)
-    from fastcert.methods.adversarial import attack_point
+    from fastcert.attacks import pgd_attack
     torch.manual_seed(0)
-    _, x_adv = attack_point(twin, batch.x, batch.y, batch.lower, batch.upper, attack,
-                            clean_stats=True)
+    with twin.batch_norm_stats(detach=True):
+        _, x_adv = pgd_attack(twin.model, batch.x, batch.y, batch.lower, batch.upper, attack)
     from fastcert.methods.sabr import small_box
     want = small_box(batch.lower, batch.upper, x_adv, 0.3)
     assert torch.equal(boxes["clean"][0], want[0]) and torch.equal(boxes["clean"][1], want[1])

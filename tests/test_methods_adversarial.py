@@ -70,3 +70,23 @@ def test_pgd_gradient_reaches_the_parameters_through_the_adversarial_point():
     assert all(p.grad is not None and torch.isfinite(p.grad).all()
                for p in net.model.parameters())
     assert F.cross_entropy(out.logits, _batch(0.1).y) == out.stats["loss/natural"]
+
+
+def test_clean_batch_statistics_restore_a_layers_own_forward():
+    """Within batch_norm_stats each BatchNorm layer normalises with the clean batch's
+    statistics; after it the layer's own forward is back, also one set on the instance (a
+    data-parallel run's, fastcert.distributed.sync_batchnorm) or by an enclosing block."""
+    from fastcert.distributed import sync_batchnorm
+
+    net = _net()
+    batch = _batch(0.1)
+    clean = net(batch.x)
+    sync_batchnorm(net.model)
+    bns = [m for m in net.model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    own = [bn.__dict__["forward"] for bn in bns]
+    with net.batch_norm_stats(detach=True):
+        with net.batch_norm_stats():
+            torch.testing.assert_close(net.model(batch.x), clean)
+        torch.testing.assert_close(net.model(batch.x), clean)
+    assert [bn.__dict__["forward"] for bn in bns] == own
+    assert all(bn.training for bn in bns)

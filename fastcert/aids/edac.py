@@ -7,7 +7,7 @@ import torch
 
 from fastcert.attacks import PGDConfig
 from fastcert.bounds import BoundedNet
-from fastcert.methods.adversarial import attack_point
+from fastcert.methods.adversarial import clean_stats_point
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class EDAC:
         """The pre-step on the batch ``x, y`` with its ε-box [lower, upper]; returns L_AC
         (detached)."""
         net(x)  # the clean pass: sets the BatchNorm statistics
-        _, x_adv = attack_point(net, x, y, lower, upper, self.attack, clean_stats=True)
+        _, x_adv = clean_stats_point(net, x, y, lower, upper, self.attack)
         with net.batch_norm_stats():
             logits = net.model(x_adv)
         loss = self.gamma * logits.std(dim=1).mean()

@@ -46,18 +46,28 @@ def _output_layer_trains(model: nn.Module) -> bool:
 
 
 class _BatchStats:
-    """Forward hook: a BatchNorm layer's output recomputed with given batch statistics,
-    (x - mean)/sqrt(var + eps)·γ + β (the training-mode formula, biased variance)."""
+    """A BatchNorm layer's forward with given batch statistics, in place of the layer's own:
+    (x - mean)/sqrt(var + eps)·γ + β (the training-mode formula, biased variance), each output
+    computed once and the running statistics left alone. ``detached``: the statistics, γ and
+    β as constants (an attack's pass, differentiated in its input only), the output computed
+    in one buffer."""
 
-    def __init__(self, mean: torch.Tensor, var: torch.Tensor, eps: float):
-        self.mean, self.var, self.eps = mean, var, eps
+    def __init__(self, bn: nn.Module, mean: torch.Tensor, var: torch.Tensor, eps: float,
+                 detached: bool):
+        self.bn, self.mean, self.var, self.eps, self.detached = bn, mean, var, eps, detached
 
-    def __call__(self, bn: nn.Module, inputs, output):
-        x = inputs[0]
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        out = (x - self.mean.view(shape)) / torch.sqrt(self.var.view(shape) + self.eps)
-        if bn.affine:
-            out = out * bn.weight.view(shape) + bn.bias.view(shape)
+        out = x - self.mean.view(shape)
+        std = torch.sqrt(self.var.view(shape) + self.eps)
+        if not self.detached:
+            out = out / std
+            if self.bn.affine:
+                out = out * self.bn.weight.view(shape) + self.bn.bias.view(shape)
+            return out
+        out.div_(std)
+        if self.bn.affine:
+            out.mul_(self.bn.weight.detach().view(shape)).add_(self.bn.bias.detach().view(shape))
         return out
 
 
@@ -194,8 +204,10 @@ class BoundedNet(nn.Module):
         always be set based on clean input"): one clean forward pass sets the statistics, and
         adversarial points (PGD-AT's, MTL-IBP's, TAPS's latent pivots) are normalised with
         them instead of their own. The statistics keep their graph (gradients flow through
-        them, as in auto_LiRPA's IBP) unless ``detach``. Layers not traced by ``view`` and
-        layers in eval mode are left as they are.
+        them, as in auto_LiRPA's IBP) unless ``detach`` (then γ and β are constants too: an
+        attack differentiates in its input only). Within the block each such layer's forward
+        is :class:`_BatchStats`. Layers not traced by ``view`` and layers in eval mode are left
+        as they are.
         """
         view = self.bounded if view is None else view
         stats = {}
@@ -205,22 +217,21 @@ class BoundedNet(nn.Module):
                 mean, var = node.current_mean, node.current_var
                 if detach:
                     mean, var = mean.detach(), var.detach()
-                stats[id(node.inputs[3].buffer)] = (mean, var, node.eps)
-        frozen, handles = [], []
+                stats[id(node.inputs[3].buffer)] = (mean, var, node.eps, detach)
+        replaced = []  # (layer, its own instance forward: a data-parallel run's, an outer block's)
         try:
             for bn in self.model.modules():
                 if (isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training
                         and id(bn.running_mean) in stats):
-                    bn.training = False  # no running-statistics update
-                    frozen.append(bn)
-                    handles.append(bn.register_forward_hook(
-                        _BatchStats(*stats[id(bn.running_mean)])))
+                    replaced.append((bn, bn.__dict__.get("forward")))
+                    bn.forward = _BatchStats(bn, *stats[id(bn.running_mean)])
             yield
         finally:
-            for h in handles:
-                h.remove()
-            for bn in frozen:
-                bn.training = True
+            for bn, previous in replaced:
+                if previous is None:
+                    del bn.forward
+                else:
+                    bn.forward = previous
 
     # ---- inputs ------------------------------------------------------------------------
     @staticmethod

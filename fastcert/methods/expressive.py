@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fastcert.attacks import PGDConfig
 from fastcert.bounds import Bound, margin_spec, robust_ce_from_margins
-from fastcert.methods.adversarial import adversarial_logits, attack_point
+from fastcert.methods.adversarial import clean_stats_attack
 from fastcert.methods.base import Method, Ramp, StepOutput, mix
 from fastcert.methods.ibp import fast_ibp_step
 from fastcert.methods.warmup import Warmup
@@ -53,9 +53,8 @@ class _Expressive(Method):
             lower, upper = batch.lower, batch.upper
         else:
             lower, upper = batch.box(batch.x, self.attack_eps_factor * batch.eps)
-        robust_pgd, x_adv = attack_point(net, batch.x, batch.y, lower, upper, self.attack,
-                                         clean_stats=True)
-        adv_logits = adversarial_logits(net, x_adv)
+        robust_pgd, _, adv_logits = clean_stats_attack(net, batch.x, batch.y, lower, upper,
+                                                       self.attack, logits)
         robust = self.combine(lb, adv_logits, batch.y)
         natural = F.cross_entropy(logits, batch.y)
         kappa = self.kappa.at(batch)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from fastcert.attacks import PGDConfig
-from fastcert.methods.adversarial import attack_point
+from fastcert.methods.adversarial import attack_point, clean_stats_point
 from fastcert.methods.base import Batch, Method, Ramp, StepOutput
 from fastcert.methods.ibp import fast_ibp_step
 from fastcert.methods.warmup import Warmup
@@ -69,11 +69,10 @@ def propagation_box(net, batch: Batch, lam: float, attack: PGDConfig,
     if search_bn == "clean" and net.training:
         with running_statistics_kept(net.model):
             net(batch.x)
-            _, x_adv = attack_point(net, batch.x, batch.y, batch.lower, batch.upper, attack,
-                                    clean_stats=True)
+            _, x_adv = clean_stats_point(net, batch.x, batch.y, batch.lower, batch.upper,
+                                         attack)
     else:
-        _, x_adv = attack_point(net, batch.x, batch.y, batch.lower, batch.upper, attack,
-                                clean_stats=False)
+        _, x_adv = attack_point(net, batch.x, batch.y, batch.lower, batch.upper, attack)
     return small_box(batch.lower, batch.upper, x_adv, lam)
 
 
