@@ -1,0 +1,4 @@
+"""``python -m fastcert.certify``."""
+from fastcert.certify.command import cli
+
+cli()
