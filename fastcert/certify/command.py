@@ -422,8 +422,8 @@ def cli() -> None:
     created = []
 
     def guarded():
-        created.extend(rundir.create(run_dir_of(sys.argv[1:])) if "-m" not in sys.argv[1:]
-                       and "--multirun" not in sys.argv[1:] else [])
+        if not any(a.startswith("-") for a in sys.argv[1:]):  # a flag: Hydra's own handling
+            created.extend(rundir.create(run_dir_of(sys.argv[1:])))
         main()
 
     try:
