@@ -35,7 +35,7 @@ def certify(cfg: DictConfig, out_dir: str | os.PathLike) -> dict | None:
     journal.check_settings(settings)
     journal.start(settings)
     if opts.workers > 1:
-        run_workers(cfg, out_dir, opts.workers)
+        run_workers(cfg, opts, out_dir, opts.workers)
     else:
         certify_shard(cfg, opts, trained, radii, seed, out_dir, opts.shard)
     return assemble(cfg, opts, trained, journal, radii, seed=seed, n_test=n_test, batch=batch)
@@ -123,9 +123,11 @@ class Work:
         self.opts, self.device, self.seed, self.journal = opts, device, seed, journal
         self.complete = None
         if opts.complete is not None:
-            self.complete = _complete_stage(opts.complete, out_dir, self.net.model.cpu()
-                                            if str(device) == "cpu" else self.net.model,
-                                            self.data)
+            import copy
+
+            # the engine reads the ONNX of, and the replay runs, a CPU copy of the model
+            cpu_model = copy.deepcopy(self.net.model).cpu().eval()
+            self.complete = _complete_stage(opts.complete, out_dir, cpu_model, self.data)
 
     def at(self, eps: float, shard: tuple[int, int]) -> None:
         from fastcert.certify.progress import Progress
@@ -233,13 +235,17 @@ def _worker(cfg_yaml: str, out_dir: str, i: int, n: int) -> None:
     certify_shard(cfg, opts, trained, radii, seed, Path(out_dir), (i, n))
 
 
-def run_workers(cfg: DictConfig, out_dir: Path, n: int) -> None:
+def run_workers(cfg: DictConfig, opts: Options, out_dir: Path, n: int) -> None:
     """Shards 0/n … n-1/n in n processes (spawned: each builds its own model, takes its own
     device from the pool, runs its own engine subprocesses); a failed worker is an error."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    one = OmegaConf.to_yaml(OmegaConf.merge(cfg, {"workers": 1}), resolve=True)
+    # each worker: one process's share of the memory budget, resolved here once
+    share = {"workers": 1, "memory_gb": opts.memory_gb}
+    if opts.complete is not None:
+        share["complete"] = {"memory_gb": opts.complete["memory_gb"]}
+    one = OmegaConf.to_yaml(OmegaConf.merge(cfg, share), resolve=True)
     procs = [ctx.Process(target=_worker, args=(one, str(out_dir), i, n)) for i in range(n)]
     for p in procs:
         p.start()

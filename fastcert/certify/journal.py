@@ -52,7 +52,7 @@ class Journal:
                           if before.get(k) != settings.get(k))
             raise ConfigError(
                 f"{self.dir.parent} holds certify results made with other settings "
-                f"({', '.join(diff)} differ); certify into another dir with "
+                f"(differing: {', '.join(diff)}); certify into another dir with "
                 f"hydra.run.dir=<dir> (or rerun with the settings of {path})")
         return True
 
