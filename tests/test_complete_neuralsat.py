@@ -44,11 +44,12 @@ LOWER, UPPER = torch.tensor([-1.0]), torch.tensor([1.0])
 
 
 def alpha_crown_margin(net) -> float:
-    import fastcert.bounds  # noqa: F401  (auto_LiRPA's compat patches, fastcert.compat)
-    from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
+    from fastcert.bounds.lirpa import auto_lirpa
 
-    bounded = BoundedModule(net, torch.zeros(1, 1))
-    x = BoundedTensor(torch.zeros(1, 1), PerturbationLpNorm(x_L=LOWER[None], x_U=UPPER[None]))
+    lirpa = auto_lirpa()
+    bounded = lirpa.BoundedModule(net, torch.zeros(1, 1))
+    x = lirpa.BoundedTensor(torch.zeros(1, 1),
+                            lirpa.PerturbationLpNorm(x_L=LOWER[None], x_U=UPPER[None]))
     spec = torch.tensor([[[1.0, -1.0]]])  # y_0 - y_1
     bounded.set_bound_opts({"optimize_bound_args": {"iteration": 100, "lr_alpha": 0.5}})
     lb, _ = bounded.compute_bounds(x=(x,), method="CROWN-Optimized", C=spec, bound_upper=False)

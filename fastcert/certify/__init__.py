@@ -1,4 +1,4 @@
-"""``python -m fastcert.certify checkpoint=PATH [eps=[0.05,0.1,0.2]] [complete.engine=neuralsat] ...``
+"""``python -m fastcert.certify checkpoint=PATH [eps=[0.05,0.1]] [complete.engine=neuralsat] ...``
 
 Re-evaluates a trained checkpoint on the test split at one or more radii ε (pixel units; by default
 the run's test radius ``eval.eps``, else its training ``eps``):
