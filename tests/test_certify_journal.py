@@ -148,3 +148,17 @@ def test_each_export_gets_its_own_dir(trained, tmp_path):  # noqa: F811
                              text=True, timeout=300)
     assert refused.returncode == 2 and refused.stderr.startswith("error: ")
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["export", "export_1", "last.pt"]
+
+
+def test_a_hydra_multirun_over_shards_merges_into_one_output(trained, reference, tmp_path):  # noqa: F811
+    run_dir, _ = trained
+    ckpt = tmp_path / "last.pt"
+    ckpt.write_bytes((run_dir / "last.pt").read_bytes())
+    proc = subprocess.run([sys.executable, "-m", "fastcert.certify", "-m", f"checkpoint={ckpt}",
+                           "shard=0/2,1/2", "eps=[0.05,0.1]", "attack=pgd", "attack.steps=10",
+                           "attack.step_size=0.25", "progress=false", "device=cpu", *FAST],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (merged, table), (expected, expected_table) = outputs(tmp_path / "certify"), outputs(reference)
+    assert merged.pop("checkpoint") == str(ckpt) and table == expected_table
+    assert merged == {k: v for k, v in expected.items() if k != "checkpoint"}
