@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+#: The order of the counts: what decided the examples, cheapest first.
+ORDER = ("clean", "attack", "ibp", "crown_ibp", "crown", "alpha_crown", "complete", "undecided")
+
 
 class Progress:
     def __init__(self, eps: float, total: int, enabled: bool, position: int = 0):
@@ -23,7 +26,7 @@ class Progress:
         return False
 
     def _show(self, extra: str = "") -> None:
-        parts = [f"{k} {v}" for k, v in self.decided.items()]
+        parts = [f"{k} {self.decided[k]}" for k in ORDER if self.decided[k]]
         if self.engine:
             parts.append("complete " + "/".join(f"{k[0]}{v}" for k, v in self.engine.items()))
         self.bar.set_postfix_str(", ".join(parts) + extra, refresh=False)
