@@ -19,6 +19,7 @@ from fastcert.complete.replay import replay
 from fastcert.export import vnnlib_text, write_onnx
 
 from conftest import ROOT
+from test_certify import trained  # noqa: F401  (the TINY run)
 
 VENV = Path(os.environ.get("FASTCERT_NEURALSAT_VENV", ROOT / ".venv-neuralsat"))
 pytestmark = [
@@ -78,3 +79,27 @@ def test_neuralsat_counterexample_replays(tmp_path):
     r = replay(net, verdict.counterexample, LOWER, UPPER, label=0)
     assert r.violates and r.margin <= 0
     assert NeuralSAT(str(VENV)).version() == "0.2.17"
+
+
+def test_certify_with_neuralsat_falsifies_what_a_weak_attack_missed(trained, tmp_path):  # noqa: F811
+    """Through certify on the TINY run: a 5-step PGD leaves examples that α-CROWN cannot
+    verify; NeuralSAT finds counterexamples for them, each replayed (negative margin)."""
+    import csv
+
+    from fastcert.certify import certify
+
+    from test_certify import certify_cfg
+
+    run_dir, _ = trained
+    cfg = certify_cfg(run_dir / "last.pt", "eps=0.05", "attack.steps=5", "attack.step_size=0.0125",
+                      "batch_size=8",
+                      "limit_test=16", "alpha_crown.iterations=2", "complete.engine=neuralsat",
+                      f"complete.neuralsat.venv={VENV}", "complete.timeout_s=30")
+    summary = certify(cfg, tmp_path)
+    with open(tmp_path / "certify.csv", newline="") as f:
+        ran = [r for r in csv.DictReader(f) if r["complete_verdict"]]
+    assert ran and all(r["alpha_crown_verified"] == "0" for r in ran)
+    falsified = [r for r in ran if r["complete_verdict"] == "falsified"]
+    assert falsified and all(float(r["complete_margin"]) < 0 and r["verdict"] == "broken"
+                             for r in falsified)
+    assert summary["complete"]["version"] == "0.2.17"
