@@ -7,9 +7,11 @@ from __future__ import annotations
 import csv
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import fastcert.complete.engine as engine_module
 from fastcert.certify import certify
@@ -102,3 +104,28 @@ def test_complete_verified_but_attack_broken_is_a_soundness_error(trained, scrip
     saved = json.loads((tmp_path / "certify.json").read_text())
     broken = [r for r in rows(tmp_path) if r["verdict"] == "broken"]
     assert broken and len(saved["results"][0]["violations"]) == len(broken)
+
+
+def test_alpha_crown_per_example_time_limit(trained, tmp_path):  # noqa: F811
+    """``alpha_crown.timeout_s`` stops the slope optimisation early: the bounds stay sound
+    (no violation) and verify no more than the full optimisation."""
+    from fastcert.certify.command import AlphaDeadline
+
+    deadline = AlphaDeadline(0.05)
+    lower = torch.zeros(4, 9)
+    assert deadline(lower) is False
+    time.sleep(0.25)
+    assert deadline(lower) is True
+    deadline.reset()
+    assert deadline(lower) is False
+    run_dir, _ = trained
+    full = certify(certify_cfg(run_dir / "last.pt", "eps=0.1", "alpha_crown.iterations=20"),
+                   tmp_path / "full")["results"][0]
+    cut = certify(certify_cfg(run_dir / "last.pt", "eps=0.1", "alpha_crown.iterations=20",
+                              "alpha_crown.timeout_s=1e-9"), tmp_path / "cut")["results"][0]
+    assert cut["violations"] == [] and cut["alpha_crown"] <= full["alpha_crown"]
+    # the first iterate is common to both; the full run keeps its best iterate
+    pairs = [(float(a["alpha_crown_margin_lb"]), float(b["alpha_crown_margin_lb"]))
+             for a, b in zip(rows(tmp_path / "cut"), rows(tmp_path / "full"))
+             if a["alpha_crown_margin_lb"]]
+    assert pairs and all(c <= f + 1e-5 * max(1.0, abs(f)) for c, f in pairs)
