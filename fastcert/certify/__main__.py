@@ -1,4 +1,5 @@
 """``python -m fastcert.certify``."""
 from fastcert.certify.command import cli
 
-cli()
+if __name__ == "__main__":
+    cli()
