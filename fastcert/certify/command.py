@@ -222,7 +222,9 @@ def _worker(cfg_yaml: str, out_dir: str, i: int, n: int) -> None:
     import torch
 
     from fastcert import resolvers
+    from fastcert.cli import quiet_known_warnings
 
+    quiet_known_warnings()
     resolvers.register()
     cfg = OmegaConf.create(cfg_yaml)
     threads = int(cfg.get("cpu_threads", 1))
