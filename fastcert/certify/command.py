@@ -85,17 +85,18 @@ class AlphaDeadline:
 
 
 def certify_shard(cfg: DictConfig, opts: Options, trained, radii: list[float], seed: int,
-                  out_dir: Path, shard: tuple[int, int] | None) -> None:
+                  out_dir: Path, shard: tuple[int, int] | None, shared: bool = False) -> None:
     """Certify the test batches b with b ≡ i (mod n) (every batch without ``shard``) at each
     radius, skipping what the journal holds; each batch and each complete-stage verdict is
-    journaled when decided."""
+    journaled when decided (with ``shared``, the complete stage waits for every batch, see
+    :meth:`Work.complete_shared`)."""
     from fastcert import devices
 
     held_before = devices.held_device() is not None
     device = devices.acquire_device(str(cfg.get("device", "auto")), cfg.get("devices"))
     journal = Journal(out_dir)
     try:
-        work = Work(opts, trained, device, seed, out_dir, journal)
+        work = Work(opts, trained, device, seed, out_dir, journal, shared)
         for eps in radii:
             work.at(eps, shard or (0, 1))
     finally:
@@ -108,7 +109,7 @@ class Work:
     """The model, data, complete stage and journal of one certifying process."""
 
     def __init__(self, opts: Options, trained, device, seed: int, out_dir: Path,
-                 journal: Journal):
+                 journal: Journal, shared: bool = False):
         built = rebuild.build_trained(trained, device)
         self.net, self.data = built.net, built.data
         self.net.eval()
@@ -121,6 +122,7 @@ class Work:
         dataset = self.data.test.dataset
         self.indices = [int(i) for i in getattr(dataset, "indices", range(len(dataset)))]
         self.opts, self.device, self.seed, self.journal = opts, device, seed, journal
+        self.shared = shared  # one of workers=N running together: complete stage dealt out
         self.complete = None
         if opts.complete is not None:
             import copy
@@ -143,8 +145,46 @@ class Work:
                 lower, upper = self.data.eps_box(x, eps)
                 rec = done["batches"].get(b) or self.batch(eps, b, x, y, lower, upper)
                 bar.batch(rec["rows"])
-                self.complete_batch(rec["rows"], lower, upper, b * batch_size,
-                                    done["complete"], bar)
+                if self.complete is not None and not self.shared:
+                    for k, row in enumerate(rec["rows"]):
+                        if self.wanted(row):
+                            self.complete_one(row, lower[k], upper[k], done["complete"], bar)
+            if self.complete is not None and self.shared:
+                self.complete_shared(eps, shard, bar)
+
+    def wanted(self, row: dict) -> bool:
+        """Whether the complete stage runs on the example: clean-correct and undecided
+        (with ``cascade=false``: every clean-correct example)."""
+        return row["clean_correct"] == 1 and (row["verdict"] == "unknown"
+                                              or not self.opts.cascade)
+
+    def complete_one(self, row: dict, lower, upper, done: dict, bar) -> None:
+        rec = done.get(int(row["index"]))
+        if rec is None:
+            bar.engine_started(row["index"])
+            rec = self.complete.decide(row, lower, upper)
+            self.journal.append(rec)
+        bar.complete(rec["verdict"])
+
+    def complete_shared(self, eps: float, shard: tuple[int, int], bar) -> None:
+        """``workers=N``: once every worker journaled its batches, the examples for the
+        complete stage are dealt round-robin (the k-th to worker k mod N), so that the
+        engine's time is shared evenly whichever batches hold them."""
+        n_batches = len(self.data.test)
+        at = self.journal.at(eps)
+        while len(at["batches"]) < n_batches:
+            time.sleep(2.0)
+            at = self.journal.at(eps)
+        wanted = [(b, k) for b in range(n_batches)
+                  for k, row in enumerate(at["batches"][b]["rows"]) if self.wanted(row)]
+        mine = [bk for pos, bk in enumerate(wanted) if pos % shard[1] == shard[0]]
+        for b, (x, _) in enumerate(self.data.test):
+            ks = [k for bb, k in mine if bb == b]
+            if ks:
+                lower, upper = self.data.eps_box(x, eps)
+                for k in ks:
+                    self.complete_one(at["batches"][b]["rows"][k], lower[k], upper[k],
+                                      at["complete"], bar)
 
     def batch(self, eps: float, b: int, x, y, lower, upper) -> dict:
         """Attack and incomplete cascade on test batch ``b``; its journal record."""
@@ -178,22 +218,6 @@ class Work:
         except (TypeError, torch.OutOfMemoryError) as e:  # a layer it has no rule for; memory
             return f"{type(e).__name__}: {e}"
         return [tau.sum().item(), tau.numel()]
-
-    def complete_batch(self, rows: list[dict], lower, upper, start: int, done: dict,
-                       bar) -> None:
-        if self.complete is None:
-            return
-        for k, row in enumerate(rows):
-            wanted = row["clean_correct"] == 1 and (
-                row["verdict"] == "unknown" or not self.opts.cascade)
-            if not wanted:
-                continue
-            rec = done.get(int(row["index"]))
-            if rec is None:
-                bar.engine_started(row["index"])
-                rec = self.complete.decide(row, lower[k], upper[k])
-                self.journal.append(rec)
-            bar.complete(rec["verdict"])
 
 
 def _complete_stage(section: dict, out_dir: Path, model, data):
@@ -234,7 +258,7 @@ def _worker(cfg_yaml: str, out_dir: str, i: int, n: int) -> None:
     trained = rebuild.load_trained(cfg)
     radii = rebuild.checked_radii(cfg.get("eps"), trained.config)
     seed = int(trained.config.seed) if opts.seed is None else opts.seed
-    certify_shard(cfg, opts, trained, radii, seed, Path(out_dir), (i, n))
+    certify_shard(cfg, opts, trained, radii, seed, Path(out_dir), (i, n), shared=True)
 
 
 def run_workers(cfg: DictConfig, opts: Options, out_dir: Path, n: int) -> None:
@@ -251,9 +275,9 @@ def run_workers(cfg: DictConfig, opts: Options, out_dir: Path, n: int) -> None:
     procs = [ctx.Process(target=_worker, args=(one, str(out_dir), i, n)) for i in range(n)]
     for p in procs:
         p.start()
-    try:
-        for p in procs:
-            p.join()
+    try:  # a failed worker stops the others (they may wait for its batches)
+        while any(p.is_alive() for p in procs) and not any(p.exitcode for p in procs):
+            time.sleep(0.5)
     finally:
         for p in procs:
             if p.is_alive():
