@@ -89,7 +89,7 @@ def certify_shard(cfg: DictConfig, opts: Options, trained, radii: list[float], s
     """Certify the test batches b with b ≡ i (mod n) (every batch without ``shard``) at each
     radius, skipping what the journal holds; each batch and each complete-stage verdict is
     journaled when decided (with ``shared``, the complete stage waits for every batch, see
-    :meth:`Work.complete_shared`)."""
+    ``Work.complete_shared``)."""
     from fastcert import devices
 
     held_before = devices.held_device() is not None
