@@ -47,6 +47,8 @@ def test_verdict_of_run(tmp_path):
     assert crashed.verdict == "error" and "AttributeError" in crashed.reason
     assert verdict_of_run(Finished(None, 5.0, "memory", 2.1), res, log, limits).reason.startswith(
         "memory")
+    oom = verdict_of_run(Finished(-9, 5.0, "", 1.9), res, log, limits)
+    assert oom.verdict == "error" and oom.reason.startswith("SIGKILL at 1.9 GB")
     assert verdict_of_run(Finished(None, 70.0, "timeout", 0.1), res, log, limits).verdict == \
         "timeout"
     res.write_text((DATA / "neuralsat_sat.txt").read_text())

@@ -13,6 +13,7 @@ An engine is given fastcert's ``model.onnx`` and one ``.vnnlib`` property writte
 """
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,8 +96,12 @@ def verdict_of_run(finished, result_file: Path, log: Path, limits: Limits) -> Ve
     try:
         status, values = vnncomp.parse(result_file.read_text())
     except (OSError, vnncomp.ResultFormatError) as e:
+        rc = finished.returncode
+        if rc is not None and rc < 0:  # a signal certify did not send: the OOM killer's SIGKILL
+            return Verdict("error", t, f"{signal.Signals(-rc).name} at {finished.peak_gb:.1f} GB "
+                                       f"resident (memory: the kernel's OOM killer, if SIGKILL)")
         why = last_line(log) or str(e)
-        return Verdict("error", t, f"exit {finished.returncode}: {why}")
+        return Verdict("error", t, f"exit {rc}: {why}")
     verdict = vnncomp.STATUS[status]
     reason = "" if verdict in ("verified", "falsified") else f"the engine answered {status}"
     return Verdict(verdict, t, reason, values["X"] if verdict == "falsified" else None)
