@@ -17,7 +17,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[dev,sweeps,docs]'
 	@touch $@
 
-.PHONY: help install lint format docs test test-all run bench gpu-check clean
+# certify's complete stage (complete.engine=neuralsat): NeuralSAT in its own environment, since it
+# installs a top-level package `src` and its own auto_LiRPA
+NEURALSAT_VENV ?= .venv-neuralsat
+
+$(NEURALSAT_VENV)/.installed:
+	@test -x $(NEURALSAT_VENV)/bin/python || $(PYTHON) -m venv $(NEURALSAT_VENV)
+	$(NEURALSAT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(NEURALSAT_VENV)/bin/python -m pip install -q neuralsat==0.2.17
+	@touch $@
+
+.PHONY: help install lint format docs test test-all test-neuralsat neuralsat run bench gpu-check clean
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
 
@@ -38,6 +48,11 @@ test: $(VENV)/.installed ## fast test suite (excludes @pytest.mark.slow), what C
 
 test-all: $(VENV)/.installed ## every test, the slow ones included
 	$(PY) -m pytest -q -n $(JOBS) $(PYTEST_ARGS)
+
+neuralsat: $(NEURALSAT_VENV)/.installed ## NeuralSAT 0.2.17 for certify's complete stage, in .venv-neuralsat (NEURALSAT_VENV=...)
+
+test-neuralsat: $(VENV)/.installed $(NEURALSAT_VENV)/.installed ## the tests marked neuralsat (they skip without its environment)
+	FASTCERT_NEURALSAT_VENV=$(abspath $(NEURALSAT_VENV)) $(PY) -m pytest -q -n 0 -m neuralsat $(PYTEST_ARGS)
 
 run: $(VENV)/.installed ## train + certify: make run ARGS="model=cnn7 data=cifar10"
 	$(PY) -m fastcert.run $(ARGS)

@@ -167,16 +167,50 @@ def main(cfg: DictConfig):
 
     from fastcert.cli import exit_on_known_errors
 
+    out_dir = HydraConfig.get().runtime.output_dir
+    print(f"export dir: {out_dir}", flush=True)
     with exit_on_known_errors():
-        export(cfg, HydraConfig.get().runtime.output_dir)
+        export(cfg, out_dir)
 
 
 def cli() -> None:
     """``fastcert-export`` (the console script) and ``python -m fastcert.export``: a missing or
-    mistyped ``checkpoint=`` is refused in one line (exit 2) before Hydra starts."""
+    mistyped ``checkpoint=`` is refused in one line (exit 2) before Hydra starts. Each export
+    claims a fresh dir (:func:`fastcert.rundir.claim`): ``<checkpoint dir>/export`` (or
+    ``hydra.run.dir=``), else ``export_1``, ``export_2`` … so that no export overwrites
+    another; a refused export leaves no dir behind."""
+    import sys
+
+    from fastcert import rundir
     from fastcert.cli import checkpoint_command
 
-    checkpoint_command(main, "fastcert.export")
+    created = []
+
+    def claimed():
+        argv = sys.argv[1:]
+        if not any(a.startswith("-") for a in argv):  # a flag: Hydra's own handling
+            out, made = rundir.claim(_export_dir(argv))
+            created.extend(made)
+            sys.argv.append(f"hydra.run.dir={out}")
+        main()
+
+    try:
+        checkpoint_command(claimed, "fastcert.export")
+    except SystemExit as e:
+        if e.code not in (0, None):
+            rundir.release(created)
+        raise
+
+
+def _export_dir(argv: list[str]) -> Path:
+    """``hydra.run.dir=`` if given, else ``<checkpoint dir>/export``."""
+    from fastcert.resolvers import checkpoint_dir
+
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    if given:
+        return Path(given[-1])
+    checkpoint = next(a.split("=", 1)[1] for a in argv if a.startswith("checkpoint="))
+    return Path(checkpoint_dir(checkpoint)) / "export"
 
 
 if __name__ == "__main__":

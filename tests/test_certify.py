@@ -199,20 +199,15 @@ def test_default_eps_is_the_training_eps(trained, tmp_path):
     assert summary["n_test"] == 8 and summary["results"][0]["crown"] is None
 
 
-def test_crown_skipped_over_memory_budget(trained, tmp_path, capsys):
+def test_crown_and_alpha_crown_run_within_the_memory_budget(trained, tmp_path):
+    """No size rule skips CROWN or α-CROWN: ``memory_gb`` budgets them (chunks) instead."""
     run_dir, _ = trained
     summary = certify(certify_cfg(run_dir / "last.pt", "limit_test=8", "batch_size=4",
-                                  "crown_max_elements=1000", "attack.steps=2"), tmp_path)
-    assert set(summary["skipped"]) == {"crown", "alpha_crown"}
-    assert summary["verifiers"] == ["ibp", "crown_ibp"]
-    assert summary["results"][0]["crown"] is None is summary["results"][0]["alpha_crown"]
-    assert summary["results"][0]["ibp"] is not None
-    printed = capsys.readouterr().out
-    assert "crown and alpha_crown skipped" in printed and "crown_max_elements" in printed
-    assert json.loads((tmp_path / "certify.json").read_text())["results"][0]["crown"] is None
+                                  "memory_gb=0.5", "attack.steps=2", "cascade=false"), tmp_path)
+    assert summary["skipped"] == {} and summary["verifiers"] == list(CASCADE)
+    assert all(summary["results"][0][v] is not None for v in CASCADE)
     rows = read_csv(tmp_path / "certify.csv")
-    assert len(rows) == 8 and all(r["crown_verified"] == "" == r["crown_margin_lb"]
-                                  for r in rows)
+    assert len(rows) == 8 and all(r["alpha_crown_margin_lb"] != "" for r in rows)
 
 
 def test_crown_cost_rule():
@@ -357,7 +352,12 @@ def test_certify_conv_and_residual_models(model, tmp_path):
     ("attack.loss=hinge", "attack.loss='hinge': choose one of margin, ce"),
     ("verifiers=[ibp,foo]", "unknown verifier 'foo'"),
     ("alpha_crown.lr=abc", "alpha_crown.lr='abc': expected a number"),
-    ("crown_max_elements=lots", "crown_max_elements='lots': expected a number"),
+    ("memory_gb=lots", "memory_gb='lots': expected a number"),
+    ("memory_gb=0", "memory_gb=0: expected a number > 0 (or null)"),
+    ("workers=0", "workers=0: must be a positive integer"),
+    ("shard=2/2", "shard=2/2: expected i/n with 0 <= i < n"),
+    ("alpha_crown.timeout_s=-1", "alpha_crown.timeout_s=-1: expected a number > 0"),
+    ("complete.engine=nope", "complete.engine=nope: unknown engine 'nope'"),
     ("eps=2", "eps=2.0 exceeds the data range"),
     ("eps=8/255", None),
 ])
