@@ -34,9 +34,13 @@ if TYPE_CHECKING:
 FIXED_OPTIONS = {"fix_intermediate_layer_bounds": True, "init_alpha": False}
 
 
-def _all_verified(bound: torch.Tensor) -> bool:
-    """auto_LiRPA's ``stop_criterion_func``: every margin bound of the chunk is > 0."""
-    return bool((bound > 0).all())
+def _stop_when_verified(caller):
+    """auto_LiRPA's ``stop_criterion_func``: stop once every margin bound of the chunk is > 0,
+    or when the caller's own criterion ``caller`` (e.g. certify's per-example time limit) says
+    so."""
+    def stop(bound: torch.Tensor) -> bool:
+        return bool((bound > 0).all()) or bool(caller(bound))
+    return stop
 
 
 def alpha_crown_margins(module: BoundedModule, x: BoundedTensor, C: torch.Tensor,
@@ -45,7 +49,8 @@ def alpha_crown_margins(module: BoundedModule, x: BoundedTensor, C: torch.Tensor
     docstring) and CROWN's, in that order; the first is elementwise ≥ the second."""
     opts = module.bound_opts["optimize_bound_args"]
     saved = {k: opts[k] for k in (*FIXED_OPTIONS, "stop_criterion_func")}
-    opts.update(FIXED_OPTIONS, stop_criterion_func=_all_verified)
+    stop = _stop_when_verified(saved["stop_criterion_func"])
+    opts.update(FIXED_OPTIONS, stop_criterion_func=stop)
     try:
         with torch.no_grad():
             module(x)

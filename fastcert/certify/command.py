@@ -3,7 +3,6 @@ certified (by this process, a shard of them, or ``workers`` processes), the outp
 from the journal."""
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import sys
@@ -196,7 +195,7 @@ class Work:
                           self.data.eps_box, eps, verifiers=self.opts.verifiers,
                           pgd=self.opts.attack, device=self.device, seed=self.seed,
                           cascade=self.opts.cascade, indices=self.indices,
-                          **memory_kwargs(self.opts.memory_gb))
+                          memory_gb=self.opts.memory_gb)
         start = b * int(self.data.test.batch_size)
         rows = outputs.batch_rows(result, self.indices[start:start + len(y)])
         rec = {"kind": "batch", "eps": eps, "batch": b, "rows": rows,
@@ -229,14 +228,6 @@ def _complete_stage(section: dict, out_dir: Path, model, data):
     limits = Limits(section["timeout_s"], section["memory_gb"],
                     float(section.get("grace_s", 60.0)))
     return CompleteStage(engine, limits, out_dir, model, data)
-
-
-def memory_kwargs(memory_gb: float) -> dict:
-    """``memory_gb=`` for :func:`fastcert.evaluate.evaluate` where it takes the budget."""
-    from fastcert.evaluate import evaluate
-
-    return ({"memory_gb": memory_gb}
-            if "memory_gb" in inspect.signature(evaluate).parameters else {})
 
 
 # --------------------------------------------------------------------------- workers
