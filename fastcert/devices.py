@@ -56,6 +56,18 @@ def _config_error(msg: str) -> Exception:
     return ConfigError(msg)
 
 
+def check_device_spec(spec: Any) -> None:
+    """Refuse a ``device`` value that is none of auto, pool, cpu, cuda, cuda:<index> (checked
+    with the config, before anything is built; whether CUDA is there is checked when the
+    device is taken)."""
+    text = "auto" if spec is None else str(spec).strip()
+    kind, _, index = text.partition(":")
+    if text in (*POOL_SPECS, "cpu", "cuda") or (kind == "cuda" and index.isdigit()):
+        return
+    raise _config_error(f"device={text}: fastcert runs on the CPU or on CUDA GPUs; use "
+                        f"device=auto, pool, cpu, cuda or cuda:<index>")
+
+
 # --------------------------------------------------------------------------- the pool's devices
 
 

@@ -7,6 +7,7 @@ the :class:`Settings` that :func:`fastcert.pipeline.build` takes.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import typing
 import warnings
@@ -15,6 +16,7 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
+from fastcert.bounds.choices import Bound
 from fastcert.config import (
     CONF_DIR,
     ConfigError,
@@ -24,6 +26,7 @@ from fastcert.config import (
     instantiate,
     parse_number,
 )
+from fastcert.devices import check_device_spec
 from fastcert.evaluate import EvalConfig
 from fastcert.methods import Method
 from fastcert.optim import Optimizer
@@ -106,11 +109,60 @@ class Settings:
     speed: Speed
 
 
+#: The metrics of results.json that every run produces.
+ALWAYS_PRODUCED = ("clean_acc", "pgd_acc", "wall_time_s")
+
+
+def produced_metrics(settings: Settings) -> set[str]:
+    """The numeric keys of the results.json a run with ``settings`` writes, which a sweeper may
+    optimise (``optimized_metric``): clean and PGD accuracy, the wall time, and for each
+    verifier of ``eval.verifiers`` its ``<verifier>_verified_acc`` (with ``any_verified_acc``
+    when there is one)."""
+    verified = {f"{b.key}_verified_acc" for b in settings.eval.bounds}
+    return {*ALWAYS_PRODUCED, *verified, *(("any_verified_acc",) if verified else ())}
+
+
+def objective_metrics(value: Any) -> list[str]:
+    """``optimized_metric`` as a list of key names: null (none), one key, or a list of keys (a
+    multi-objective search)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
+        return [str(v) for v in value]
+    raise ConfigError(f"optimized_metric={value!r}: name a key of results.json, e.g. "
+                      f"optimized_metric=ibp_verified_acc, or a list of keys")
+
+
+def check_objective(value: Any, settings: Settings) -> None:
+    """Each metric of ``optimized_metric`` must be one the run produces
+    (:func:`produced_metrics`), so that a sweep fails before its first trial trains, not after
+    the last."""
+    produced = produced_metrics(settings)
+    for metric in objective_metrics(value):
+        if metric in produced:
+            continue
+        verifier = metric.removesuffix("_verified_acc")
+        if metric.endswith("_verified_acc") and verifier in {b.key for b in Bound}:
+            wanted = ",".join([*settings.eval.verifiers, verifier])
+            raise ConfigError(
+                f"optimized_metric={metric}: eval.verifiers=[{','.join(settings.eval.verifiers)}] "
+                f"does not run {verifier}; add it (eval.verifiers=[{wanted}]) or optimise one of "
+                f"{', '.join(sorted(produced))}")
+        close = difflib.get_close_matches(metric, sorted(produced), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"optimized_metric={metric} is not a metric this run produces: "
+                          f"{hint}choose from {', '.join(sorted(produced))}")
+
+
 def validate(cfg: DictConfig) -> Settings:
     """Every check that needs no data or model: unknown keys anywhere (top level included),
-    each value against its type, ε against the data range, the epochs against the warmup."""
+    each value against its type, the device's name, ε against the data range, the epochs
+    against the warmup, and ``optimized_metric`` against the metrics the run produces."""
     check_keys([k for k in cfg if k != "hydra"], top_level_keys(), "top-level")
     resume_options(cfg)
+    check_device_spec(cfg.get("device"))
     seed = coerce(cfg.seed, int, "seed")
     epochs = coerce(cfg.epochs, int, "epochs")
     threads = coerce(cfg.get("cpu_threads", 0), int, "cpu_threads")
@@ -127,7 +179,9 @@ def validate(cfg: DictConfig) -> Settings:
         check_node(cfg[group], group, runtime)
     sched = check_node(cfg.schedule, "schedule", RUNTIME["schedule"])
     check_epochs(epochs, sched.get("start", 0), sched.get("length", 0))
-    return Settings(config=cfg, seed=seed, epochs=epochs, eps=eps, eval_eps=eval_eps,
-                    cpu_threads=threads, method=instantiate(cfg.method, "method"),
-                    optim=instantiate(cfg.optim, "optim"), eval=eval_cfg, data=data,
-                    init=instantiate(cfg.init, "init"), speed=speed)
+    settings = Settings(config=cfg, seed=seed, epochs=epochs, eps=eps, eval_eps=eval_eps,
+                        cpu_threads=threads, method=instantiate(cfg.method, "method"),
+                        optim=instantiate(cfg.optim, "optim"), eval=eval_cfg, data=data,
+                        init=instantiate(cfg.init, "init"), speed=speed)
+    check_objective(cfg.get("optimized_metric"), settings)
+    return settings
