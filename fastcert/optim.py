@@ -10,7 +10,10 @@ import torch
 @dataclass(frozen=True)
 class Optimizer:
     """LR × ``gamma`` at each of ``milestones`` (epochs), gradient-norm clipping at
-    ``grad_clip``, and ``grad_acc_steps`` accumulation steps per optimiser step."""
+    ``grad_clip``, and ``grad_acc_steps`` accumulation steps per optimiser step. ``l1``: the
+    weight w of an L1 penalty w·Σ|W| over the weights of every ``nn.Linear`` and ``nn.Conv2d``
+    (no biases, no BatchNorm), as in Kaulen et al.'s CTRAIN (``regularisers/l1.py``; searched
+    in [1e-8, 1e-4]); 0: none (:meth:`add_l1_gradient`)."""
 
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -18,6 +21,7 @@ class Optimizer:
     gamma: float = 0.2
     grad_clip: float = 10.0
     grad_acc_steps: int = 1
+    l1: float = 0.0
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -28,6 +32,8 @@ class Optimizer:
             raise ValueError(f"optim.grad_acc_steps={self.grad_acc_steps}: must be >= 1")
         if self.weight_decay < 0 or not 0 < self.gamma <= 1:
             raise ValueError("optim.weight_decay must be >= 0 and optim.gamma in (0, 1]")
+        if self.l1 < 0:
+            raise ValueError(f"optim.l1={self.l1}: the L1 weight must be >= 0 (0: none)")
 
     def make(self, params) -> torch.optim.Optimizer:  # pragma: no cover - subclasses
         raise NotImplementedError
@@ -39,6 +45,22 @@ class Optimizer:
                                                      gamma=self.gamma)
         return opt, sched
 
+    def l1_weights(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        """The weights the L1 penalty covers ([] when ``l1`` is 0)."""
+        if not self.l1:
+            return []
+        return [m.weight for m in model.modules()
+                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+    @torch.no_grad()
+    def add_l1_gradient(self, weights: list[torch.Tensor]) -> None:
+        """Add the gradient of l1·Σ|W|, l1·sign(W) (the subgradient 0 at W = 0, as autograd's
+        of ``abs``), to each weight's gradient: the same step as adding the penalty to the
+        batch's loss, without a second pass through the weights' graph."""
+        for w in weights:
+            if w.grad is not None:
+                w.grad.add_(torch.sign(w), alpha=self.l1)
+
 
 @dataclass(frozen=True)
 class Adam(Optimizer):
@@ -46,6 +68,23 @@ class Adam(Optimizer):
 
     def make(self, params):
         return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+@dataclass(frozen=True)
+class AdamW(Optimizer):
+    """AdamW (Loshchilov & Hutter 2019): Adam with decoupled weight decay; torch's default
+    decay 0.01 is what Kaulen et al.'s CTRAIN searches with (``conf/optim/adamw.yaml``)."""
+
+    def make(self, params):
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+@dataclass(frozen=True)
+class RAdam(Optimizer):
+    """RAdam (Liu et al. 2020): Adam with a rectified adaptive learning rate."""
+
+    def make(self, params):
+        return torch.optim.RAdam(params, lr=self.lr, weight_decay=self.weight_decay)
 
 
 @dataclass(frozen=True)

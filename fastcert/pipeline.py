@@ -31,8 +31,9 @@ from fastcert.loggers import Logger, NullLogger
 from fastcert.methods import Method
 from fastcert.resume import Resume, check_resume
 from fastcert.schedules import EpsSchedule
+from fastcert.search import DominatedStop, dominated_stop
 from fastcert.seeding import seed_everything
-from fastcert.settings import Settings, Speed, validate
+from fastcert.settings import Settings, Speed, objective_metrics, validate
 from fastcert.tightness import TightnessProbe
 from fastcert.train import TrainSetup, fit
 
@@ -152,8 +153,13 @@ def _run_here(settings: Settings, run_dir: Path, resume, device: torch.device,
         if start.state is not None:
             for record in start.history:  # what a killed process may not have sent
                 logger.log_epoch(record, record["epoch"])
-        history = fit(_train_setup(built, run_dir, logger, resolved, start, t0),
+        rule = _stop_rule(built)
+        stopped: dict = {}
+        history = fit(_train_setup(built, run_dir, logger, resolved, start, t0,
+                                   _stop_check(built, rule, stopped)),
                       resume_state=start.state)
+        if stopped:
+            return _stopped(built, run_dir, logger, history, start, t0, stopped, main)
         val = None if built.data.val is None else _evaluate(built, built.data.val)
         result = _evaluate(built, built.data.test)
         results = report.results_dict(settings, result, history,
@@ -186,7 +192,7 @@ def _logger(built: Built, run_dir: Path, resolved: dict, start: Resume, group: s
 
 
 def _train_setup(built: Built, run_dir: Path, logger: Logger, resolved: dict, start: Resume,
-                 t0: float) -> TrainSetup:
+                 t0: float, stop=None) -> TrainSetup:
     s = built.settings
 
     def checkpoint_extra() -> dict:
@@ -199,7 +205,50 @@ def _train_setup(built: Built, run_dir: Path, logger: Logger, resolved: dict, st
         seed=s.seed, device=built.device, run_dir=run_dir, logger=logger,
         checkpoint_extra=checkpoint_extra,
         epoch_metrics=TightnessProbe.on_held_out(built.data, s.eps, built.device),
-        dist=distributed.current(), channels_last=built.channels_last)
+        dist=distributed.current(), channels_last=built.channels_last, stop=stop)
+
+
+def _stop_rule(built: Built) -> DominatedStop | None:
+    """The run's early stopping of dominated trials (:mod:`fastcert.search`), if it has one."""
+    s = built.settings
+    objective = objective_metrics(s.config.get("optimized_metric"))
+    return dominated_stop(s.search, objective, built.schedule.start, built.schedule.length,
+                          s.epochs)
+
+
+def _stop_check(built: Built, rule: DominatedStop | None, stopped: dict):
+    """``TrainSetup.stop`` for ``rule``: after the rule's epoch, the validation split's
+    evaluation and the study's verdict; when dominated, ``stopped`` gets the evaluation
+    (``result``) and results.json's ``stopped_early`` entry (``record``)."""
+    if rule is None:
+        return None
+
+    def stop(record: dict) -> bool:
+        if record["epoch"] != rule.epoch:
+            return False
+        result = _evaluate(built, built.data.val)
+        entries = report.validation_entries(result)
+        point = [float(entries[k]) for k in rule.objective]
+        by = rule.dominating(point)
+        if len(by) < rule.settings.stop_dominated:
+            return False
+        stopped.update(result=result, record=rule.record(point, by))
+        return True
+
+    return stop
+
+
+def _stopped(built: Built, run_dir: Path, logger: Logger, history: list[dict], start: Resume,
+             t0: float, stopped: dict, main: bool) -> dict:
+    """results.json of a run stopped early: the validation split's evaluation at the stop,
+    ``stopped_early``; the test set is not read."""
+    results = report.stopped_results(built.settings, stopped["result"], history,
+                                     start.previous_wall_s + time.perf_counter() - t0,
+                                     stopped["record"])
+    if main:
+        _write(run_dir, results, logger)
+    stopped["result"].raise_if_unsound()
+    return results
 
 
 def _evaluate(built: Built, loader) -> EvalResult:

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from fastcert import distributed  # noqa: E402
 from fastcert.pipeline import run  # noqa: E402
 from fastcert.resume import resume_options  # noqa: E402
+from fastcert.settings import objective_metrics  # noqa: E402
 
 HYDRA_DIR = ".hydra"
 
@@ -64,12 +65,17 @@ def main(cfg: DictConfig):
             ctx = distributed.current()
             # a fresh run writes .hydra/ once accepted; under torchrun rank 0 alone
             fresh = resume_options(cfg)[0] is None and (ctx is None or ctx.main)
-            results = run(cfg, run_dir, group=experiment_name(hydra_cfg.runtime.choices),
+            group = OmegaConf.select(cfg, "search.study") or experiment_name(
+                hydra_cfg.runtime.choices)
+            results = run(cfg, run_dir, group=group,
                           started=(lambda: write_hydra_dir(run_dir, cfg)) if fresh else None)
     finally:
         print(f"run dir: {run_dir}", flush=True)
-    metric = cfg.get("optimized_metric")
-    return results[metric] if metric else None
+    objective = cfg.get("optimized_metric")
+    if objective is None:
+        return None
+    values = [results[m] for m in objective_metrics(objective)]
+    return values[0] if isinstance(objective, str) else values
 
 
 def _join_torchrun() -> None:

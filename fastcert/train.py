@@ -56,6 +56,9 @@ class TrainSetup:
     # tightness on a fixed test batch); must leave the network, its gradients and the RNGs as
     # they were, so that a resumed run stays identical
     epoch_metrics: Callable[[BoundedNet], dict] | None = None
+    # called with each epoch's record once it is saved (last.pt written): True ends the
+    # training there (fastcert.search's early stopping of dominated trials)
+    stop: Callable[[dict], bool] | None = None
 
 
 class _EpochStats:
@@ -155,6 +158,8 @@ def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
     mean loss is weighted by its share of the batch, so without BatchNorm the gradient is the
     whole batch's whatever the chunk sizes.
 
+    ``s.stop`` may end the training after an epoch (the history then ends there).
+
     Plot-only values (regularisers, ReLU states) are computed on diagnostic steps only: the
     epoch's record averages them over :data:`RECORD_STEPS` evenly spaced steps (the last one
     included), the same whatever the logger; W&B's per-step logs (every ``logger.log_every``
@@ -171,6 +176,8 @@ def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
         history.append(record)
         if loop.main:
             loop.save(record)
+        if s.stop is not None and s.stop(record):
+            break
     return history
 
 
@@ -188,6 +195,7 @@ class _Loop:
         self.global_sizes = getattr(s.train_loader, "global_sizes", None)
         self.memory_format = torch.channels_last if s.channels_last else torch.preserve_format
         self.steps = len(s.train_loader)
+        self.l1_weights = s.optim.l1_weights(s.net.model)
         self.log_every = int(s.logger.log_every or 0)
         self.record_every = max(1, self.steps // RECORD_STEPS)
 
@@ -251,6 +259,7 @@ class _Loop:
         diagnose = log_now or record_now
         self.optimizer.zero_grad(set_to_none=True)
         out = self._accumulate(x, y, eps, weight, diagnose)
+        s.optim.add_l1_gradient(self.l1_weights)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, s.optim.grad_clip)
         self.optimizer.step()
         stats.add(out, y, out.loss, record_now, weight / (s.dist.world if s.dist else 1))
