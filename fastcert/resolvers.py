@@ -38,6 +38,13 @@ def default_n_jobs(devices: Any = None, cpu_jobs: int = 2, nproc: int = 1) -> in
     return max(1, n // max(1, int(nproc))) if n else int(cpu_jobs)
 
 
+def multiply(a, b) -> float:
+    """a · b of two config numbers (``8/255`` fractions included)."""
+    from fastcert.config import parse_number
+
+    return parse_number(a, "fastcert.mul") * parse_number(b, "fastcert.mul")
+
+
 def epochs_frac(frac, epochs) -> int:
     """⌈frac · epochs⌉: CTRAIN's epoch bounds (ramp ≤ ⌈0.75 E⌉, first decay ≤ ⌈0.5 E⌉ ...)."""
     return math.ceil(float(frac) * int(epochs) - 1e-9)
@@ -68,8 +75,7 @@ def register() -> None:
         "fastcert.n_jobs", lambda devices=None, cpu_jobs=2, nproc=1: default_n_jobs(
             devices, cpu_jobs, nproc), replace=True)
     OmegaConf.register_new_resolver("fastcert_checkpoint_dir", checkpoint_dir, replace=True)
-    OmegaConf.register_new_resolver("fastcert.mul", lambda a, b: float(a) * float(b),
-                                    replace=True)
+    OmegaConf.register_new_resolver("fastcert.mul", multiply, replace=True)
     OmegaConf.register_new_resolver("fastcert.epochs_frac", epochs_frac, replace=True)
     OmegaConf.register_new_resolver("fastcert.min", lambda a, b: min(a, b), replace=True)
     OmegaConf.register_new_resolver("fastcert.milestones", milestones_after_ramp, replace=True)

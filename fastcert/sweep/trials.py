@@ -30,7 +30,8 @@ HOST, PID, HEARTBEAT = "fastcert:host", "fastcert:pid", "fastcert:heartbeat"
 DISCARDED, REQUEUED_FROM, RESUME_FROM = "discarded", "requeued_from", "resume_from"
 RUN_DIR, METRICS, ERROR, CONSTRAINTS = "run_dir", "metrics", "error", "constraints"
 #: results.json keys copied into a trial's ``metrics`` attribute besides the accuracies.
-RESULT_KEYS = ("n_val", "n_test", "wall_time_s", "method", "epochs", "stopped_early")
+RESULT_KEYS = ("n_val", "n_test", "wall_time_s", "method", "model", "data", "eps", "epochs",
+               "stopped_early")
 
 
 def counted(trials) -> list:
