@@ -6,8 +6,8 @@ With no overrides it runs the embedded default (digits, IBP, ε=0.1) on the CPU 
 
 The run dir is printed at the start and the end. Hydra's ``.hydra/`` (config.yaml, hydra.yaml,
 overrides.yaml) is written by this app, not by Hydra (``hydra.output_subdir: null``), and only
-for a fresh run that was accepted: a refused run (its dir holds a checkpoint) leaves the
-config that trained the checkpoint in place. A mistake in the config prints one line and exits
+for a fresh run (or one continuing another dir's checkpoint) that was accepted: a refused run
+(its dir holds a checkpoint) leaves the config that trained the checkpoint in place. A mistake in the config prints one line and exits
 with status 2; SIGTERM / SIGINT stop the run cleanly (the last checkpoint stays, W&B marks the
 run preempting) with status 128 + the signal's number.
 """
@@ -63,8 +63,11 @@ def main(cfg: DictConfig):
     try:
         with exit_on_known_errors(), preemptible():
             ctx = distributed.current()
-            # a fresh run writes .hydra/ once accepted; under torchrun rank 0 alone
-            fresh = resume_options(cfg)[0] is None and (ctx is None or ctx.main)
+            # a fresh run (or one continuing another dir's checkpoint: a requeued trial of a
+            # search) writes .hydra/ once accepted; under torchrun rank 0 alone
+            first = (resume_options(cfg)[0] is None
+                     or not (run_dir / HYDRA_DIR / "config.yaml").exists())
+            fresh = first and (ctx is None or ctx.main)
             group = OmegaConf.select(cfg, "search.study") or experiment_name(
                 hydra_cfg.runtime.choices)
             results = run(cfg, run_dir, group=group,
