@@ -15,21 +15,24 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q --no-deps auto_LiRPA==0.3
 	$(PIP) uninstall -q -y hydra-optuna-sweeper  # replaced by fastcert's sweeper (pins optuna < 3)
-	$(PIP) install -q -e '.[dev,sweeps]'
+	$(PIP) install -q -e '.[dev,sweeps,docs]'
 	@touch $@
 
-.PHONY: help install lint format test test-all run bench clean
+.PHONY: help install lint format docs test test-all run bench clean
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
 
-install: $(VENV)/.installed ## create .venv and install torch, auto_LiRPA 0.3 and fastcert[dev,sweeps]
+install: $(VENV)/.installed ## create .venv and install torch, auto_LiRPA 0.3 and fastcert[dev,sweeps,docs]
 
 lint: $(VENV)/.installed ## ruff (pyproject.toml [tool.ruff]) and the 80-line cap on functions (tests/test_lint.py)
-	$(PY) -m ruff check fastcert experiments tests hydra_plugins
+	$(PY) -m ruff check fastcert experiments tests docs hydra_plugins
 	$(PY) -m pytest -q -n 0 -p no:cacheprovider tests/test_lint.py
 
 format: $(VENV)/.installed ## what ruff can fix by itself (import order, pyupgrade); not `ruff format`
-	$(PY) -m ruff check --fix fastcert experiments tests hydra_plugins
+	$(PY) -m ruff check --fix fastcert experiments tests docs hydra_plugins
+
+docs: $(VENV)/.installed ## build the docs site into docs/_build/html; any warning (broken link or reference) fails
+	$(PY) -m sphinx -b html -W --keep-going -n -q docs docs/_build/html
 
 test: $(VENV)/.installed ## fast test suite (excludes @pytest.mark.slow), what CI runs
 	$(PY) -m pytest -q -m "not slow" -n $(JOBS) $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""The published numbers the README's tables quote (``python -m experiments.table --published
+"""The published numbers the CTBench table quotes (``python -m experiments.table --published
 ctbench``): per CTBench setting and method, the clean / certified accuracy of CNN-7 and its
 source, beside fastcert's mean ± std over matching runs."""
 from __future__ import annotations

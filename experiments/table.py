@@ -13,7 +13,7 @@ it was evaluated) and PGD error, as mean ± sample std over the group's seeds, w
 of seeds. ``--csv`` writes the same rows with the means and stds in separate columns.
 ``--wandb`` reads runs' config and summary from the W&B API instead (needs network access).
 
-``--published ctbench`` prints the CTBench settings' table of the README
+``--published ctbench`` prints the CTBench settings' table
 (:mod:`experiments.published`): per setting and method (the presets
 ``conf/experiment/ctbench/<setting>/<method>``) the published clean / certified accuracy with
 its source, beside a "fastcert" column of mean ± std clean / verified accuracy

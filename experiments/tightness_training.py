@@ -61,7 +61,7 @@ def initial_tightness(cfg) -> float:
 
     settings = validate(cfg)
     built = build(settings, torch.device("cpu"))
-    probe = TightnessProbe.on_test(built.data, settings.eps, built.device)
+    probe = TightnessProbe.on_held_out(built.data, settings.eps, built.device)
     return probe(built.net)["tightness"]
 
 

@@ -38,6 +38,7 @@ from experiments.tightness_training import initial_tightness
 from fastcert.config import build_option
 from fastcert.train import read_metrics
 
+#: Hidden width of the depth series, and of the width series at multiplier 1.
 BASE = 128
 MULTIPLIERS = (0.5, 1.0, 2.0, 4.0)
 METHODS = ("fast", "sabr")

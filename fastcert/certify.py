@@ -65,6 +65,7 @@ from fastcert import rebuild
 # torch, auto_LiRPA and the rest of fastcert are imported inside the functions that need
 # them, so that a mistyped command line fails in a second, not after ~10 s of imports.
 
+#: The fractions certify.json holds per ε, in this order.
 SUMMARY_KEYS = ("clean", "pgd", "ibp", "crown_ibp", "crown", "alpha_crown", "any")
 
 

@@ -44,6 +44,11 @@ def quiet_known_warnings() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+class UsageError(Exception):
+    """A command line that cannot run (an unknown key, a missing option, a syntax error),
+    found before anything is written; printed as ``error: <message>``."""
+
+
 class Preempted(KeyboardInterrupt):
     """The process received SIGTERM or SIGINT. A KeyboardInterrupt, which no ``except
     Exception`` swallows and which the pipeline treats as a preemption (the logger marks the
@@ -74,23 +79,33 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from fastcert.checkpoint import CheckpointError
     from fastcert.config import ConfigError
     from fastcert.data import DatasetNotFoundError
+    from fastcert.train import TrainingDiverged
 
-    return ConfigError, CheckpointError, DatasetNotFoundError
+    return ConfigError, CheckpointError, DatasetNotFoundError, TrainingDiverged
+
+
+#: What ``fastcert.run`` says when a signal stops it.
+RUN_STOPPED = ("the last checkpoint (last.pt, written after each epoch) is kept; continue with "
+               "resume.checkpoint=last hydra.run.dir=<run dir>")
 
 
 @contextmanager
-def exit_on_known_errors():
-    """A mistake the user can fix (a config value, a checkpoint, missing data) prints one line
-    ``error: <Type>: <message>`` and exits with status 2; a soundness violation (results are
-    already written) exits with status 3; a signal exits with 128 + its number. Anything else
-    is a bug and keeps its traceback."""
+def exit_on_known_errors(stopped: str = ""):
+    """A mistake the user can fix (a command line, a config value, a checkpoint, missing data,
+    a diverged training) prints one line ``error: <Type>: <message>`` (``error: <message>``
+    for a :class:`UsageError`) and exits with status 2; a soundness violation (results are
+    already written) exits with status 3; a signal prints ``stopped by <SIGNAL>`` (and
+    ``stopped``, what is kept) and exits with 128 + its number. Anything else is a bug and
+    keeps its traceback."""
     try:
         yield
     except Preempted as e:
-        print(f"stopped by {signal.Signals(e.signum).name}: the last checkpoint (last.pt, "
-              f"written after each epoch) is kept; continue with resume.checkpoint=last "
-              f"hydra.run.dir=<run dir>", file=sys.stderr, flush=True)
+        note = f": {stopped}" if stopped else ""
+        print(f"stopped by {signal.Signals(e.signum).name}{note}", file=sys.stderr, flush=True)
         sys.exit(128 + e.signum)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     except Exception as e:  # noqa: BLE001 - sorted below; the rest is re-raised
         from fastcert.evaluate import SoundnessError
 
@@ -107,14 +122,16 @@ def checkpoint_command(main: Callable[[], None], command: str) -> None:
     """The command line of ``python -m <command> checkpoint=PATH ...`` (certify, export): the
     known-harmless warnings silenced, a one-line error (exit 2) for a missing or mistyped
     ``checkpoint=`` before Hydra starts, fastcert's resolvers registered (its
-    ``hydra.run.dir`` is the checkpoint's folder), then the Hydra app ``main``."""
-    quiet_known_warnings()
-    from fastcert import resolvers
-    from fastcert.rebuild import precheck
+    ``hydra.run.dir`` is the checkpoint's folder), then the Hydra app ``main``. SIGINT
+    (Ctrl-C) and SIGTERM stop it with one line and status 128 + the signal's number, at any
+    point (the imports included)."""
+    with exit_on_known_errors(), preemptible():
+        quiet_known_warnings()
+        from fastcert import resolvers
+        from fastcert.rebuild import precheck
 
-    problem = precheck(sys.argv[1:], command)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    resolvers.register()
-    main()
+        problem = precheck(sys.argv[1:], command)
+        if problem:
+            raise UsageError(problem)
+        resolvers.register()
+        main()

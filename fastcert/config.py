@@ -21,6 +21,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, Union
 
+#: The Hydra config tree shipped inside the package (``fastcert/conf``).
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 #: Keys of a node that are not arguments of its target.
 META_KEYS = ("name", "_target_")

@@ -96,8 +96,8 @@ def init(rank: int, world: int, device: torch.device | str, init_method: str = "
 
 def init_from_env() -> Dist | None:
     """Under torchrun (``WORLD_SIZE`` > 1 in the environment): join its process group, on
-    ``cuda:LOCAL_RANK`` (the CPU without CUDA). Also makes Hydra's ``${now:...}`` the same
-    instant on every rank, so all ranks resolve the same run directory."""
+    ``cuda:LOCAL_RANK`` (the CPU without CUDA). The run dir is rank 0's: it claims it and
+    broadcasts it (:func:`fastcert.preflight.output_dir`)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     missing = [k for k in ENV_KEYS if k not in os.environ]
@@ -105,18 +105,7 @@ def init_from_env() -> Dist | None:
         raise RuntimeError(f"WORLD_SIZE is set but {missing} are not: start with torchrun")
     local = int(os.environ["LOCAL_RANK"])
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    ctx = init(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device)
-    _same_now(broadcast(datetime.datetime.now().timestamp()))
-    return ctx
-
-
-def _same_now(timestamp: float) -> None:
-    import hydra.core.utils  # noqa: F401 - registers Hydra's own ``now`` first
-    from omegaconf import OmegaConf
-
-    fixed = datetime.datetime.fromtimestamp(timestamp)
-    OmegaConf.register_new_resolver("now", lambda pattern: fixed.strftime(pattern),
-                                    use_cache=True, replace=True)
+    return init(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device)
 
 
 def shutdown() -> None:

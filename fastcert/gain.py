@@ -126,8 +126,8 @@ def residual_block_gain(
 
     Each layer is drawn with ``init.fill``; with ``calibrated`` the layers
     :func:`residual_readers` finds (W1 and S: they read ReLU(add)) are scaled by
-    ``init.residual_scale`` as :class:`IBPInit` does. Expected value for the IBP init: 2
-    uncalibrated (two unit-gain branches), 1 calibrated (½ + ½).
+    ``init.residual_scale`` as :class:`~fastcert.initializers.IBPInit` does. Expected value for
+    the IBP init: 2 uncalibrated (two unit-gain branches), 1 calibrated (½ + ½).
     """
     n = int(fan_in)
     if n < 1 or trials < 1:

@@ -10,19 +10,20 @@ The baselines follow the **fan-in-only** variances that reproduce the printed nu
 thesis' Table 3.1 (= Table 5 of Shi et al. 2021: at n = 27 the rows read 1.30, 2.07, 3.18, 2.93,
 the closed forms below), not PyTorch's ``xavier_*`` (which average fan-in and fan-out):
 
-===================  ==================  ==========================  ======================
-``init=``            class               distribution                gain (closed form)
-===================  ==================  ==========================  ======================
-``xavier_uniform``   XavierUniform       U(-1/sqrt(n), 1/sqrt(n))     sqrt(n)/4
-                                         (= PyTorch's default layer init for Linear/Conv)
-``xavier_normal``    XavierNormal        N(0, 1/n)                    sqrt(n/(2*pi))
-``kaiming_uniform``  KaimingUniform      U(-sqrt(6/n), sqrt(6/n))     sqrt(6n)/4
-``kaiming_normal``   KaimingNormal       N(0, 2/n)                    sqrt(n/pi)
-``orthogonal``       Orthogonal          ``torch.nn.init.orthogonal_`` on (fan_out, fan_in),
-                                         gain 1: see :meth:`Orthogonal.gain`
-``ibp``              IBPInit             N(0, 2*pi/n^2)               1
-``default``          DefaultInit         PyTorch's own init, left untouched
-===================  ==================  ==========================  ======================
+===================  ==============  =============================  =============================
+``init=``            class           distribution                   gain (closed form)
+===================  ==============  =============================  =============================
+``xavier_uniform``   XavierUniform   U(-1/sqrt(n), 1/sqrt(n)) [1]_  sqrt(n)/4
+``xavier_normal``    XavierNormal    N(0, 1/n)                      sqrt(n/(2*pi))
+``kaiming_uniform``  KaimingUniform  U(-sqrt(6/n), sqrt(6/n))       sqrt(6n)/4
+``kaiming_normal``   KaimingNormal   N(0, 2/n)                      sqrt(n/pi)
+``orthogonal``       Orthogonal      orthogonal [2]_                see :meth:`Orthogonal.gain`
+``ibp``              IBPInit         N(0, 2*pi/n^2)                 1
+``default``          DefaultInit     PyTorch's own, untouched
+===================  ==============  =============================  =============================
+
+.. [1] PyTorch's default layer init for Linear/Conv.
+.. [2] ``torch.nn.init.orthogonal_`` on the (fan_out, fan_in) matrix, gain 1.
 
 The baselines (the Table 3.1 rows) fill every ``Conv2d``/``Linear`` weight and set biases to 0.
 ``ibp`` does what Shi et al.'s released code does (see :class:`IBPInit`): output layer and

@@ -13,7 +13,7 @@ faults per step, 10-25 % of the wall time (``python -m experiments.allocators`` 
 its peak instead of falling between steps; what it allocates is unchanged.
 
 Why ``mallopt`` and not jemalloc (``LD_PRELOAD`` with ``MALLOC_CONF=dirty_decay_ms:-1``): both
-remove the faults and measured within noise of each other (README "Speed"), but ``mallopt`` is
+remove the faults and measured within noise of each other (docs/efficiency.md), but ``mallopt`` is
 part of every glibc, needs no system package, and takes effect from inside the running process,
 so it also reaches Hydra multirun jobs and spawned ranks; ``LD_PRELOAD`` must be set before the
 interpreter starts (a re-exec of every entry point). Without glibc (macOS, musl) it does

@@ -43,8 +43,10 @@ def run_parallel(settings: Settings, run_dir: Path, resume=None, group: str | No
     # this process only as a ProcessRaisedException): the config, the run dir, the resume
     check_parallel(settings, nproc)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    check_resume(cfg, resolved, run_dir, resume, torch.device("cpu"))
-    if started is not None:
+    start = check_resume(cfg, resolved, run_dir, resume, torch.device("cpu"))
+    if start.done is not None:
+        return start.done  # resume.checkpoint=auto on a finished run
+    if started is not None and start.first_in(run_dir):
         started()
     devices = acquire_devices(cfg.device, cfg.get("devices"), nproc)
     results_path = run_dir / "results.json"

@@ -29,7 +29,7 @@ from fastcert.devices import acquire_device, release_device
 from fastcert.evaluate import EvalResult, evaluate
 from fastcert.loggers import Logger, NullLogger
 from fastcert.methods import Method
-from fastcert.resume import Resume, check_resume
+from fastcert.resume import Resume, check_resume, check_weights
 from fastcert.schedules import EpsSchedule
 from fastcert.search import DominatedStop, dominated_stop
 from fastcert.seeding import seed_everything
@@ -107,9 +107,10 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, resume: str | os.PathLike |
     """Train and evaluate as ``cfg`` says, writing metrics.jsonl, last.pt and results.json
     into ``run_dir``. ``resume``: where to continue from (True / ``"last"``: the run dir's
     last.pt; a path), default ``cfg.resume.checkpoint``. ``group`` names the sweep/preset for
-    loggers. ``started()`` is called once the config, the run dir and the resume are checked,
-    before anything is written. Returns the results dict. With ``nproc`` > 1 (outside
-    torchrun) it spawns that many data-parallel ranks on devices of the pool
+    loggers. ``started()`` is called for a fresh start (or a resume of another dir's checkpoint,
+    not of this run dir's) once the config, the run dir, the resume and the data are checked, before anything is written into the run dir.
+    Returns the results dict. With ``nproc`` > 1 (outside torchrun) it spawns that many
+    data-parallel ranks on devices of the pool
     (:func:`fastcert.parallel.run_parallel`).
 
     A soundness violation in the final evaluation is recorded in results.json, which is
@@ -139,13 +140,19 @@ def _run_here(settings: Settings, run_dir: Path, resume, device: torch.device,
     resolved = OmegaConf.to_container(settings.config, resolve=True)
     start = check_resume(settings.config, resolved, run_dir, resume, device)
     ctx = distributed.current()
+    main = ctx is None or ctx.main
+    if main:
+        _announce(start, settings, run_dir)
+    if start.done is not None:
+        return start.done
     if ctx is not None:
         parallel.check_parallel(settings, ctx.world)
-    if started is not None:
-        started()
     run_dir.mkdir(parents=True, exist_ok=True)
     built = build(settings, device)
-    main = ctx is None or ctx.main
+    if start.state is not None:
+        check_weights(start.state, built.net.model, start.resumed[-1]["changes"])
+    if started is not None and start.first_in(run_dir):
+        started()
     if ctx is not None:
         distributed.barrier()  # every rank checked the run dir before rank 0 writes to it
     logger = _logger(built, run_dir, resolved, start, group, main)
@@ -179,6 +186,17 @@ def _run_here(settings: Settings, run_dir: Path, resume, device: torch.device,
         logger.finish()
 
 
+def _announce(start: Resume, settings: Settings, run_dir: Path) -> None:
+    """One line for a resume: where it continues, or that there is nothing to do."""
+    if start.done is not None:
+        print(f"{run_dir / 'results.json'} holds the finished run ({start.epoch} epochs); "
+              f"nothing to do", flush=True)
+    elif start.state is not None:
+        print(f"resuming {start.path} at epoch {start.epoch}/{settings.epochs}"
+              + (" (trained: evaluating only)" if start.epoch == settings.epochs else ""),
+              flush=True)
+
+
 def _logger(built: Built, run_dir: Path, resolved: dict, start: Resume, group: str | None,
             main: bool) -> Logger:
     """The run's logger (rank 0's; other ranks get a silent one with rank 0's cadence, so
@@ -197,7 +215,8 @@ def _train_setup(built: Built, run_dir: Path, logger: Logger, resolved: dict, st
 
     def checkpoint_extra() -> dict:
         return {"config": resolved, "logger_run_id": logger.run_id,
-                "wall_time_s": start.previous_wall_s + time.perf_counter() - t0}
+                "wall_time_s": start.previous_wall_s + time.perf_counter() - t0,
+                **({"resumed": start.resumed} if start.resumed else {})}
 
     return TrainSetup(
         net=built.net, method=built.method, train_loader=built.data.train,

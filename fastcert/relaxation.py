@@ -13,7 +13,7 @@ the two relaxation lines. Both are read from the bound's linear coefficients
   iff the coefficient of the ReLU's input (λ_ij times a positive slope) is < 0.
 
 One forward pass of the real network at z* (B·T inputs) gives p'_O = c_tᵀh_L(z*) and the
-pre-activations x'_ij = h_i(z*), hence
+pre-activations x'_ij = h_i(z*), hence::
 
     d = p'_O - p_C*                                                        (Eq. 8)
     r = 1/Σ_i|I_i| · Σ_i [ Σ_{j∈I_i, δ*=0} |x'_ij| + Σ_{j∈I_i, δ*≠0} min(|x'_ij - x̲_ij|,

@@ -132,7 +132,8 @@ class SmoothedSchedule(EpsSchedule):
 def linear_coefficient(start: float, end: float, ratio: float) -> float:
     """start + (end - start)·ratio, with ratio = ε/ε_target clipped to [0, 1].
 
-    Used for κ (κ_start → κ_end over the ramp, Zhang et al. 2020 Sec. 4) and β (1 → 0).
+    Used for κ (``method.kappa.start`` → ``method.kappa.end`` over the ramp, Zhang et al. 2020
+    Sec. 4) and β (``beta_start`` → ``beta_end``, 1 → 0).
     """
     ratio = min(max(ratio, 0.0), 1.0)
     return start + (end - start) * ratio

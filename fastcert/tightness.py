@@ -5,7 +5,7 @@ interval bound propagation"; code: eth-sri/ibp-propagation-tightness, ``PI_funct
 network at input x both are taken for its *locally linear* network, the one with x's
 activation pattern D_i = diag(1[h_i(x) > 0]) (BatchNorm in eval mode is affine and folds
 into the weights). With r the half-width of the (clipped) input box and the output taken as
-the margins C·f (C the specification matrix of :func:`fastcert.bounds.margin_spec`):
+the margins C·f (C the specification matrix of :func:`fastcert.bounds.margin_spec`)::
 
     optimal radius     |J_x| r               J_x = C W_L D_{L-1} W_{L-1} … D_1 W_1, the
                                              Jacobian of the margins at x;

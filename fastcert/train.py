@@ -305,12 +305,20 @@ class _Loop:
         tqdm.write(_epoch_line(record))
 
 
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or infinite: the run stops; the checkpoint of the last
+    finished epoch stays."""
+
+
 def _check_finite(loss: torch.Tensor, epoch: int, batch: int, eps: float) -> None:
     """Read on diagnostic steps and once per epoch (a per-step check would wait on the device
     every step); an epoch's record is never written with a non-finite loss."""
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} (by batch "
-                                 f"{batch}, eps={eps:.4g}); lower optim.lr or check the model")
+        kept = (f"last.pt keeps epoch {epoch}" if epoch else "no checkpoint was written")
+        raise TrainingDiverged(
+            f"the training loss is {loss.item()} at epoch {epoch + 1} (by batch {batch}, "
+            f"eps={eps:.4g}): training diverged; {kept}. Start again with a lower optim.lr "
+            f"(or a longer warmup, schedule.length)")
 
 
 def _epoch_line(r: dict) -> str:

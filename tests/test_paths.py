@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from fastcert.config import build_option, option_node, options
-from fastcert.pipeline import config_changes, validate
+from fastcert.resume import config_changes
+from fastcert.settings import validate
 
 from conftest import TINY
 

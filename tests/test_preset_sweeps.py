@@ -1,5 +1,6 @@
-"""Every sweep over a folder of presets that the configs and the README document launches that
-folder's presets, and each launched job composes the same config as ``experiment=<preset>``.
+"""Every sweep over a folder of presets that the configs, the README and the docs document
+launches that folder's presets, and each launched job composes the same config as
+``experiment=<preset>``.
 
 Hydra's ``glob`` lists one level of a config group, so a folder of presets is swept as its own
 group: ``-m '+experiment/shi2021/table4=glob(*)'`` (``experiment=glob(shi2021/table4/*)`` matches
@@ -32,7 +33,9 @@ FOLDERS = sorted({f for f in (p.rsplit("/", 1)[0] for p in options("experiment")
 def _documented() -> dict[str, list[str]]:
     """{documented sweep override: the files that document it}."""
     found: dict[str, list[str]] = {}
-    for f in [ROOT / "README.md", *sorted(CONF.rglob("*.yaml"))]:
+    pages = sorted(p for p in (ROOT / "docs").rglob("*.md") if not p.relative_to(ROOT / "docs")
+                   .parts[0].startswith("_"))
+    for f in [ROOT / "README.md", *pages, *sorted(CONF.rglob("*.yaml"))]:
         for override in DOCUMENTED.findall(f.read_text()):
             found.setdefault(override, []).append(str(f.relative_to(ROOT)))
     return found

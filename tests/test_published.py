@@ -1,4 +1,4 @@
-"""experiments.published (experiments.table --published): the CTBench table of the README,
+"""experiments.published (experiments.table --published): the CTBench table,
 published numbers beside a fastcert column filled from finished runs (results.json written as
 fastcert.pipeline does)."""
 from __future__ import annotations

@@ -103,6 +103,9 @@ def test_wandb_offline_run_completes(tmp_path):
     ("+epoch=3", "error: ConfigError: epoch is not a top-level key; did you mean epochs=...?"),
     ("resume=true", "error: ConfigError: resume=True: resume is a group of keys"),
     ("resume.checkpoint=last", "error: CheckpointError: resume: no checkpoint at"),
+    ("epoch=3", "error: unknown key epoch; did you mean epochs?"),
+    ("method=fats", "error: method=fats: no such option; choose from cc_ibp, crown,"),
+    ("optim.lr=1e30", "error: TrainingDiverged: the training loss is nan at epoch 1"),
 ])
 def test_config_errors_print_one_line_without_traceback(tmp_path, override, message):
     proc = _cli(TINY + [override, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)

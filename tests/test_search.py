@@ -393,7 +393,7 @@ def test_a_killed_search_resumes_with_the_trial_count_continuing(tmp_path):
     assert trials[2].user_attrs[T.REQUEUED_FROM] == 1 and trials[2].params == trials[1].params
     assert [n for n, t in trials.items() if t.state == TrialState.COMPLETE] == [0, 2, 3, 4]
     resumed = json.loads((sweep / "trial_2" / "results.json").read_text())
-    assert resumed["resumed"]["from_epoch"] >= 1           # continued trial 1's last.pt
+    assert resumed["resumed"][-1]["from_epoch"] >= 1       # continued trial 1's last.pt
     methods = set()
     for n in (0, 2, 3, 4):
         cfg = OmegaConf.load(sweep / f"trial_{n}" / ".hydra" / "config.yaml")

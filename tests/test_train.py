@@ -193,3 +193,21 @@ def test_cuda_settings_stay_off_on_the_cpu(compose):
         assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def test_a_diverged_loss_stops_the_run_and_keeps_the_last_checkpoint(compose, tmp_path,
+                                                                     monkeypatch):
+    """A NaN loss in epoch 2 (TINY: 2 batches an epoch) stops the run with
+    TrainingDiverged naming optim.lr; last.pt keeps epoch 1."""
+    from fastcert.schedules import EpsSchedule
+    from fastcert.train import TrainingDiverged
+
+    eps = EpsSchedule.eps
+    monkeypatch.setattr(EpsSchedule, "eps",
+                        lambda self, step: float("nan") if step >= 2 else eps(self, step))
+    with pytest.raises(TrainingDiverged, match=r"nan at epoch 2 .*last.pt keeps epoch 1.*"
+                                               r"optim.lr"):
+        run(compose(TINY), tmp_path)
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 1
+    assert [json.loads(r)["epoch"] for r in (tmp_path / "metrics.jsonl").read_text()
+            .splitlines()] == [1]

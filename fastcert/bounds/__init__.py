@@ -4,9 +4,10 @@ A :class:`BoundedNet` is *one network state* seen three ways: the plain ``nn.Mod
 ``BoundedModule`` over the classification margins, and (when a method asks for it) the
 loss-fusion ``BoundedModule`` of Xu et al. 2020 (``CrossEntropyWrapper``). auto_LiRPA shares
 the parameters with the wrapped module but keeps *copies* of BatchNorm running statistics;
-:func:`_tie_buffers` makes all three views use the same buffer tensors, so a metric measured
-through any view sees the same BN statistics (with copies, a model trained through the
-BoundedModule and measured through the plain module can show verified > clean accuracy).
+:func:`~fastcert.bounds.net._tie_buffers` makes all three views use the same buffer tensors,
+so a metric measured through any view sees the same BN statistics (with copies, a model trained
+through the BoundedModule and measured through the plain module can show verified > clean
+accuracy).
 
 The modules: ``lirpa`` (:func:`auto_lirpa`, the one way into auto_LiRPA), ``choices`` (the
 bound methods, the margin specification, the robust loss), ``net`` (:class:`BoundedNet`,

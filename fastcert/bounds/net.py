@@ -116,6 +116,7 @@ class BoundedNet(nn.Module):
         self._bound_opts = {**defaults, **(bound_opts or {})}
         was_training = model.training
         model.eval()
+        #: The ``BoundedModule`` over the classification margins (auto_LiRPA).
         self.bounded = auto_lirpa().BoundedModule(model, self._example, bound_opts=self._bound_opts,
                                      device=example.device)
         _tie_buffers(self.bounded, model)

@@ -39,9 +39,9 @@ def head_start(model: nn.Module, head_blocks: int | None) -> int:
 
 class _GradientLink(torch.autograd.Function):
     """TAPS's gradient connector (Mao et al. 2023; ``RectifiedLinearGradientLink`` in
-    their code). Forward: the pivots P (B, K-1, *latent), detached. Backward: no gradient to
+    their code). Forward: the pivots P (B, K-1, ``*latent``), detached. Backward: no gradient to
     P; the gradient g of each pivot coordinate goes to the box bound it lies near, linearly
-    in its distance: with w = u - l and threshold c,
+    in its distance: with w = u - l and threshold c::
 
         ∂/∂u += g·(p - (u - c·w))/(c·w)  where p ≥ u - c·w,
         ∂/∂l += g·((l + c·w) - p)/(c·w)  where p ≤ l + c·w,
@@ -101,13 +101,15 @@ class TAPS(Method):
     """TAPS (Mao et al., NeurIPS 2023): IBP through a feature extractor g, PGD through the
     classifier head h. With [l, u] the IBP box of g over the input box, one PGD per class
     j ≠ y finds a pivot p_j ∈ [l, u] maximising h(p_j)_j - h(p_j)_y; the TAPS bound is
-    est_j = h(p_j)_j - h(p_j)_y and
+    est_j = h(p_j)_j - h(p_j)_y and, as the code of Mao et al. and CTBench's
+    ``TAPSModelWrapper`` compute it::
 
         L_TAPS = CE([0, est], 0) = log(1 + Σ_j exp(est_j)),   L_IBP = CE(-m̲_IBP, y),
-        L_rob  = GradScale(L_TAPS, w) · L_IBP                                      (code of
-    Mao et al.; CTBench ``TAPSModelWrapper``): the value is the product, the gradient
-    w·L_IBP·∇L_TAPS + L_TAPS·∇L_IBP. The pivots reach [l, u] through the gradient connector
-    (:class:`_GradientLink`, threshold ``soft_threshold``). L = κ·CE(f(x), y) + (1-κ)·L_rob
+        L_rob  = GradScale(L_TAPS, w) · L_IBP
+
+    The value is the product, the gradient w·L_IBP·∇L_TAPS + L_TAPS·∇L_IBP. The pivots reach
+    [l, u] through the gradient connector (:class:`_GradientLink`, threshold
+    ``soft_threshold``). L = κ·CE(f(x), y) + (1-κ)·L_rob
     + λ(L_tightness + L_relu): it holds the natural-CE weight ``kappa`` (:class:`Ramp`) and the
     warmup regularisers of Shi et al. 2021 (``warmup``, :class:`Warmup`) on the bounds of the
     box it propagates, as TAPS's code and CTBench do.

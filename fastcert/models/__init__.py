@@ -31,7 +31,7 @@ input": the TinyImageNet network for inputs of 64×64 pixels or more
 data=tinyimagenet`` builds ``ResNeXt_bn_imagenet64`` and ``model=resnext data=cifar10`` builds
 ``ResNeXt_2_32``, while an explicit value (``model.num_blocks=[1,1,1]``) always wins. The
 parameter counts of every (model, data) pair are pinned by tests/test_models.py and listed in
-the README.
+docs/papers/shi2021.md.
 """
 from fastcert.models.base import BN_MODES, affine_layers, is_imagenet64, model_builder
 from fastcert.models.feedforward import (
