@@ -107,11 +107,11 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, resume: str | os.PathLike |
     """Train and evaluate as ``cfg`` says, writing metrics.jsonl, last.pt and results.json
     into ``run_dir``. ``resume``: where to continue from (True / ``"last"``: the run dir's
     last.pt; a path), default ``cfg.resume.checkpoint``. ``group`` names the sweep/preset for
-    loggers. ``started()`` is called for a fresh start (or a resume of another dir's checkpoint,
-    not of this run dir's) once the config, the run dir, the resume and the data are checked, before anything is written into the run dir.
-    Returns the results dict. With ``nproc`` > 1 (outside torchrun) it spawns that many
-    data-parallel ranks on devices of the pool
-    (:func:`fastcert.parallel.run_parallel`).
+    loggers. ``started()`` is called for a fresh start (or a resume of another dir's
+    checkpoint, not of this run dir's) once the config, the run dir, the resume and the data
+    are checked, before anything is written into the run dir. Returns the results dict.
+    With ``nproc`` > 1 (outside torchrun) it spawns that many data-parallel ranks on devices
+    of the pool (:func:`fastcert.parallel.run_parallel`).
 
     A soundness violation in the final evaluation is recorded in results.json, which is
     written, and then raised (:class:`fastcert.evaluate.SoundnessError`)."""
@@ -137,24 +137,11 @@ def _run_here(settings: Settings, run_dir: Path, resume, device: torch.device,
               group: str | None, t0: float, started) -> dict:
     """The run in this process (one rank of a data-parallel run): resume → build → fit →
     evaluate → write."""
-    resolved = OmegaConf.to_container(settings.config, resolve=True)
-    start = check_resume(settings.config, resolved, run_dir, resume, device)
+    resolved, start, built = _begin(settings, run_dir, resume, device, started)
+    if built is None:
+        return start.done
     ctx = distributed.current()
     main = ctx is None or ctx.main
-    if main:
-        _announce(start, settings, run_dir)
-    if start.done is not None:
-        return start.done
-    if ctx is not None:
-        parallel.check_parallel(settings, ctx.world)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    built = build(settings, device)
-    if start.state is not None:
-        check_weights(start.state, built.net.model, start.resumed[-1]["changes"])
-    if started is not None and start.first_in(run_dir):
-        started()
-    if ctx is not None:
-        distributed.barrier()  # every rank checked the run dir before rank 0 writes to it
     logger = _logger(built, run_dir, resolved, start, group, main)
     try:
         if start.state is not None:
@@ -167,23 +154,55 @@ def _run_here(settings: Settings, run_dir: Path, resume, device: torch.device,
                       resume_state=start.state)
         if stopped:
             return _stopped(built, run_dir, logger, history, start, t0, stopped, main)
-        val = None if built.data.val is None else _evaluate(built, built.data.val)
-        result = _evaluate(built, built.data.test)
-        results = report.results_dict(settings, result, history,
-                                       start.previous_wall_s + time.perf_counter() - t0, val)
-        if start.resumed is not None:
-            results["resumed"] = start.resumed
-        if main:
-            _write(run_dir, results, logger)
-        for r in (val, result):
-            if r is not None:
-                r.raise_if_unsound()
-        return results
+        return _final(built, run_dir, logger, history, start, t0, main)
     except KeyboardInterrupt:  # SIGINT, or SIGTERM through fastcert.cli.preemptible
         logger.mark_preempting()
         raise
     finally:
         logger.finish()
+
+
+def _begin(settings: Settings, run_dir: Path, resume, device: torch.device,
+           started) -> tuple[dict, Resume, Built | None]:
+    """The resolved config, the resume (checked and announced) and the built run, with
+    ``started()`` called and every rank past the checks; no build where ``resume.checkpoint
+    =auto`` found the run finished (``start.done``)."""
+    resolved = OmegaConf.to_container(settings.config, resolve=True)
+    start = check_resume(settings.config, resolved, run_dir, resume, device)
+    ctx = distributed.current()
+    if ctx is None or ctx.main:
+        _announce(start, settings, run_dir)
+    if start.done is not None:
+        return resolved, start, None
+    if ctx is not None:
+        parallel.check_parallel(settings, ctx.world)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    built = build(settings, device)
+    if start.state is not None:
+        check_weights(start.state, built.net.model, start.resumed[-1]["changes"])
+    if started is not None and start.first_in(run_dir):
+        started()
+    if ctx is not None:
+        distributed.barrier()  # every rank checked the run dir before rank 0 writes to it
+    return resolved, start, built
+
+
+def _final(built: Built, run_dir: Path, logger: Logger, history, start: Resume, t0: float,
+           main: bool) -> dict:
+    """The trained model evaluated on the validation split (if any), then on the test set,
+    and results.json written; a soundness violation raised after the write."""
+    val = None if built.data.val is None else _evaluate(built, built.data.val)
+    result = _evaluate(built, built.data.test)
+    results = report.results_dict(built.settings, result, history,
+                                  start.previous_wall_s + time.perf_counter() - t0, val)
+    if start.resumed is not None:
+        results["resumed"] = start.resumed
+    if main:
+        _write(run_dir, results, logger)
+    for r in (val, result):
+        if r is not None:
+            r.raise_if_unsound()
+    return results
 
 
 def _announce(start: Resume, settings: Settings, run_dir: Path) -> None:
