@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q --no-deps auto_LiRPA==0.3
+	$(PIP) uninstall -q -y hydra-optuna-sweeper  # replaced by fastcert's sweeper (pins optuna < 3)
 	$(PIP) install -q -e '.[dev,sweeps,docs]'
 	@touch $@
 
@@ -34,11 +35,11 @@ help: ## list the targets
 install: $(VENV)/.installed ## create .venv and install torch, auto_LiRPA 0.3 and fastcert[dev,sweeps,docs]
 
 lint: $(VENV)/.installed ## ruff (pyproject.toml [tool.ruff]) and the 80-line cap on functions (tests/test_lint.py)
-	$(PY) -m ruff check fastcert experiments tests docs
+	$(PY) -m ruff check fastcert experiments tests docs hydra_plugins
 	$(PY) -m pytest -q -n 0 -p no:cacheprovider tests/test_lint.py
 
 format: $(VENV)/.installed ## what ruff can fix by itself (import order, pyupgrade); not `ruff format`
-	$(PY) -m ruff check --fix fastcert experiments tests docs
+	$(PY) -m ruff check --fix fastcert experiments tests docs hydra_plugins
 
 docs: $(VENV)/.installed ## build the docs site into docs/_build/html; any warning (broken link or reference) fails
 	$(PY) -m sphinx -b html -W --keep-going -n -q docs docs/_build/html

@@ -107,3 +107,65 @@ def published_table(runs: Sequence[Run], suite: str = "ctbench") -> str:
                          f"{_accuracy_stat(mine, lambda r: r.get('clean_acc'))} | "
                          f"{_accuracy_stat(mine, _verified)} | {len(mine) or _MISSING} |")
     return "\n".join(lines)
+
+
+_KAULEN = ("Kaulen, Shavit & Hoos 2026 (ICML), CTRAIN papers/rethinking_evaluation_paradigms/"
+           "tables/main/results_{}.tex, column 'Ours' (commit d5a8371); complete verification; "
+           "tuned on the test set")
+#: Kaulen et al.'s completely verified Pareto fronts for CNN-7, (setting, fastcert method) ->
+#: [(clean %, certified %)], transcribed from the tables of their repository (their method
+#: ``shi`` is fastcert's ``fast``; ``crown_ibp_nofusion``, CROWN-IBP without loss fusion, is
+#: ``crown_ibp`` on CIFAR-10 and MNIST). Their main protocol tuned on the test set (their
+#: ``submit_hpo.py`` passes the test loader as the validation loader).
+KAULEN_FRONTS = {
+    "cifar10_2": ("cifar10_cnn7_eps0.0078", {
+        "crown_ibp": [(79.49, 54.13), (78.26, 54.57), (78.14, 55.47), (77.69, 57.11),
+                      (77.44, 58.94), (76.78, 59.86), (76.33, 60.94)],
+        "mtl_ibp": [(81.54, 62.82), (79.95, 63.99), (79.87, 64.54), (79.10, 64.61)],
+        "sabr": [(83.10, 60.03), (83.01, 60.87), (82.72, 61.20), (81.96, 64.11),
+                 (80.15, 64.44), (79.90, 64.49)],
+        "fast": [(75.26, 54.29), (74.01, 55.53), (71.40, 55.54), (69.37, 55.63),
+                 (69.18, 55.99)],
+    }),
+    "cifar10_8": ("cifar10_cnn7_eps0.0314", {
+        "crown_ibp": [(61.43, 28.72), (60.01, 29.60), (58.89, 31.57), (56.80, 33.06),
+                      (55.11, 33.77), (52.63, 33.99), (52.47, 34.41), (49.73, 34.78)],
+        "mtl_ibp": [(58.82, 32.55), (58.27, 33.41), (56.93, 33.75), (55.29, 34.49),
+                    (55.03, 34.72), (54.18, 35.27), (52.58, 35.35), (52.33, 35.68),
+                    (51.87, 35.74)],
+        "sabr": [(59.12, 28.68), (58.49, 29.27), (58.20, 30.56), (58.12, 31.55),
+                 (56.02, 34.26), (54.93, 34.96)],
+        "fast": [(62.20, 28.33), (61.90, 28.37), (61.23, 29.63), (59.94, 31.12),
+                 (58.43, 31.78), (57.42, 32.29), (56.87, 32.83), (56.73, 33.36),
+                 (55.97, 33.42), (55.39, 34.25), (53.55, 34.66), (52.59, 35.09),
+                 (50.98, 35.35)],
+    }),
+    "mnist_0_3": ("mnist_cnn7_eps0.3000", {
+        "crown_ibp": [(97.85, 93.23)],
+        "mtl_ibp": [(98.67, 92.21)],
+    }),
+    "tinyimagenet_1": ("tinyimagenet_cnn7_eps0.0039", {
+        "crown_ibp": [(32.38, 20.71), (31.21, 20.96), (30.82, 22.20)],
+        "mtl_ibp": [(39.80, 30.45), (39.75, 30.67)],
+        "sabr": [(42.27, 23.13), (42.10, 27.42), (40.61, 28.86)],
+        "fast": [(34.24, 20.79), (32.12, 21.60), (31.92, 21.82)],
+    }),
+}
+#: The suites ``--published`` takes in ``python -m experiments.pareto``.
+POINT_SUITES = ("ctbench", "kaulen2026")
+
+
+def published_points(suite: str, setting: str | None) -> list[tuple[str, float, float, str]]:
+    """(method, clean %, certified %, source) of a suite's published points for a CTBench
+    setting (:data:`CTBENCH_SETTINGS`): CTBench's one point per method (:data:`PUBLISHED`;
+    those without a certified accuracy left out), or Kaulen et al.'s fronts
+    (:data:`KAULEN_FRONTS`). [] for a setting the suite does not cover."""
+    if suite not in POINT_SUITES:
+        raise ValueError(f"--published {suite}: choose one of {', '.join(POINT_SUITES)}")
+    if suite == "ctbench":
+        return [(method, clean, cert, source) for (s, method), (clean, cert, source)
+                in PUBLISHED["ctbench"].items()
+                if s == setting and clean is not None and cert is not None]
+    table, fronts = KAULEN_FRONTS.get(setting, (None, {}))
+    return [(method, clean, cert, _KAULEN.format(table)) for method, points in fronts.items()
+            for clean, cert in points]

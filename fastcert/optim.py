@@ -54,6 +54,23 @@ class Adam(Optimizer):
 
 
 @dataclass(frozen=True)
+class AdamW(Optimizer):
+    """AdamW (Loshchilov & Hutter 2019): Adam with decoupled weight decay; torch's default
+    decay 0.01 is what Kaulen et al.'s CTRAIN searches with (``conf/optim/adamw.yaml``)."""
+
+    def make(self, params):
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+@dataclass(frozen=True)
+class RAdam(Optimizer):
+    """RAdam (Liu et al. 2020): Adam with a rectified adaptive learning rate."""
+
+    def make(self, params):
+        return torch.optim.RAdam(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+@dataclass(frozen=True)
 class SGD(Optimizer):
     """SGD with momentum (plain SGD at momentum 0)."""
 

@@ -46,7 +46,7 @@ def run_parallel(settings: Settings, run_dir: Path, resume=None, group: str | No
     start = check_resume(cfg, resolved, run_dir, resume, torch.device("cpu"))
     if start.done is not None:
         return start.done  # resume.checkpoint=auto on a finished run
-    if started is not None and start.state is None:
+    if started is not None and start.first_in(run_dir):
         started()
     devices = acquire_devices(cfg.device, cfg.get("devices"), nproc)
     results_path = run_dir / "results.json"

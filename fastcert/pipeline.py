@@ -32,9 +32,10 @@ from fastcert.loggers import Logger, NullLogger
 from fastcert.methods import Method
 from fastcert.resume import Resume, check_resume, check_weights
 from fastcert.schedules import EpsSchedule
+from fastcert.search import DominatedStop, dominated_stop
 from fastcert.seeding import seed_everything
 from fastcert.selection import Selector
-from fastcert.settings import Settings, Speed, validate
+from fastcert.settings import Settings, Speed, objective_metrics, validate
 from fastcert.tightness import TightnessProbe
 from fastcert.train import TrainSetup, fit
 
@@ -108,11 +109,11 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, resume: str | os.PathLike |
     """Train and evaluate as ``cfg`` says, writing metrics.jsonl, last.pt and results.json
     into ``run_dir``. ``resume``: where to continue from (True / ``"last"``: the run dir's
     last.pt; a path), default ``cfg.resume.checkpoint``. ``group`` names the sweep/preset for
-    loggers. ``started()`` is called for a fresh start (not a resume) once the config, the run
-    dir, the resume and the data are checked, before anything is written into the run dir.
-    Returns the results dict. With ``nproc`` > 1 (outside torchrun) it spawns that many
-    data-parallel ranks on devices of the pool
-    (:func:`fastcert.parallel.run_parallel`).
+    loggers. ``started()`` is called for a fresh start (or a resume of another dir's
+    checkpoint, not of this run dir's) once the config, the run dir, the resume and the data
+    are checked, before anything is written into the run dir. Returns the results dict.
+    With ``nproc`` > 1 (outside torchrun) it spawns that many data-parallel ranks on devices
+    of the pool (:func:`fastcert.parallel.run_parallel`).
 
     A soundness violation in the final evaluation is recorded in results.json, which is
     written, and then raised (:class:`fastcert.evaluate.SoundnessError`)."""
@@ -139,27 +140,25 @@ def _run_here(settings: Settings, run_dir: Path, resume, device: torch.device,
               group: str | None, t0: float, started) -> dict:
     """The run in this process (one rank of a data-parallel run): resume → build → fit →
     evaluate → write."""
-    resolved = OmegaConf.to_container(settings.config, resolve=True)
-    start = check_resume(settings.config, resolved, run_dir, resume, device)
+    resolved, start, built = _begin(settings, run_dir, resume, device, started)
+    if built is None:
+        return start.done
     ctx = distributed.current()
     main = ctx is None or ctx.main
-    if main:
-        _announce(start, settings, run_dir)
-    if start.done is not None:
-        return start.done
-    if ctx is not None:
-        parallel.check_parallel(settings, ctx.world)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    built = build(settings, device)
-    if start.state is not None:
-        check_weights(start.state, built.net.model, start.resumed[-1]["changes"])
-    if started is not None and start.state is None:
-        started()
-    if ctx is not None:
-        distributed.barrier()  # every rank checked the run dir before rank 0 writes to it
     logger = _logger(built, run_dir, resolved, start, group, main)
     try:
-        return _train_and_report(built, run_dir, logger, resolved, start, t0, main)
+        if start.state is not None:
+            for record in start.history:  # what a killed process may not have sent
+                logger.log_epoch(record, record["epoch"])
+        rule = _stop_rule(built)
+        stopped: dict = {}
+        setup = _train_setup(built, run_dir, logger, resolved, start, t0,
+                             _stop_check(built, rule, stopped))
+        history = fit(setup, resume_state=start.state)
+        if stopped:
+            return _stopped(built, run_dir, logger, history, start, t0, stopped, main)
+        _keep_selected(built, setup.selector)
+        return _final(built, run_dir, logger, history, start, t0, main, setup.selector)
     except KeyboardInterrupt:  # SIGINT, or SIGTERM through fastcert.cli.preemptible
         logger.mark_preempting()
         raise
@@ -167,24 +166,42 @@ def _run_here(settings: Settings, run_dir: Path, resume, device: torch.device,
         logger.finish()
 
 
-def _train_and_report(built: Built, run_dir: Path, logger: Logger, resolved: dict,
-                      start: Resume, t0: float, main: bool) -> dict:
-    """fit (a resumed run's records sent to the logger first) → the selected epoch's weights
-    (when ``select`` kept one) → the final evaluation of the validation split, then of the
-    test set → results.json (rank 0); a soundness violation of either is raised after."""
-    settings = built.settings
+def _begin(settings: Settings, run_dir: Path, resume, device: torch.device,
+           started) -> tuple[dict, Resume, Built | None]:
+    """The resolved config, the resume (checked and announced) and the built run, with
+    ``started()`` called and every rank past the checks; no build where ``resume.checkpoint
+    =auto`` found the run finished (``start.done``)."""
+    resolved = OmegaConf.to_container(settings.config, resolve=True)
+    start = check_resume(settings.config, resolved, run_dir, resume, device)
+    ctx = distributed.current()
+    if ctx is None or ctx.main:
+        _announce(start, settings, run_dir)
+    if start.done is not None:
+        return resolved, start, None
+    if ctx is not None:
+        parallel.check_parallel(settings, ctx.world)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    built = build(settings, device)
     if start.state is not None:
-        for record in start.history:  # what a killed process may not have sent
-            logger.log_epoch(record, record["epoch"])
-    setup = _train_setup(built, run_dir, logger, resolved, start, t0)
-    history = fit(setup, resume_state=start.state)
-    _keep_selected(built, setup.selector)
+        check_weights(start.state, built.net.model, start.resumed[-1]["changes"])
+    if started is not None and start.first_in(run_dir):
+        started()
+    if ctx is not None:
+        distributed.barrier()  # every rank checked the run dir before rank 0 writes to it
+    return resolved, start, built
+
+
+def _final(built: Built, run_dir: Path, logger: Logger, history, start: Resume, t0: float,
+           main: bool, selector: Selector | None) -> dict:
+    """The trained (or selected) model evaluated on the validation split (if any), then on the
+    test set, and results.json written (with the selection's record); a soundness violation
+    raised after the write."""
     val = None if built.data.val is None else _evaluate(built, built.data.val)
     result = _evaluate(built, built.data.test)
-    results = report.results_dict(settings, result, history,
+    results = report.results_dict(built.settings, result, history,
                                   start.previous_wall_s + time.perf_counter() - t0, val)
-    if setup.selector is not None:
-        results["selection"] = setup.selector.summary()
+    if selector is not None:
+        results["selection"] = selector.summary()
     if start.resumed is not None:
         results["resumed"] = start.resumed
     if main:
@@ -219,7 +236,7 @@ def _logger(built: Built, run_dir: Path, resolved: dict, start: Resume, group: s
 
 
 def _train_setup(built: Built, run_dir: Path, logger: Logger, resolved: dict, start: Resume,
-                 t0: float) -> TrainSetup:
+                 t0: float, stop=None) -> TrainSetup:
     s = built.settings
 
     def checkpoint_extra() -> dict:
@@ -240,7 +257,50 @@ def _train_setup(built: Built, run_dir: Path, logger: Logger, resolved: dict, st
         checkpoint_extra=checkpoint_extra,
         epoch_metrics=TightnessProbe.on_held_out(built.data, s.eps, built.device),
         dist=distributed.current(), channels_last=built.channels_last, aids=s.aids,
-        selector=selector)
+        selector=selector, stop=stop)
+
+
+def _stop_rule(built: Built) -> DominatedStop | None:
+    """The run's early stopping of dominated trials (:mod:`fastcert.search`), if it has one."""
+    s = built.settings
+    objective = objective_metrics(s.config.get("optimized_metric"))
+    return dominated_stop(s.search, objective, built.schedule.start, built.schedule.length,
+                          s.epochs)
+
+
+def _stop_check(built: Built, rule: DominatedStop | None, stopped: dict):
+    """``TrainSetup.stop`` for ``rule``: after the rule's epoch, the validation split's
+    evaluation and the study's verdict; when dominated, ``stopped`` gets the evaluation
+    (``result``) and results.json's ``stopped_early`` entry (``record``)."""
+    if rule is None:
+        return None
+
+    def stop(record: dict) -> bool:
+        if record["epoch"] != rule.epoch:
+            return False
+        result = _evaluate(built, built.data.val)
+        entries = report.validation_entries(result)
+        point = [float(entries[k]) for k in rule.objective]
+        by = rule.dominating(point)
+        if len(by) < rule.settings.stop_dominated:
+            return False
+        stopped.update(result=result, record=rule.record(point, by))
+        return True
+
+    return stop
+
+
+def _stopped(built: Built, run_dir: Path, logger: Logger, history: list[dict], start: Resume,
+             t0: float, stopped: dict, main: bool) -> dict:
+    """results.json of a run stopped early: the validation split's evaluation at the stop,
+    ``stopped_early``; the test set is not read."""
+    results = report.stopped_results(built.settings, stopped["result"], history,
+                                     start.previous_wall_s + time.perf_counter() - t0,
+                                     stopped["record"])
+    if main:
+        _write(run_dir, results, logger)
+    stopped["result"].raise_if_unsound()
+    return results
 
 
 def _selection_scores(built: Built) -> dict:

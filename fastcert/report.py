@@ -27,7 +27,14 @@ def table_row(cells: Sequence[str], widths: Sequence[int], align: str) -> str:
 
 def format_table(results: dict) -> str:
     """The final metrics as a small fixed-width table (with a validation split, its column
-    beside the test set's)."""
+    beside the test set's); a run stopped early (:func:`stopped_results`) has one line."""
+    if "stopped_early" in results:
+        stop = results["stopped_early"]
+        values = ", ".join(f"{k} {percent(v)}" for k, v in stop["values"].items())
+        return (f"{results['method']} | {results['model']} | {results['data']} | stopped after "
+                f"epoch {stop['epoch']}/{results['epochs']}: its validation point ({values}) is "
+                f"dominated by {len(stop['dominated_by'])} finished trials "
+                f"({', '.join(map(str, stop['dominated_by']))}); the test set was not read")
     rows = [("clean accuracy", "clean_acc"), ("PGD accuracy (cheap attack)", "pgd_acc"),
             ("IBP-verified accuracy", "ibp_verified_acc"),
             ("CROWN-verified accuracy", "crown_verified_acc"),
@@ -80,13 +87,32 @@ def validation_entries(result: EvalResult) -> dict:
             "n_val": len(result.label)}
 
 
+def _trained(settings: Settings, history: list[dict], wall_time_s: float) -> dict:
+    """What was trained and how long it took (every results.json has these)."""
+    cfg = settings.config
+    return {"train_eps": settings.eps, "epochs": settings.epochs, "method": cfg.method.name,
+            "model": cfg.model.name, "data": cfg.data.name, "init": cfg.init.name,
+            "seed": settings.seed, "phase_epoch_time_s": epoch_times_by_phase(history),
+            "wall_time_s": wall_time_s}
+
+
+def stopped_results(settings: Settings, val: EvalResult, history: list[dict],
+                    wall_time_s: float, stopped: dict) -> dict:
+    """results.json of a run stopped early by :mod:`fastcert.search`'s rule: the validation
+    split's evaluation at the stop (:func:`validation_entries`), what was trained, and
+    ``stopped_early`` (the epoch, the point, the dominating trials); no test-set key, since
+    the test set was not read."""
+    return {**validation_entries(val), "eps": val.eps, **_trained(settings, history, wall_time_s),
+            "soundness": {"val_violations": val.violations, "val_ties": val.ties},
+            "stopped_early": stopped}
+
+
 def results_dict(settings: Settings, result: EvalResult, history: list[dict],
                  wall_time_s: float, val: EvalResult | None = None) -> dict:
     """results.json: the final evaluation's accuracies (``pgd_attack`` names the attack), what
     was trained, the mean epoch time per ε phase, and the soundness record; with ``val`` (the
     same evaluation on the validation split) its :func:`validation_entries` too, and its
     violations in the soundness record."""
-    cfg = settings.config
     soundness = {"violations": result.violations, "ties": result.ties,
                  "tie_tolerance": "1e-5 * max(1, max_k |f_k(x)|)"}
     if val is not None:
@@ -95,16 +121,8 @@ def results_dict(settings: Settings, result: EvalResult, history: list[dict],
         **accuracies(result),
         "pgd_attack": settings.eval.pgd.description,
         "eps": result.eps,
-        "train_eps": settings.eps,
-        "epochs": settings.epochs,
-        "method": cfg.method.name,
-        "model": cfg.model.name,
-        "data": cfg.data.name,
-        "init": cfg.init.name,
-        "seed": settings.seed,
+        **_trained(settings, history, wall_time_s),
         "n_test": len(result.label),
-        "phase_epoch_time_s": epoch_times_by_phase(history),
-        "wall_time_s": wall_time_s,
         "soundness": soundness,
         **({} if val is None else validation_entries(val)),
     }

@@ -88,6 +88,11 @@ class Resume:
         """The epochs the checkpoint has trained (0: a fresh run)."""
         return 0 if self.state is None else int(self.state["epoch"])
 
+    def first_in(self, run_dir: Path) -> bool:
+        """Whether this run writes the first files of ``run_dir``: a fresh run, or one
+        continuing another dir's checkpoint (a requeued trial of a search)."""
+        return self.state is None or Path(self.path).resolve().parent != Path(run_dir).resolve()
+
 
 def check_resume(cfg: DictConfig, resolved: dict, run_dir: Path, resume,
                  device: torch.device) -> Resume:

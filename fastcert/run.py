@@ -9,8 +9,9 @@ is claimed (:mod:`fastcert.preflight`): a mistake prints one line and exits with
 having written nothing; two launches in the same second get two dirs. The run dir is printed
 at the start and the end. Hydra's ``.hydra/`` (config.yaml, hydra.yaml, overrides.yaml) is
 written by this app, not by Hydra (``hydra.output_subdir: null``), and only for a fresh start
-that was accepted: a refused run (its dir holds a checkpoint) or a resume leaves the config
-that trained the checkpoint in place. SIGTERM / SIGINT stop the run cleanly (the last
+(or a requeued trial of a search continuing another dir's checkpoint) that was accepted: a
+refused run (its dir holds a checkpoint) or a resume leaves the config that trained the
+checkpoint in place. SIGTERM / SIGINT stop the run cleanly (the last
 checkpoint stays, W&B marks the run preempting) with status 128 + the signal's number.
 """
 from __future__ import annotations
@@ -64,9 +65,12 @@ def main(cfg: DictConfig):
     try:
         with exit_on_known_errors(RUN_STOPPED), preemptible():
             ctx = distributed.current()
-            # a fresh start writes .hydra/ once accepted; under torchrun rank 0 alone
+            # a fresh start (or a requeued trial of a search continuing another dir's
+            # checkpoint) writes .hydra/ once accepted; under torchrun rank 0 alone
             writes = ctx is None or ctx.main
-            results = run(cfg, run_dir, group=experiment_name(hydra_cfg.runtime.choices),
+            group = OmegaConf.select(cfg, "search.study") or experiment_name(
+                hydra_cfg.runtime.choices)
+            results = run(cfg, run_dir, group=group,
                           started=(lambda: write_hydra_dir(run_dir, cfg)) if writes else None)
     finally:
         print(f"run dir: {run_dir}", flush=True)

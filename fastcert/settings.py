@@ -11,7 +11,7 @@ import difflib
 import os
 import typing
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
@@ -33,6 +33,7 @@ from fastcert.memory import check_memory_gb
 from fastcert.methods import Method
 from fastcert.optim import Optimizer
 from fastcert.resume import resume_options
+from fastcert.search import SearchSettings, search_settings
 from fastcert.selection import Select
 
 #: What the code supplies to each group's target (not settable from the config).
@@ -117,6 +118,7 @@ class Settings:
     speed: Speed
     aids: Aids = Aids()         # CTBench's training aids (all off without an ``aids`` node)
     select: Select = Select()   # model selection (none without a ``select`` node)
+    search: SearchSettings = field(default_factory=SearchSettings)  # a trial's study
 
 
 #: The metrics of results.json that every run produces.
@@ -127,9 +129,12 @@ def produced_metrics(settings: Settings) -> set[str]:
     """The numeric keys of the results.json a run with ``settings`` writes, which a sweeper may
     optimise (``optimized_metric``): clean and PGD accuracy, the wall time, and for each
     verifier of ``eval.verifiers`` its ``<verifier>_verified_acc`` (with ``any_verified_acc``
-    when there is one)."""
+    when there is one); with a validation split (``data.val_size``) the same accuracies on it,
+    ``val_<key>``."""
     verified = {f"{b.key}_verified_acc" for b in settings.eval.bounds}
-    return {*ALWAYS_PRODUCED, *verified, *(("any_verified_acc",) if verified else ())}
+    accuracies = {"clean_acc", "pgd_acc", *verified, *(("any_verified_acc",) if verified else ())}
+    val = {f"val_{k}" for k in accuracies} if settings.data.val_size else set()
+    return {*ALWAYS_PRODUCED, *accuracies, *val}
 
 
 def objective_metrics(value: Any) -> list[str]:
@@ -169,7 +174,8 @@ def check_objective(value: Any, settings: Settings) -> None:
 def validate(cfg: DictConfig) -> Settings:
     """Every check that needs no data or model: unknown keys anywhere (top level included),
     each value against its type, the device's name, ε against the data range, the epochs
-    against the warmup, and ``optimized_metric`` against the metrics the run produces."""
+    against the warmup, ``optimized_metric`` against the metrics the run produces, and the
+    ``search`` node (:func:`fastcert.search.search_settings`)."""
     check_keys([k for k in cfg if k != "hydra"], top_level_keys(), "top-level")
     resume_options(cfg)
     check_device_spec(cfg.get("device"))
@@ -189,6 +195,8 @@ def validate(cfg: DictConfig) -> Settings:
         check_node(cfg[group], group, runtime)
     sched = check_node(cfg.schedule, "schedule", RUNTIME["schedule"])
     check_epochs(epochs, sched.get("start", 0), sched.get("length", 0))
+    search = search_settings(cfg, objective_metrics(cfg.get("optimized_metric")), data.val_size,
+                             speed.nproc)
     aids, select = aids_and_selection(cfg, data, speed)
     if aids.swa.on and aids.swa.start >= epochs:
         raise ConfigError(f"aids.swa.start={aids.swa.start}: SWA must start before the last of "
@@ -201,7 +209,8 @@ def validate(cfg: DictConfig) -> Settings:
     settings = Settings(config=cfg, seed=seed, epochs=epochs, eps=eps, eval_eps=eval_eps,
                         cpu_threads=threads, method=instantiate(cfg.method, "method"),
                         optim=optim, eval=eval_cfg, data=data,
-                        init=instantiate(cfg.init, "init"), speed=speed, aids=aids, select=select)
+                        init=instantiate(cfg.init, "init"), speed=speed, aids=aids, select=select,
+                        search=search)
     check_objective(cfg.get("optimized_metric"), settings)
     return settings
 

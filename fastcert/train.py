@@ -62,6 +62,9 @@ class TrainSetup:
     epoch_metrics: Callable[[BoundedNet], dict] | None = None
     aids: Aids | None = None            # the training aids (fastcert.aids); None: all off
     selector: Selector | None = None    # model selection after each epoch (fastcert.selection)
+    # called with each epoch's record once it is saved (last.pt written): True ends the
+    # training there (fastcert.search's early stopping of dominated trials)
+    stop: Callable[[dict], bool] | None = None
 
 
 class _EpochStats:
@@ -161,6 +164,8 @@ def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
     mean loss is weighted by its share of the batch, so without BatchNorm the gradient is the
     whole batch's whatever the chunk sizes.
 
+    ``s.stop`` may end the training after an epoch (the history then ends there).
+
     Plot-only values (regularisers, ReLU states) are computed on diagnostic steps only: the
     epoch's record averages them over :data:`RECORD_STEPS` evenly spaced steps (the last one
     included), the same whatever the logger; W&B's per-step logs (every ``logger.log_every``
@@ -177,6 +182,8 @@ def fit(s: TrainSetup, resume_state: dict | None = None) -> list[dict]:
         history.append(record)
         if loop.main:
             loop.save(record)
+        if s.stop is not None and s.stop(record):
+            break
     return history
 
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import CONF, ROOT
 
 #: What a wheel is built from (everything pyproject.toml packages or reads).
-SOURCES = ("pyproject.toml", "README.md", "fastcert", "experiments")
+SOURCES = ("pyproject.toml", "README.md", "fastcert", "experiments", "hydra_plugins")
 
 
 def _sh(cmd, cwd, env, timeout=600):
@@ -63,6 +63,15 @@ def test_the_wheel_carries_every_config(venv):
     names = set(zipfile.ZipFile(venv[2]).namelist())
     configs = {f"fastcert/conf/{p.relative_to(CONF).as_posix()}" for p in CONF.rglob("*.yaml")}
     assert configs <= names
+
+
+def test_the_wheel_carries_the_sweeper_plugin(venv):
+    """Hydra discovers sweepers only in the ``hydra_plugins`` namespace package (no
+    ``hydra_plugins/__init__.py``, which would hide the other plugins' modules)."""
+    names = set(zipfile.ZipFile(venv[2]).namelist())
+    assert {"hydra_plugins/fastcert_sweeper/__init__.py",
+            "hydra_plugins/fastcert_sweeper/sweeper.py"} <= names
+    assert "hydra_plugins/__init__.py" not in names
 
 
 def test_the_wheel_trains_and_certifies_from_an_empty_directory(venv, tmp_path):

@@ -33,3 +33,10 @@ def test_sgd_keys_are_checked(compose):
 def test_the_sgd_presets_select_the_option(compose, preset):
     optim = compose([f"experiment={preset}"]).optim
     assert (optim.name, optim._target_, optim.momentum) == ("sgd", "fastcert.optim.SGD", 0.0)
+
+
+def test_adamw_and_radam_options(compose, name, cls):
+    optim = instantiate(compose([f"optim={name}"]).optim, "optim")
+    opt, _ = optim.build([torch.nn.Parameter(torch.zeros(2))])
+    assert isinstance(opt, cls)
+    assert opt.defaults["weight_decay"] == (0.01 if name == "adamw" else 0.0)
