@@ -35,6 +35,7 @@ def test_the_sgd_presets_select_the_option(compose, preset):
     assert (optim.name, optim._target_, optim.momentum) == ("sgd", "fastcert.optim.SGD", 0.0)
 
 
+@pytest.mark.parametrize("name,cls", [("adamw", torch.optim.AdamW), ("radam", torch.optim.RAdam)])
 def test_adamw_and_radam_options(compose, name, cls):
     optim = instantiate(compose([f"optim={name}"]).optim, "optim")
     opt, _ = optim.build([torch.nn.Parameter(torch.zeros(2))])

@@ -210,7 +210,7 @@ def test_a_failing_tightness_does_not_cost_the_certification(digits_runs, tmp_pa
     def no_rule(*args, **kwargs):
         raise TypeError("tightness: no radius rule for AvgPool2d (test)")
 
-    monkeypatch.setattr(tightness, "mean_tightness", no_rule)
+    monkeypatch.setattr(tightness, "propagation_tightness", no_rule)
     cfg = compose_config("certify", [f"checkpoint={digits_runs['ibp'] / 'last.pt'}",
                          "attack=pgd", "attack.steps=2", "progress=false",
                          "verifiers=[ibp]", "eps=[0.05]", "device=cpu"])

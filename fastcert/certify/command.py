@@ -343,6 +343,9 @@ def eps_entry(at: dict, rows: list[dict], opts: Options) -> dict:
     ok = [t for t in tau if isinstance(t, list)]
     entry["tightness"] = (sum(t[0] for t in ok) / max(sum(t[1] for t in ok), 1)
                           if len(ok) == len(tau) else None)
+    failed = [t for t in tau if not isinstance(t, list)]
+    if failed:  # why τ could not be computed (moved to certify.json's skipped)
+        entry["tightness_skipped"] = failed[0]
     entry["ties"] = sum(rec["ties"] for rec in batches)
     entry["violations"] = [v for rec in sorted(batches, key=lambda r: r["batch"])
                            for v in rec["violations"]]
@@ -362,8 +365,9 @@ def _summary(cfg: DictConfig, trained, opts: Options, results: list[dict], *, se
     run_cfg = trained.config
     skipped = {}
     for r in results:
+        reason = r.pop("tightness_skipped", None)
         if r["tightness"] is None:
-            skipped["tightness"] = f"not computed at eps={r['eps']} (see the journal)"
+            skipped["tightness"] = f"not computed at eps={r['eps']}: {reason}"
     complete = None
     if opts.complete is not None:
         c = opts.complete
