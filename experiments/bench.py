@@ -235,8 +235,8 @@ CSV_COLUMNS = ("row", "median_s", "min_s", "cpu_median_s", "x_natural", "floor",
 
 
 def write_csv(result: dict, path: Path) -> None:
-    """The rows of ``result`` (the columns of ``CSV_COLUMNS``), then the setting they were measured in
-    (device, model, batch, threads, repetitions, load average before and after)."""
+    """The rows of ``result`` (the columns of ``CSV_COLUMNS``), then the setting they were
+    measured in (device, model, batch, threads, repetitions, load average before and after)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
