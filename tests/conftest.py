@@ -116,6 +116,69 @@ def compose():
     return _compose
 
 
+
+class _Watched:
+    """A loader that records each pass over it (``name``) and each read of its data set
+    (``name.dataset``) in ``events``."""
+
+    def __init__(self, loader, name: str, events: list):
+        self._loader, self._name, self._events = loader, name, events
+
+    def __iter__(self):
+        self._events.append(self._name)
+        return iter(self._loader)
+
+    def __len__(self):
+        return len(self._loader)
+
+    @property
+    def dataset(self):
+        self._events.append(f"{self._name}.dataset")
+        return self._loader.dataset
+
+    def __getattr__(self, key):
+        return getattr(self._loader, key)
+
+
+class LoaderWatch:
+    """What :func:`loader_watch` saw: ``events`` in order ("val", "test", "fit" when the
+    pipeline's fit returns, "<split>.dataset" on each read of a loader's data set) and
+    ``loaded``, each loaded bundle's own train and val loaders, before they were watched."""
+
+    def __init__(self):
+        self.events: list[str] = []
+        self.loaded: list[tuple] = []
+
+    def passes(self) -> list[str]:
+        """The events without the data-set reads: the loader passes and fit's return."""
+        return [e for e in self.events if not e.endswith(".dataset")]
+
+
+@pytest.fixture
+def loader_watch(monkeypatch) -> LoaderWatch:
+    """Watch when a run iterates its validation and test loaders, relative to the end of
+    training (the validation-split and no-test-set-leakage tests)."""
+    import fastcert.data.source as source
+    import fastcert.pipeline as pipeline
+
+    watch, load, fit = LoaderWatch(), source.DataSource.load, pipeline.fit
+
+    def watched(self, *args, **kwargs):
+        bundle = load(self, *args, **kwargs)
+        watch.loaded.append((bundle.train, bundle.val))
+        bundle.test = _Watched(bundle.test, "test", watch.events)
+        bundle.val = _Watched(bundle.val, "val", watch.events)
+        return bundle
+
+    def fit_then_record(*args, **kwargs):
+        out = fit(*args, **kwargs)
+        watch.events.append("fit")
+        return out
+
+    monkeypatch.setattr(source.DataSource, "load", watched)
+    monkeypatch.setattr(pipeline, "fit", fit_then_record)
+    return watch
+
 # ---- small datasets in their true on-disk formats (real loaders read them) ----------------
 
 def _write_idx(path: Path, arr: np.ndarray) -> None:

@@ -261,50 +261,17 @@ def _study_with(url, values):
     return study
 
 
-def _instrumented(monkeypatch, events):
-    """Record when the test and validation loaders are iterated and when fit returns (as
-    tests/test_validation_split.py does)."""
-    import fastcert.data.source as source
-    import fastcert.pipeline as pipeline
-
-    load, fit = source.DataSource.load, pipeline.fit
-
-    class Logged:
-        def __init__(self, loader, name):
-            self.loader, self.name = loader, name
-
-        def __iter__(self):
-            events.append(self.name)
-            return iter(self.loader)
-
-        def __len__(self):
-            return len(self.loader)
-
-        def __getattr__(self, key):
-            return getattr(self.loader, key)
-
-    def instrumented(self, *args, **kwargs):
-        bundle = load(self, *args, **kwargs)
-        bundle.test, bundle.val = Logged(bundle.test, "test"), Logged(bundle.val, "val")
-        return bundle
-
-    monkeypatch.setattr(source.DataSource, "load", instrumented)
-    monkeypatch.setattr(pipeline, "fit", lambda *a, **k: (fit(*a, **k), events.append("fit"))[0])
-
-
 STOP = [*TINY, "epochs=3", "schedule.start=0", "schedule.length=1", "data.val_size=40",
         "eval.verifiers=[ibp]", "optimized_metric=[val_clean_acc,val_ibp_verified_acc]",
         "search.study=s", "search.stop_dominated=1", "search.stop_margin=0.0"]
 
 
 def test_a_dominated_trial_stops_at_the_end_of_the_ramp_without_reading_the_test_set(
-        compose, tmp_path, monkeypatch):
+        compose, tmp_path, loader_watch):
     url = storage_url("sqlite", tmp_path)
     _study_with(url, [1.0, 1.0])                  # a finished trial no run can reach
-    events: list[str] = []
-    _instrumented(monkeypatch, events)
     results = run(compose([*STOP, f"search.storage='{url}'"]), tmp_path / "run")
-    assert events == ["val", "fit"]               # the ramp's end; the test set never
+    assert loader_watch.passes() == ["val", "fit"]   # the ramp's end; the test set never
     stop = results["stopped_early"]
     assert stop["epoch"] == 1 and stop["dominated_by"] == [0] and stop["needed"] == 1
     assert "clean_acc" not in results and results["n_val"] == 40
@@ -315,13 +282,11 @@ def test_a_dominated_trial_stops_at_the_end_of_the_ramp_without_reading_the_test
 
 
 def test_a_trial_that_is_not_dominated_trains_on_and_reads_the_test_set_last(
-        compose, tmp_path, monkeypatch):
+        compose, tmp_path, loader_watch):
     url = storage_url("sqlite", tmp_path)
     _study_with(url, [0.0, 0.0])                  # dominates nothing
-    events: list[str] = []
-    _instrumented(monkeypatch, events)
     results = run(compose([*STOP, f"search.storage='{url}'"]), tmp_path / "run")
-    assert events == ["val", "fit", "val", "test"]
+    assert loader_watch.passes() == ["val", "fit", "val", "test"]
     assert "stopped_early" not in results and results["epochs"] == 3
 
 

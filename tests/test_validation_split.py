@@ -110,41 +110,11 @@ def test_two_class_task_holds_out_of_its_binary_training_set():
 
 
 def test_run_evaluates_the_validation_split_and_reads_the_test_set_last(compose, tmp_path,
-                                                                      monkeypatch):
+                                                                      loader_watch):
     """results.json gets val_<key> for every accuracy; the test loader is first iterated
     after training and after the validation split's evaluation."""
-    import fastcert.data.source as source
-    import fastcert.pipeline as pipeline
-
-    events = []
-    load = source.DataSource.load
-
-    class Logged:
-        """A loader that records when it is iterated."""
-
-        def __init__(self, loader, name):
-            self.loader, self.name = loader, name
-
-        def __iter__(self):
-            events.append(self.name)
-            return iter(self.loader)
-
-        def __len__(self):
-            return len(self.loader)
-
-        def __getattr__(self, key):
-            return getattr(self.loader, key)
-
-    def instrumented(self, *args, **kwargs):
-        bundle = load(self, *args, **kwargs)
-        bundle.test, bundle.val = Logged(bundle.test, "test"), Logged(bundle.val, "val")
-        return bundle
-
-    fit = pipeline.fit
-    monkeypatch.setattr(source.DataSource, "load", instrumented)
-    monkeypatch.setattr(pipeline, "fit", lambda *a, **k: (fit(*a, **k), events.append("fit"))[0])
     results = run(compose(TINY + ["data.val_size=40"]), tmp_path / "run")
-    assert events == ["fit", "val", "test"]
+    assert loader_watch.passes() == ["fit", "val", "test"]
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     for key in ("clean_acc", "pgd_acc", "ibp_verified_acc", "crown_verified_acc",
                 "any_verified_acc"):
