@@ -53,14 +53,22 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from experiments.compare_methods import schedule
-from experiments.science import compose, mean_and_std, pyplot, train, write_csv
+from experiments.science import (
+    add_training_arguments,
+    compose,
+    mean_and_std,
+    print_claims,
+    pyplot,
+    train,
+    training_plan,
+    write_tables,
+)
 from fastcert.bounds import Bound, compute_bounds, margin_spec, robust_ce_from_margins
 from fastcert.train import read_metrics
 
@@ -330,27 +338,19 @@ def batch_of(loader, n: int):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true",
-                   help="seed 0, ε 0.1, 3 epochs, 120 test digits, 41-point grid, 1 direction")
-    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    add_training_arguments(
+        p, "paradox", 24, "seed 0, ε 0.1, 3 epochs, 120 test digits, 41-point grid, 1 direction")
     p.add_argument("--eps", type=float, nargs="+", default=None)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--epochs", type=int, default=None, help="default 24 (--quick: 3)")
     p.add_argument("--grid", type=int, default=None, help="points per line (101; quick 41)")
     p.add_argument("--directions", type=int, default=None, help="lines per point (2; quick 1)")
-    p.add_argument("--out", default="outputs/paradox")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = p.parse_args(argv)
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     epsilons = args.eps or ([0.1] if args.quick else [0.1, 0.2])
-    epochs = args.epochs or (3 if args.quick else 24)
     grid = args.grid or (41 if args.quick else 101)
     directions = args.directions or (1 if args.quick else 2)
     if "ibp" not in args.variants:
         p.error("--variants: ibp is needed (the landscape is measured at the IBP-trained net)")
-    extra = (["data.limit_test=120"] if args.quick else []) + list(args.overrides)
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
+    seeds, epochs, extra = training_plan(args, 24)
     out = Path(args.out)
     t0 = time.perf_counter()
     runs, relax_rows, land_rows, line_rows = [], [], [], []
@@ -383,12 +383,8 @@ def main(argv=None) -> dict:
             line_rows += [{"point": point, "eps": eps, **s} for s in samples]
     summary = summarize(runs)
     checks = claims(summary, land_rows)
-    write_csv(out / "runs.csv", runs)
-    write_csv(out / "summary.csv", summary)
-    write_csv(out / "relaxations.csv", relax_rows)
-    write_csv(out / "landscape.csv", land_rows)
-    write_csv(out / "lines.csv", line_rows)
-    write_csv(out / "claims.csv", checks)
+    write_tables(out, {"runs": runs, "summary": summary, "relaxations": relax_rows,
+                       "landscape": land_rows, "lines": line_rows, "claims": checks})
     plot(summary, land_rows, line_rows, out / "paradox.png")
     report(summary, land_rows, checks, epochs, seeds)
     print(f"{len(runs)} runs, {(time.perf_counter() - t0) / 60:.1f} min; wrote {out}")
@@ -528,8 +524,7 @@ def report(summary, land, checks, epochs, seeds) -> None:
         print(f"| {r['eps']:g} | {r['point']} | {r['relaxation']} | {r['loss']:.4g} | "
               f"{r['jumps']:g} | {r['max_jump']:.3g} | {r['sensitivity_0.001']:.3g} | "
               f"{r['sensitivity_0.01']:.3g} | {r['gradient_change_0.001']:.3g} |")
-    for c in checks:
-        print(f"{'held' if c['held'] else 'FAILED'}: {c['claim']} ({c['values']})")
+    print_claims(checks)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,21 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 from experiments.compare_methods import schedule
-from experiments.science import compose, mean_and_std, pyplot, train, write_csv
+from experiments.science import (
+    add_training_arguments,
+    compose,
+    mean_and_std,
+    print_claims,
+    pyplot,
+    train,
+    training_plan,
+    write_tables,
+)
 from fastcert.train import read_metrics
 
 VARIANTS = {
@@ -145,31 +153,21 @@ def plot(runs: list[dict], path: Path) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="seed 0, 3 epochs, 120 test digits")
-    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    add_training_arguments(p, "tightness_training", 36, "seed 0, 3 epochs, 120 test digits")
     p.add_argument("--eps", type=float, nargs="+", default=list(EPS))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--epochs", type=int, default=None, help="default 36 (--quick: 3)")
-    p.add_argument("--out", default="outputs/tightness_training")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = p.parse_args(argv)
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    epochs = args.epochs or (3 if args.quick else 36)
-    extra = (["data.limit_test=120"] if args.quick else []) + list(args.overrides)
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
+    seeds, epochs, extra = training_plan(args, 36)
     out = Path(args.out)
     t0 = time.perf_counter()
     runs = [run_one(v, eps, s, epochs, out, extra)
             for eps in args.eps for v in args.variants for s in seeds]
     summary = summarize(runs)
     checks = claims(summary)
-    write_csv(out / "curves.csv", [{"variant": r["variant"], "eps": r["eps"], "seed": r["seed"],
-                                    "epoch": e, "tau": t}
-                                   for r in runs for e, t in enumerate(r["curve"])])
-    write_csv(out / "summary.csv", summary)
-    if checks:
-        write_csv(out / "claims.csv", checks)
+    write_tables(out, {"curves": [{"variant": r["variant"], "eps": r["eps"], "seed": r["seed"],
+                                   "epoch": e, "tau": t}
+                                  for r in runs for e, t in enumerate(r["curve"])],
+                       "summary": summary, "claims": checks})
     plot(runs, out / "tightness_training.png")
     print(f"\n{CLAIM}; {epochs} epochs, seeds {seeds}")
     print("| ε | variant | τ init | τ final | clean | IBP-verified | CROWN-verified |")
@@ -178,8 +176,7 @@ def main(argv=None) -> dict:
         print(f"| {r['eps']:g} | {r['variant']} | {r['tau_init']:.3g} | {r['tau_final']:.3g} ± "
               f"{r['tau_final_std']:.2g} | {100 * r['clean_acc']:.1f} | "
               f"{100 * r['ibp_verified_acc']:.1f} | {100 * r['crown_verified_acc']:.1f} |")
-    for c in checks:
-        print(f"{'held' if c['held'] else 'FAILED'}: {c['claim']} ({c['values']})")
+    print_claims(checks)
     print(f"{len(runs)} runs, {(time.perf_counter() - t0) / 60:.1f} min; wrote {out}")
     return {"runs": runs, "summary": summary, "claims": checks}
 

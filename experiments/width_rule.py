@@ -27,13 +27,19 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from pathlib import Path
 
-import torch
-
 from experiments.compare_methods import schedule
-from experiments.science import compose, mean_and_std, pyplot, train, write_csv
+from experiments.science import (
+    add_training_arguments,
+    compose,
+    mean_and_std,
+    print_claims,
+    pyplot,
+    train,
+    training_plan,
+    write_tables,
+)
 from experiments.tightness_training import initial_tightness
 from fastcert.config import build_option
 from fastcert.train import read_metrics
@@ -167,23 +173,15 @@ def plot(summary: list[dict], path: Path) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="seed 0, 3 epochs, m = 0.5 and 2")
-    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    add_training_arguments(p, "width_rule", 36, "seed 0, 3 epochs, m = 0.5 and 2")
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--multipliers", type=float, nargs="+", default=None)
-    p.add_argument("--epochs", type=int, default=None, help="default 36 (--quick: 3)")
-    p.add_argument("--out", default="outputs/width_rule")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = p.parse_args(argv)
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    epochs = args.epochs or (3 if args.quick else 36)
     multipliers = args.multipliers or ([0.5, 2.0] if args.quick else list(MULTIPLIERS))
     if min(multipliers) * BASE < 1:
         p.error(f"--multipliers: each times {BASE} must be at least one unit")
-    extra = (["data.limit_test=120"] if args.quick else []) + list(args.overrides)
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
+    seeds, epochs, extra = training_plan(args, 36)
     out = Path(args.out)
     t0 = time.perf_counter()
     archs = architectures(multipliers)
@@ -191,10 +189,7 @@ def main(argv=None) -> dict:
             for method in args.methods for a in archs for s in seeds]
     summary = summarize(rows)
     checks = claims(summary)
-    write_csv(out / "width_rule.csv", rows)
-    write_csv(out / "summary.csv", summary)
-    if checks:
-        write_csv(out / "claims.csv", checks)
+    write_tables(out, {"width_rule": rows, "summary": summary, "claims": checks})
     plot(summary, out / "width_rule.png")
     print(f"\n{CLAIM}; digits, eps={args.eps:g}, {epochs} epochs, seeds {seeds}")
     print("| method | series | m | layers × width | params | τ init | τ final | clean | "
@@ -205,8 +200,7 @@ def main(argv=None) -> dict:
               f"| {r['params']} | {r['tau_init']:.3g} | {r['tau_final']:.3g} | "
               f"{100 * r['clean_acc']:.1f} ± {100 * r['clean_acc_std']:.1f} | "
               f"{100 * r['any_verified_acc']:.1f} ± {100 * r['any_verified_acc_std']:.1f} |")
-    for c in checks:
-        print(f"{'held' if c['held'] else 'FAILED'}: {c['claim']} ({c['values']})")
+    print_claims(checks)
     print(f"{len(rows)} runs, {(time.perf_counter() - t0) / 60:.1f} min; wrote {out}")
     return {"rows": rows, "summary": summary, "claims": checks}
 
