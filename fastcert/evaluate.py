@@ -170,7 +170,7 @@ def _attack(net: BoundedNet, pgd, x, y, lower, upper, gen: torch.Generator,
     budget.probe("attack", lambda: pgd.run(net.model, x[:1], y[:1], lower[:1], upper[:1],
                                            torch.Generator().manual_seed(0)))
     n = len(y)
-    size = budget.chunk("attack") or n
+    size = budget.chunk("attack", cap=False) or n
     logits, robust, margin = [], [], []
     base = gen.initial_seed()
     for k, i in enumerate(range(0, n, size)):
