@@ -179,6 +179,41 @@ def loader_watch(monkeypatch) -> LoaderWatch:
     monkeypatch.setattr(pipeline, "fit", fit_then_record)
     return watch
 
+class FullSizeOps:
+    """A dispatch mode that lists the ops (views left out) whose output has at least ``numel``
+    elements: the passes a computation makes over tensors of that size (the op-count tests of
+    the step's elementwise work; counts, never timings)."""
+
+    VIEWS = {"view", "t", "transpose", "expand", "detach", "unsqueeze", "squeeze", "unbind",
+             "as_strided", "alias", "_unsafe_view", "slice", "select", "reshape", "permute"}
+
+    def __init__(self, numel: int):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                name = func.__name__.split(".")[0]
+                outs = out if isinstance(out, (tuple, list)) else [out]
+                if name not in outer.VIEWS and any(isinstance(o, torch.Tensor)
+                                                   and o.numel() >= numel for o in outs):
+                    outer.ops.append(name)
+                return out
+
+        self.ops: list[str] = []
+        self._mode = _Mode()
+
+    def __enter__(self):
+        self.ops.clear()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
 # ---- small datasets in their true on-disk formats (real loaders read them) ----------------
 
 def _write_idx(path: Path, arr: np.ndarray) -> None:

@@ -72,6 +72,46 @@ def test_pgd_gradient_reaches_the_parameters_through_the_adversarial_point():
     assert F.cross_entropy(out.logits, _batch(0.1).y) == out.stats["loss/natural"]
 
 
+def test_clean_batch_statistics_are_one_fused_pass_with_the_formulas_gradient():
+    """With the clean batch's statistics a BatchNorm layer is one pass over its input
+    forward and one backward (the per-channel affine map x·s + t; the formula written out
+    made four and eight), and at the clean batch itself the logits and every parameter's
+    gradient are training-mode BatchNorm's: the gradient flows through the statistics."""
+    from conftest import FullSizeOps
+
+    batch = _batch(0.1, n=16)
+    weights = torch.randn(16, 10)
+    grads = []
+    for use_clean_stats in (False, True):
+        torch.manual_seed(0)
+        net = _net()
+        if use_clean_stats:
+            net(batch.x)  # the clean pass through the BoundedModule sets the statistics
+            with net.batch_norm_stats():
+                logits = net.model(batch.x)
+        else:
+            logits = net.model(batch.x)
+        (logits * weights).sum().backward()
+        grads.append([p.grad for p in net.model.parameters()])
+    for plain, clean in zip(*grads, strict=True):
+        torch.testing.assert_close(clean, plain)
+
+    net = _net()
+    net(batch.x)
+    bn = next(m for m in net.model.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    h = torch.randn(256, bn.num_features, requires_grad=True)  # larger than any clean-pass tensor
+    upstream = torch.randn(256, bn.num_features)
+    for detach in (False, True):
+        h.grad = None
+        with net.batch_norm_stats(detach=detach):
+            with FullSizeOps(h.numel()) as forward:
+                out = bn(h)
+            with FullSizeOps(h.numel()) as backward:
+                out.backward(upstream)
+        assert forward.ops == ["native_batch_norm"], forward.ops
+        assert len(backward.ops) == 1, backward.ops
+
+
 def test_clean_batch_statistics_restore_a_layers_own_forward():
     """Within batch_norm_stats each BatchNorm layer normalises with the clean batch's
     statistics; after it the layer's own forward is back, also one set on the instance (a

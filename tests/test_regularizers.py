@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from fastcert.bounds import Bound, BoundedNet, ReluBounds
 from fastcert.config import build_option
 from fastcert.methods import Batch
-from fastcert.regularizers import relu_loss, relu_states, tightness_loss
+from fastcert.regularizers import layer_sums, relu_loss, relu_states, tightness_loss
 
-from conftest import random_batch
+from conftest import FullSizeOps, random_batch
 
 
 def _rb(lo, hi):
@@ -24,15 +24,15 @@ def test_tightness_by_hand():
     width0 = torch.full((2, 3), 0.2)
     layers = [_rb([[0.0, 1.0]], [[0.2, 1.2]]), _rb([[-1.0, -1.0]], [[0.0, 2.0]])]
     # terms: ReLU(0.5 - 0.2/0.2) = 0, ReLU(0.5 - 0.2/2.0) = 0.4 ; sum / (τ m) = 0.4 / 1.0
-    assert tightness_loss(width0, layers, 0.5).item() == pytest.approx(0.4)
+    assert tightness_loss(width0, layer_sums(layers), 0.5).item() == pytest.approx(0.4)
 
 
 def test_tightness_of_an_empty_box_is_the_formula_not_zero():
     """As the released code: Δ0 = 0 gives ReLU(τ - 0)/τ = 1 per layer (a constant), not 0; the
     fast method's ε = 0 phase avoids it with a tiny box (below)."""
     layers = [_rb([[0.0, 1.0]], [[0.2, 1.2]]), _rb([[-1.0, -1.0]], [[0.0, 2.0]])]
-    assert tightness_loss(torch.zeros(2, 3), layers, 0.5).item() == 1.0
-    assert tightness_loss(torch.zeros(2, 3), [_rb([[0.0]], [[0.0]])], 0.5).item() == 1.0
+    assert tightness_loss(torch.zeros(2, 3), layer_sums(layers), 0.5).item() == 1.0
+    assert tightness_loss(torch.zeros(2, 3), layer_sums([_rb([[0.0]], [[0.0]])]), 0.5).item() == 1.0
 
 
 def test_relu_balance_by_hand():
@@ -46,11 +46,69 @@ def test_relu_balance_by_hand():
     tau = 0.9
     expected = (max(0.0, tau - min(alpha, 1 / alpha))
                 + max(0.0, tau - min(beta.item(), 1 / beta.item()))) / (tau * 1)
-    assert relu_loss([_rb(lo, hi)], tau).item() == pytest.approx(expected, rel=1e-5)
+    assert relu_loss(layer_sums([_rb(lo, hi)]), tau).item() == pytest.approx(expected, rel=1e-5)
     # a layer with no inactive neuron contributes nothing, but counts in m
     only_active = _rb([[1.0, 2.0]], [[2.0, 3.0]])
-    assert relu_loss([_rb(lo, hi), only_active], tau).item() == pytest.approx(expected / 2,
-                                                                              rel=1e-5)
+    both = relu_loss(layer_sums([_rb(lo, hi), only_active]), tau)
+    assert both.item() == pytest.approx(expected / 2, rel=1e-5)
+
+
+def _formula_terms(input_width, relus, tau):
+    """Eqs. 7-8 as written, through autograd (the reference of the fused sums)."""
+    tight, relu = [], []
+    for r in relus:
+        tight.append(torch.relu(tau - input_width.mean() / (r.upper - r.lower).mean()))
+        c = ((r.lower + r.upper) / 2).flatten()
+        active, inactive = (r.lower.flatten() > 0), (r.upper.flatten() < 0)
+        dev = (c - c.mean()) ** 2
+        alpha = c[active].sum() / -c[inactive].sum()
+        beta = dev[active].sum() / dev[inactive].sum()
+        relu.append(sum(torch.relu(tau - torch.minimum(q, 1 / q)) for q in (alpha, beta)))
+    m = tau * len(relus)
+    return torch.stack(tight).sum() / m, torch.stack(relu).sum() / m
+
+
+def test_fused_sums_give_the_formulas_values_and_gradients():
+    """L_tightness and L_relu from :func:`layer_sums` (one autograd function, gradient in
+    closed form) against Eqs. 7-8 written out and differentiated by autograd, in float64
+    (and torch's numerical gradient check of the function itself)."""
+    from fastcert.regularizers import _Sums
+
+    torch.manual_seed(0)
+    lowers = [torch.randn(4, 3, 5, 5, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64)]
+    relus = [ReluBounds("h", lo.requires_grad_(), (lo.detach() + torch.rand_like(lo))
+                        .requires_grad_()) for lo in lowers]
+    width = torch.rand(4, 2, dtype=torch.float64)
+    leaves = [t for r in relus for t in (r.lower, r.upper)]
+    sums = layer_sums(relus)
+    got = (tightness_loss(width, sums, 0.5), relu_loss(sums, 0.9))
+    want = (_formula_terms(width, relus, 0.5)[0], _formula_terms(width, relus, 0.9)[1])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+        for a, b in zip(torch.autograd.grad(g, leaves, retain_graph=True),
+                        torch.autograd.grad(w, leaves, retain_graph=True),
+                        strict=True):
+            torch.testing.assert_close(a, b)
+    lo = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    up = (lo.detach() + torch.rand_like(lo)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: _Sums.apply(a, b)[0], (lo, up))
+
+
+def test_regularisers_pass_over_the_bounds_a_few_times():
+    """The bounds are a step's largest tensors: the forward makes 8 passes over a layer's
+    bounds and the backward 9, plus autograd's two accumulations (autograd through the
+    formulas as written made 18 in the backward, and converted two bool masks to floats)."""
+    torch.manual_seed(0)
+    lower = torch.randn(8, 4, 6, 6, requires_grad=True)
+    upper = (lower.detach() + torch.rand_like(lower)).requires_grad_()
+    width = torch.rand(8, 3)
+    with FullSizeOps(lower.numel()) as forward:
+        sums = layer_sums([ReluBounds("h", lower, upper)])
+        loss = tightness_loss(width, sums, 0.5) + relu_loss(sums, 0.5)
+    assert len(forward.ops) <= 8 and "_to_copy" not in forward.ops, forward.ops
+    with FullSizeOps(lower.numel()) as backward:
+        loss.backward()
+    assert len(backward.ops) <= 11, backward.ops
 
 
 def test_relu_states_fractions():
@@ -74,11 +132,12 @@ def test_regularisers_on_a_tiny_net_with_known_bounds():
     torch.testing.assert_close(h.lower, torch.tensor([[0.9, 1.8, -2.2]]))
     torch.testing.assert_close(h.upper, torch.tensor([[1.1, 2.2, -1.8]]))
     # L_tight: Δ0 = 0.2, Ê(Δ1) = 1/3 -> ReLU(0.9 - 0.6) / 0.9
-    assert tightness_loss(upper - lower, [h], 0.9).item() == pytest.approx(0.3 / 0.9, rel=1e-5)
+    tight = tightness_loss(upper - lower, layer_sums([h]), 0.9)
+    assert tight.item() == pytest.approx(0.3 / 0.9, rel=1e-5)
     # L_relu: c = [1, 2, -2]; alpha = 3/2 ; dev from mean 1/3: [4/9, 25/9, 49/9] -> beta = 29/49
     a, b = 1.5, 29 / 49
     expected = (max(0, 0.9 - min(a, 1 / a)) + max(0, 0.9 - min(b, 1 / b))) / 0.9
-    assert relu_loss([h], 0.9).item() == pytest.approx(expected, rel=1e-5)
+    assert relu_loss(layer_sums([h]), 0.9).item() == pytest.approx(expected, rel=1e-5)
 
 
 # ------------------------------------------------------------ the fast method's ε = 0 phase
@@ -108,9 +167,9 @@ def test_fast_eps0_step_regularises_on_the_tiny_box_with_the_clean_ce():
     reference = _bn_net()  # same weights: recompute by hand on the 1e-6 box
     lower, upper = batch.box(batch.x, 1e-6)
     logits, _ = reference.margin_bounds(batch.x, batch.y, lower, upper, Bound.IBP)
-    relus = reference.relu_bounds()
-    tight = tightness_loss(upper - lower, relus, fast.warmup.tau)
-    relu = relu_loss(relus, fast.warmup.tau)
+    sums = layer_sums(reference.relu_bounds())
+    tight = tightness_loss(upper - lower, sums, fast.warmup.tau)
+    relu = relu_loss(sums, fast.warmup.tau)
     expected = F.cross_entropy(logits, batch.y) + fast.warmup.lambda0 * (tight + relu)
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert out.stats["lambda"] == fast.warmup.lambda0 and out.verified is None
@@ -129,5 +188,6 @@ def test_tightness_at_the_tiny_box_is_that_of_small_eps():
         net = _bn_net()
         batch = _batch(eps)
         net.margin_bounds(batch.x, batch.y, batch.lower, batch.upper, Bound.IBP)
-        values.append(tightness_loss(batch.upper - batch.lower, net.relu_bounds(), 0.5).item())
+        values.append(tightness_loss(batch.upper - batch.lower, layer_sums(net.relu_bounds()),
+                                     0.5).item())
     assert values[0] == pytest.approx(values[1], rel=1e-3)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fastcert.bounds.choices import (
     Bound,
@@ -47,28 +48,32 @@ def _output_layer_trains(model: nn.Module) -> bool:
 
 class _BatchStats:
     """A BatchNorm layer's forward with given batch statistics, in place of the layer's own:
-    (x - mean)/sqrt(var + eps)·γ + β (the training-mode formula, biased variance), each output
-    computed once and the running statistics left alone. ``detached``: the statistics, γ and
-    β as constants (an attack's pass, differentiated in its input only), the output computed
-    in one buffer."""
+    the training-mode formula (biased variance) as one affine map per channel,
+
+        (x - mean)/sqrt(var + eps)·γ + β = x·s + t,   s = γ/sqrt(var + eps),  t = β - mean·s,
+
+    computed by one fused pass (eval-mode ``F.batch_norm`` with statistics 0 and 1 and the
+    affine pair (s, t), whose gradients flow on into mean, var, γ and β), the running
+    statistics left alone. ``detached``: the statistics, γ and β as constants (an attack's
+    pass, differentiated in its input only). Both modes compute the same values."""
 
     def __init__(self, bn: nn.Module, mean: torch.Tensor, var: torch.Tensor, eps: float,
                  detached: bool):
         self.bn, self.mean, self.var, self.eps, self.detached = bn, mean, var, eps, detached
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        out = x - self.mean.view(shape)
-        std = torch.sqrt(self.var.view(shape) + self.eps)
-        if not self.detached:
-            out = out / std
-            if self.bn.affine:
-                out = out * self.bn.weight.view(shape) + self.bn.bias.view(shape)
-            return out
-        out.div_(std)
+        scale = torch.rsqrt(self.var + self.eps)
         if self.bn.affine:
-            out.mul_(self.bn.weight.detach().view(shape)).add_(self.bn.bias.detach().view(shape))
-        return out
+            weight, bias = self.bn.weight, self.bn.bias
+            if self.detached:
+                weight, bias = weight.detach(), bias.detach()
+            scale = scale * weight
+            shift = bias - self.mean * scale
+        else:
+            shift = -self.mean * scale
+        zeros = torch.zeros_like(scale, requires_grad=False).detach()
+        return F.batch_norm(x, zeros, torch.ones_like(zeros), scale, shift, training=False,
+                            momentum=0.0, eps=0.0)
 
 
 @dataclass

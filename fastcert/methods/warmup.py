@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from fastcert.bounds import Bound, BoundedNet, ReluBounds
 from fastcert.methods.base import Batch, StepOutput, natural_step
-from fastcert.regularizers import relu_loss, tightness_loss
+from fastcert.regularizers import layer_sums, relu_loss, tightness_loss
 from fastcert.schedules import regularizer_weight
 
 
@@ -94,8 +94,9 @@ def regularize(loss: torch.Tensor, relus: Callable[[], list[ReluBounds]],
         return loss, None, {}
     bounds = relus()
     with torch.set_grad_enabled(lam > 0 and torch.is_grad_enabled()):
-        tight = tightness_loss(input_width, bounds, tau)
-        relu = relu_loss(bounds, tau)
+        sums = layer_sums(bounds)
+        tight = tightness_loss(input_width, sums, tau)
+        relu = relu_loss(sums, tau)
     if lam > 0:
         loss = loss + lam * combine(tight, relu)
     if not diagnostics:
