@@ -69,31 +69,34 @@ def _start(x, lower, upper, kind: str, generator) -> torch.Tensor:
 
 
 class _Tracker:
-    """The smallest margin per example over every point evaluated, and where it was; it starts
-    at x with the margins of ``clean_logits`` (the model's logits at x)."""
+    """The smallest margin per example over every point evaluated, and where it was (unless
+    ``points`` is False: margins only); it starts at x with the margins of ``clean_logits``
+    (the model's logits at x)."""
 
-    def __init__(self, clean_logits, x, y):
+    def __init__(self, clean_logits, x, y, points: bool = True):
         with torch.no_grad():
             self.margin = -margin_loss(clean_logits.detach(), y)
-        self.x_adv = x.detach().clone()
+        self.x_adv = x.detach().clone() if points else None
 
     def update(self, idx, points, logits, y):
         with torch.no_grad():
             m = -margin_loss(logits, y)
             better = m < self.margin[idx]
             self.margin[idx[better]] = m[better]
-            self.x_adv[idx[better]] = points[better].detach()
+            if self.x_adv is not None:
+                self.x_adv[idx[better]] = points[better].detach()
 
     def result(self) -> AttackResult:
         return AttackResult(self.margin > 0, self.x_adv, self.margin)
 
 
 class _Best(_Tracker):
-    """PGD's record: the tracker's smallest margins, and per example the point of largest
-    ``loss`` evaluated (x, with ``clean_logits``, to start)."""
+    """PGD's record: the tracker's smallest margins (not their points: PGD returns the
+    point of largest loss), and per example the point of largest ``loss`` evaluated (x, with
+    ``clean_logits``, to start)."""
 
     def __init__(self, clean_logits, x, y, loss: str):
-        super().__init__(clean_logits, x, y)
+        super().__init__(clean_logits, x, y, points=False)
         with torch.no_grad():
             self.loss = _objective(clean_logits.detach(), y, loss)
         self.x_best = x.detach().clone()
@@ -170,20 +173,23 @@ class PGDConfig:
             with torch.no_grad():
                 clean_logits = model(x)
         best = None if clean_logits is None else _Best(clean_logits, x, y, self.loss)
-        half = (upper - lower) / 2
+        with torch.no_grad():
+            half = (upper - lower) / 2
+        moves: dict[float, torch.Tensor] = {}  # step size -> its move, size · half-width
         kept = None
         for restart in range(self.restarts):
             adv = _start(x, lower, upper, self.start if self.random_start else "clean",
                          generator)
             for step in range(self.steps + 1):  # evaluate every iterate, the last one included
                 last = step == self.steps
+                adv.requires_grad_(not last)
                 if last and final is not None and restart == self.restarts - 1:
                     kept = final(adv)
                     logits = kept.detach()
                     loss = _objective(logits, y, self.loss)
                 else:
                     with torch.no_grad() if last else contextlib.nullcontext():
-                        logits = model(adv.requires_grad_(not last))
+                        logits = model(adv)
                         loss = _objective(logits, y, self.loss)
                 if best is None:  # the first iterate is x itself: the clean evaluation
                     best = _Best(logits, x, y, self.loss)
@@ -191,9 +197,11 @@ class PGDConfig:
                 if last:
                     break
                 (grad,) = torch.autograd.grad(loss.sum(), adv)
-                with torch.no_grad():
-                    adv = adv + self.step(step) * half * grad.sign()
-                    adv = torch.max(torch.min(adv, upper), lower).detach()
+                size = self.step(step)
+                with torch.no_grad():  # x + move·sign(∇), projected, in place (its graph is gone)
+                    if size not in moves:
+                        moves[size] = size * half
+                    adv.addcmul_(moves[size], grad.sign_()).clamp_(lower, upper)
         if kept is not None and not torch.equal(best.x_best, adv):
             kept = None
         return AttackResult(best.margin > 0, best.x_best, best.margin, kept)

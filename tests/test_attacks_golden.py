@@ -225,6 +225,29 @@ def test_the_final_pass_returns_its_logits_where_the_last_iterate_is_the_attack_
     assert torch.equal(got.x_adv, x) and got.logits is None
 
 
+def test_a_pgd_step_moves_the_iterate_in_place_in_three_passes():
+    """Each step is sign(∇) in place, x + move·sign in place and the projection in place
+    (the move, step size × half-width, computed once): no min/max pair, no new iterate; the
+    record copies x once (its point of largest loss) and no point of smallest margin (PGD
+    never returns it); the last iterate reaches ``final`` without requiring a gradient."""
+    from conftest import FullSizeOps
+
+    torch.manual_seed(0)
+    model = nn.Linear(256, 3)
+    x = torch.rand(4, 256)
+    y = torch.tensor([0, 1, 2, 0])
+    lower, upper = (x - 0.1).clamp(0, 1), (x + 0.1).clamp(0, 1)
+    seen = []
+    cfg = PGDConfig(steps=4, restarts=1, step_size=0.25, loss="ce")
+    with FullSizeOps(x.numel()) as ops:
+        cfg.run(model, x, y, lower, upper, torch.Generator().manual_seed(0),
+                final=lambda z: seen.append(z.requires_grad) or model(z))
+    for name in ("sign_", "addcmul_", "clamp_"):
+        assert ops.ops.count(name) == cfg.steps, ops.ops
+    assert not {"maximum", "minimum", "sign"} & set(ops.ops), ops.ops
+    assert ops.ops.count("clone") == 1 and seen == [False], ops.ops
+
+
 @pytest.mark.parametrize("name", ["mtl_ibp", "cc_ibp", "pgd"])
 def test_a_training_step_runs_the_clean_pass_once(name, monkeypatch):
     """MTL/CC-IBP (one attack step) and PGD training: the clean pass through the BoundedModule
