@@ -175,7 +175,7 @@ class PGDConfig:
         best = None if clean_logits is None else _Best(clean_logits, x, y, self.loss)
         with torch.no_grad():
             half = (upper - lower) / 2
-        moves: dict[float, torch.Tensor] = {}  # step size -> its move, size · half-width
+        move_size, move = None, None  # the last step size and its move, size · half-width
         kept = None
         for restart in range(self.restarts):
             adv = _start(x, lower, upper, self.start if self.random_start else "clean",
@@ -199,9 +199,9 @@ class PGDConfig:
                 (grad,) = torch.autograd.grad(loss.sum(), adv)
                 size = self.step(step)
                 with torch.no_grad():  # x + move·sign(∇), projected, in place (its graph is gone)
-                    if size not in moves:
-                        moves[size] = size * half
-                    adv.addcmul_(moves[size], grad.sign_()).clamp_(lower, upper)
+                    if size != move_size:
+                        move_size, move = size, size * half
+                    adv.addcmul_(move, grad.sign_()).clamp_(lower, upper)
         if kept is not None and not torch.equal(best.x_best, adv):
             kept = None
         return AttackResult(best.margin > 0, best.x_best, best.margin, kept)

@@ -71,9 +71,8 @@ class _BatchStats:
             shift = bias - self.mean * scale
         else:
             shift = -self.mean * scale
-        zeros = torch.zeros_like(scale, requires_grad=False).detach()
-        return F.batch_norm(x, zeros, torch.ones_like(zeros), scale, shift, training=False,
-                            momentum=0.0, eps=0.0)
+        return F.batch_norm(x, torch.zeros_like(scale), torch.ones_like(scale), scale, shift,
+                            training=False, momentum=0.0, eps=0.0)
 
 
 @dataclass
