@@ -258,7 +258,7 @@ def apgd(model, x, y, lower, upper, start, steps: int, loss: str, track: _Tracke
         return value.detach(), grad
 
     def project(points):
-        return torch.max(torch.min(points, upper), lower)
+        return points.clamp(lower, upper)
 
     checkpoints = set(apgd_checkpoints(steps))
     eta = torch.full((len(y),), 2.0, device=x.device)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "fastcert" / "conf"
@@ -179,39 +180,27 @@ def loader_watch(monkeypatch) -> LoaderWatch:
     monkeypatch.setattr(pipeline, "fit", fit_then_record)
     return watch
 
-class FullSizeOps:
+class FullSizeOps(TorchDispatchMode):
     """A dispatch mode that lists the ops (views left out) whose output has at least ``numel``
     elements: the passes a computation makes over tensors of that size (the op-count tests of
-    the step's elementwise work; counts, never timings)."""
+    the step's elementwise work; counts, never timings). One instance per ``with`` block."""
 
     VIEWS = {"view", "t", "transpose", "expand", "detach", "unsqueeze", "squeeze", "unbind",
              "as_strided", "alias", "_unsafe_view", "slice", "select", "reshape", "permute"}
 
     def __init__(self, numel: int):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        outer = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                name = func.__name__.split(".")[0]
-                outs = out if isinstance(out, (tuple, list)) else [out]
-                if name not in outer.VIEWS and any(isinstance(o, torch.Tensor)
-                                                   and o.numel() >= numel for o in outs):
-                    outer.ops.append(name)
-                return out
-
+        super().__init__()
+        self.numel = numel
         self.ops: list[str] = []
-        self._mode = _Mode()
 
-    def __enter__(self):
-        self.ops.clear()
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._mode.__exit__(*exc)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__.split(".")[0]
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        if name not in self.VIEWS and any(isinstance(o, torch.Tensor) and o.numel() >= self.numel
+                                          for o in outs):
+            self.ops.append(name)
+        return out
 
 
 # ---- small datasets in their true on-disk formats (real loaders read them) ----------------
