@@ -153,8 +153,8 @@ class PGDConfig:
             return decay * self.step_size * (1 + math.cos(math.pi * k / max(self.steps, 1))) / 2
         return decay * self.step_size
 
-    def run(self, model, x, y, lower, upper, generator=None, clean_logits=None, final=None
-            ) -> AttackResult:
+    def run(self, model, x, y, lower, upper, generator=None, clean_logits=None, final=None,
+            evaluate_x: bool = True) -> AttackResult:
         """Search the box for misclassified inputs (the caller chooses the model's mode);
         ``x_adv`` is the point of largest ``loss`` found (x when nothing beat it).
 
@@ -164,15 +164,23 @@ class PGDConfig:
         pass serves. One restart thus makes ``steps`` + 1 forward passes (``steps`` + 2 with
         a random start and no ``clean_logits``); the last iterate's keeps no graph.
 
+        ``evaluate_x=False``: x is not a candidate, only the iterates are (from a random start,
+        x is then used for its shape alone; without one, x is the first iterate): a search
+        whose x is no input, e.g. TAPS's latent pivot search from the box centre, whose record
+        starts at the random start (``_get_pivotal_points_one_batch`` of Mao et al.'s code and
+        CTBench's). ``steps`` + 1 forward passes per restart; ``robust`` and ``margin`` then
+        cover the iterates alone.
+
         ``final``: the caller's own forward pass (the same values as ``model``'s, e.g. with
         the graph a training loss needs) evaluates the last iterate of the last restart in
         place of ``model``; where ``x_adv`` is that iterate (every example's best point is
         the last one), its logits are ``result.logits``, and the caller needs no forward pass
         at ``x_adv`` of its own."""
-        if clean_logits is None and self.random_start:
+        if clean_logits is None and self.random_start and evaluate_x:
             with torch.no_grad():
                 clean_logits = model(x)
-        best = None if clean_logits is None else _Best(clean_logits, x, y, self.loss)
+        best = (_Best(clean_logits, x, y, self.loss) if clean_logits is not None and evaluate_x
+                else None)
         with torch.no_grad():
             half = (upper - lower) / 2
         move_size, move = None, None  # the last step size and its move, size · half-width
@@ -191,8 +199,8 @@ class PGDConfig:
                     with torch.no_grad() if last else contextlib.nullcontext():
                         logits = model(adv)
                         loss = _objective(logits, y, self.loss)
-                if best is None:  # the first iterate is x itself: the clean evaluation
-                    best = _Best(logits, x, y, self.loss)
+                if best is None:  # the first iterate (x itself, unless evaluate_x is False)
+                    best = _Best(logits, adv, y, self.loss)
                 best.update(adv, logits, loss, y)
                 if last:
                     break

@@ -181,12 +181,14 @@ def loader_watch(monkeypatch) -> LoaderWatch:
     return watch
 
 class FullSizeOps(TorchDispatchMode):
-    """A dispatch mode that lists the ops (views left out) whose output has at least ``numel``
-    elements: the passes a computation makes over tensors of that size (the op-count tests of
-    the step's elementwise work; counts, never timings). One instance per ``with`` block."""
+    """A dispatch mode that lists the ops (views and bare allocations left out) whose output
+    has at least ``numel`` elements: the passes a computation makes over tensors of that size
+    (the op-count tests of the step's elementwise work; counts, never timings). One instance
+    per ``with`` block."""
 
-    VIEWS = {"view", "t", "transpose", "expand", "detach", "unsqueeze", "squeeze", "unbind",
-             "as_strided", "alias", "_unsafe_view", "slice", "select", "reshape", "permute"}
+    NO_PASS = {"view", "t", "transpose", "expand", "detach", "unsqueeze", "squeeze", "unbind",
+               "as_strided", "alias", "_unsafe_view", "slice", "select", "reshape", "permute",
+               "empty", "empty_like", "empty_strided"}
 
     def __init__(self, numel: int):
         super().__init__()
@@ -197,7 +199,7 @@ class FullSizeOps(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         name = func.__name__.split(".")[0]
         outs = out if isinstance(out, (tuple, list)) else [out]
-        if name not in self.VIEWS and any(isinstance(o, torch.Tensor) and o.numel() >= self.numel
+        if name not in self.NO_PASS and any(isinstance(o, torch.Tensor) and o.numel() >= self.numel
                                           for o in outs):
             self.ops.append(name)
         return out

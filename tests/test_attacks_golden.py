@@ -167,6 +167,40 @@ def test_one_attack_makes_steps_plus_one_forward_passes(steps, restarts):
         assert calls[0] == want, (cfg, clean_logits is not None)
 
 
+class _Centre(nn.Module):
+    """Logits (0, -Σ(x - 0.5)²): for label 0 the margin objective -Σ(x - 0.5)² is largest, 0,
+    at x = 0.5 itself and negative at every other point."""
+
+    def forward(self, x):
+        z = -((x - 0.5) ** 2).flatten(1).sum(1, keepdim=True)
+        return torch.cat([torch.zeros_like(z), z], 1)
+
+
+@pytest.mark.parametrize("random_start", [True, False])
+def test_without_x_the_candidates_are_the_iterates(random_start):
+    """``evaluate_x=False`` (TAPS's latent search from the box centre): x is no candidate and
+    no forward pass; the record starts at the first iterate (x itself without a random
+    start). Here x is the objective's maximum: counted, it is the point and its margin 0
+    makes the example non-robust; not counted, the point is an iterate, with margin > 0."""
+    torch.manual_seed(0)
+    model = _Centre()
+    calls = _count_forwards(model)
+    x = torch.full((6, 8), 0.5)
+    y = torch.zeros(6, dtype=torch.long)
+    cfg = PGDConfig(steps=4, restarts=2, step_size=0.3, loss="margin", random_start=random_start)
+    counted = cfg.run(model, x, y, x - 0.2, x + 0.2, torch.Generator().manual_seed(0))
+    assert torch.equal(counted.x_adv, x) and not counted.robust.any()
+    calls[0] = 0
+    alone = cfg.run(model, x, y, x - 0.2, x + 0.2, torch.Generator().manual_seed(0),
+                    evaluate_x=False)
+    assert calls[0] == cfg.restarts * (cfg.steps + 1)
+    if random_start:
+        assert (alone.x_adv != x).any(1).all() and (alone.margin > 0).all()
+        assert alone.robust.all()
+    else:  # the first iterate is x: the same record as when x is counted
+        assert torch.equal(alone.x_adv, x) and torch.equal(alone.margin, counted.margin)
+
+
 def test_the_clean_logits_a_caller_passes_give_the_same_result():
     """Given the logits at x it would compute itself, the attack returns the same bits."""
     net = _cnn().eval()

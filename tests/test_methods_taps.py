@@ -12,7 +12,7 @@ from fastcert.attacks import PGDConfig, pgd_attack
 from fastcert.config import ConfigError, build_option
 from fastcert.methods.taps import _GradientLink, _GradScale, head_start
 
-from conftest import MODEL_NAMES, build_model, tiny_kwargs
+from conftest import MODEL_NAMES, FullSizeOps, build_model, tiny_kwargs
 from test_methods import _batch, _net
 
 
@@ -65,6 +65,44 @@ def test_gradient_link_hand_computed():
     torch.testing.assert_close(lo.grad, torch.tensor([[2 * 0.6]]))
 
 
+def _link_formula(pivots, lower, upper, c, grad):
+    """The connector's gradients as written in the class docstring, term by term."""
+    lo, up = lower.unsqueeze(1), upper.unsqueeze(1)
+    reach = (c * (up - lo)).clamp_min(_GradientLink.TOL)
+    near_up, near_lo = up - c * (up - lo), lo + c * (up - lo)
+    half = _GradientLink.TOL / 2
+    to_up = (pivots >= near_up).float() * (pivots - near_up).clamp_min(half) / reach
+    to_lo = (pivots <= near_lo).float() * (near_lo - pivots).clamp_min(half) / reach
+    return (grad * to_lo).sum(1), (grad * to_up).sum(1)
+
+
+@pytest.mark.parametrize("c", [0.5, 1.0])
+def test_gradient_link_matches_its_formula_at_the_box_edges(c):
+    """Random pivots, pivots clamped to l and u and pivots exactly at u - c·w and l + c·w
+    (c = 1: every clamped pivot sits on the threshold, where the factor is tol/2/(c·w)),
+    and a flat coordinate (w = 0): the gradients equal the docstring's formula, computed in
+    five passes over the pivots per bound (the sum over pivots reads them once more)."""
+    g = torch.Generator().manual_seed(0)
+    lower = torch.randn(3, 40, generator=g)
+    upper = lower + torch.rand(3, 40, generator=g)
+    upper[:, 0] = lower[:, 0]
+    w = (upper - lower).unsqueeze(1)
+    pivots = lower.unsqueeze(1) + w * torch.rand(3, 9, 40, generator=g)
+    pivots[:, 0], pivots[:, 1] = lower, upper
+    pivots[:, 2], pivots[:, 3] = upper - c * (upper - lower), lower + c * (upper - lower)
+    grad = torch.randn(3, 9, 40, generator=g)
+    lo, up = lower.clone().requires_grad_(), upper.clone().requires_grad_()
+    out = _GradientLink.apply(pivots, lo, up, c)
+    with FullSizeOps(pivots.numel()) as backward:  # five passes over the pivots per bound
+        out.backward(grad)
+    assert len(backward.ops) <= 10, backward.ops
+    want_lo, want_up = _link_formula(pivots, lower, upper, c, grad)
+    torch.testing.assert_close(lo.grad, want_lo, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(up.grad, want_up, rtol=1e-5, atol=1e-6)
+    if c == 1.0:  # the pivots at l (on u - w) and at u (on l + w) reach both bounds
+        assert (up.grad != 0).all() and (lo.grad != 0).all()
+
+
 def test_grad_scale_is_identity_forward_and_scales_the_gradient():
     x = torch.tensor(3.0, requires_grad=True)
     y = _GradScale.apply(x * x, 5.0)
@@ -112,6 +150,21 @@ def test_loss_is_the_product_and_the_taps_gradient_is_scaled():
     out.loss.backward()
     g0 = net.model[-1].weight.grad
     torch.testing.assert_close(grads[3.0] - g0, 3 * (grads[1.0] - g0), rtol=1e-4, atol=1e-6)
+
+
+def test_the_pivot_search_makes_steps_plus_one_head_passes():
+    """The latent search evaluates its random start and every iterate, not the box centre
+    (as Mao et al.'s ``_get_pivotal_points_one_batch``): ``steps`` + 1 passes of the head
+    per restart, and one more for the estimate at the pivots."""
+    net = _net()
+    net.split(head_start(net.model, None))  # tracing the split views runs the head too
+    calls = [0]
+    net.model[-1].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    for steps, restarts in ((10, 1), (3, 2)):
+        calls[0] = 0
+        attack = {"steps": steps, "restarts": restarts, "step_size": 0.4, "loss": "margin"}
+        _taps(latent_attack=attack).step(net, _batch(0.1))
+        assert calls[0] == restarts * (steps + 1) + 1
 
 
 def test_ramp_trains_ibp_then_taps():
