@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 @dataclass
 class AttackResult:
-    """``robust[i]``: every evaluated point (the clean input included) has margin > 0;
+    """``robust[i]``: every evaluated point (the clean input included, unless PGD's
+    ``evaluate_x`` is False) has margin > 0;
     ``x_adv``: the attack's worst point (PGD: of largest loss; APGD: of smallest margin);
     ``margin``: min over the evaluated points x' of f_y(x') - max_{j≠y} f_j(x')."""
 
@@ -156,7 +157,8 @@ class PGDConfig:
     def run(self, model, x, y, lower, upper, generator=None, clean_logits=None, final=None,
             evaluate_x: bool = True) -> AttackResult:
         """Search the box for misclassified inputs (the caller chooses the model's mode);
-        ``x_adv`` is the point of largest ``loss`` found (x when nothing beat it).
+        ``x_adv`` is the point of largest ``loss`` found (x when nothing beat it and x is
+        evaluated).
 
         The clean input counts as an evaluated point. ``clean_logits``: the model's logits at
         x where the caller already has them (in the attack's BatchNorm mode), else one
@@ -169,7 +171,7 @@ class PGDConfig:
         whose x is no input, e.g. TAPS's latent pivot search from the box centre, whose record
         starts at the random start (``_get_pivotal_points_one_batch`` of Mao et al.'s code and
         CTBench's). ``steps`` + 1 forward passes per restart; ``robust`` and ``margin`` then
-        cover the iterates alone.
+        cover the iterates alone, and ``clean_logits`` is not read.
 
         ``final``: the caller's own forward pass (the same values as ``model``'s, e.g. with
         the graph a training loss needs) evaluates the last iterate of the last restart in

@@ -79,9 +79,10 @@ def _link_formula(pivots, lower, upper, c, grad):
 @pytest.mark.parametrize("c", [0.5, 1.0])
 def test_gradient_link_matches_its_formula_at_the_box_edges(c):
     """Random pivots, pivots clamped to l and u and pivots exactly at u - c·w and l + c·w
-    (c = 1: every clamped pivot sits on the threshold, where the factor is tol/2/(c·w)),
-    and a flat coordinate (w = 0): the gradients equal the docstring's formula, computed in
-    five passes over the pivots per bound (the sum over pivots reads them once more)."""
+    (on the thresholds, where the factor is tol/2/(c·w); at c = 1 the clamped pivots lie on
+    or within an ulp of them), and a flat coordinate (w = 0): the gradients equal the
+    docstring's formula, computed in five passes over the pivots per bound (the sum over
+    pivots reads them once more)."""
     g = torch.Generator().manual_seed(0)
     lower = torch.randn(3, 40, generator=g)
     upper = lower + torch.rand(3, 40, generator=g)
@@ -99,7 +100,7 @@ def test_gradient_link_matches_its_formula_at_the_box_edges(c):
     want_lo, want_up = _link_formula(pivots, lower, upper, c, grad)
     torch.testing.assert_close(lo.grad, want_lo, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(up.grad, want_up, rtol=1e-5, atol=1e-6)
-    if c == 1.0:  # the pivots at l (on u - w) and at u (on l + w) reach both bounds
+    if c == 1.0:  # the thresholds are l and u (to an ulp): every coordinate reaches both
         assert (up.grad != 0).all() and (lo.grad != 0).all()
 
 

@@ -195,10 +195,12 @@ class TAPS(Method):
         lo_rep = lo.detach().unsqueeze(1).expand(b, k - 1, *shape).reshape(-1, *shape)
         up_rep = up.detach().unsqueeze(1).expand(b, k - 1, *shape).reshape(-1, *shape)
         target = torch.zeros(b * (k - 1), dtype=torch.long, device=y.device)
+        # the search's x is no candidate: from a random start only its shape is read, else
+        # it is the first iterate, the box centre
+        start = lo_rep if self.latent_attack.random_start else (lo_rep + up_rep) / 2
         with net.batch_norm_stats(view.head, detach=True):
-            pivots = self.latent_attack.run(_PivotMargins(view.head_module, spec),
-                                            (lo_rep + up_rep) / 2, target, lo_rep, up_rep,
-                                            evaluate_x=False).x_adv
+            pivots = self.latent_attack.run(_PivotMargins(view.head_module, spec), start,
+                                            target, lo_rep, up_rep, evaluate_x=False).x_adv
         pivots = _GradientLink.apply(pivots.detach().view(b, k - 1, *shape), lo, up,
                                      self.soft_threshold)
         with net.batch_norm_stats(view.head):
