@@ -180,6 +180,14 @@ def loader_watch(monkeypatch) -> LoaderWatch:
     monkeypatch.setattr(pipeline, "fit", fit_then_record)
     return watch
 
+def count_forwards(module: torch.nn.Module) -> list[int]:
+    """A one-element list counting ``module``'s forward calls from now on (reset it by
+    assigning ``calls[0] = 0``)."""
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
 class FullSizeOps(TorchDispatchMode):
     """A dispatch mode that lists the ops (views and bare allocations left out) whose output
     has at least ``numel`` elements: the passes a computation makes over tensors of that size

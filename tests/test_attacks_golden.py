@@ -32,7 +32,7 @@ from fastcert.attacks import PGDConfig, StrongAttack
 from fastcert.bounds import BoundedNet
 from fastcert.config import build_option
 
-from conftest import bn_mlp, random_batch
+from conftest import bn_mlp, count_forwards, random_batch
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "attacks.json"
 REGEN = os.environ.get("FASTCERT_REGEN_GOLDEN") == "1"
@@ -141,12 +141,6 @@ def test_attack_results_match_the_golden_values(name):
         torch.testing.assert_close(got["margin"], want["margin"], rtol=1e-5, atol=1e-6)
 
 
-def _count_forwards(model: nn.Module) -> list[int]:
-    calls = [0]
-    model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    return calls
-
-
 @pytest.mark.parametrize("steps,restarts", [(1, 1), (5, 1), (3, 2)])
 def test_one_attack_makes_steps_plus_one_forward_passes(steps, restarts):
     """A restart evaluates x and its ``steps`` iterates after it: ``steps`` + 1 forward passes
@@ -154,7 +148,7 @@ def test_one_attack_makes_steps_plus_one_forward_passes(steps, restarts):
     clean input otherwise (never the clean pass twice)."""
     net = _cnn().eval()
     x, y, lower, upper = _data("eval")
-    calls = _count_forwards(net.model)
+    calls = count_forwards(net.model)
     with torch.no_grad():
         clean = net.model(x)
     for cfg, clean_logits, want in (
@@ -184,7 +178,7 @@ def test_without_x_the_candidates_are_the_iterates(random_start):
     makes the example non-robust; not counted, the point is an iterate, with margin > 0."""
     torch.manual_seed(0)
     model = _Centre()
-    calls = _count_forwards(model)
+    calls = count_forwards(model)
     x = torch.full((6, 8), 0.5)
     y = torch.zeros(6, dtype=torch.long)
     cfg = PGDConfig(steps=4, restarts=2, step_size=0.3, loss="margin", random_start=random_start)
@@ -231,7 +225,7 @@ def test_the_final_pass_returns_its_logits_where_the_last_iterate_is_the_attack_
     in all for the last iterate and the attack point."""
     net = _cnn().eval()
     x, y, lower, upper = _data("eval")
-    calls = _count_forwards(net.model)
+    calls = count_forwards(net.model)
     # one step to a vertex: its point; 2 restarts: the first restart's point beats the last
     for cfg, at_last in ((PGDConfig(steps=1, step_size=10.0, loss="ce"), True),
                          (PGDConfig(steps=3, restarts=2, step_size=0.25, loss="margin"), False)):
@@ -291,7 +285,7 @@ def test_a_training_step_runs_the_clean_pass_once(name, monkeypatch):
     attack point is another point."""
     method = build_option("method", name)
     net = bn_mlp()
-    calls = _count_forwards(net.model)
+    calls = count_forwards(net.model)
     results = []
     run = PGDConfig.run
     monkeypatch.setattr(PGDConfig, "run", lambda *a, **k: results.append(run(*a, **k))

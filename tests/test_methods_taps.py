@@ -12,7 +12,7 @@ from fastcert.attacks import PGDConfig, pgd_attack
 from fastcert.config import ConfigError, build_option
 from fastcert.methods.taps import _GradientLink, _GradScale, head_start
 
-from conftest import MODEL_NAMES, FullSizeOps, build_model, tiny_kwargs
+from conftest import MODEL_NAMES, FullSizeOps, build_model, count_forwards, tiny_kwargs
 from test_methods import _batch, _net
 
 
@@ -159,8 +159,7 @@ def test_the_pivot_search_makes_steps_plus_one_head_passes():
     per restart, and one more for the estimate at the pivots."""
     net = _net()
     net.split(head_start(net.model, None))  # tracing the split views runs the head too
-    calls = [0]
-    net.model[-1].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    calls = count_forwards(net.model[-1])
     for steps, restarts in ((10, 1), (3, 2)):
         calls[0] = 0
         attack = {"steps": steps, "restarts": restarts, "step_size": 0.4, "loss": "margin"}
