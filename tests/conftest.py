@@ -1,9 +1,13 @@
 """Shared fixtures: Hydra composition of the real conf/ tree, and tiny settings for runs."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
+import os
 import pickle
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +109,24 @@ def compose_config(name: str = "config", overrides=(), return_hydra_config: bool
                                  return_hydra_config=return_hydra_config)
     finally:
         GlobalHydra.instance().clear()
+
+
+def once_per_session(tmp_path_factory, name: str, make):
+    """``make(folder)`` run once per test session, however many pytest-xdist workers ask: its
+    JSON value is kept beside the workers' temporary folders, written under a lock. The first
+    worker to ask runs it in a fresh folder; the others wait for it and read the value (a module
+    fixture alone runs once per worker whose tests use it). If ``make`` raises, no value is
+    kept: the error is that worker's, and the next worker to ask runs ``make`` again."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent                  # shared by the workers of this session
+    value = base / f"{name}.json"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not value.exists():
+            folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=base))
+            value.write_text(json.dumps(make(folder)))
+        return json.loads(value.read_text())
 
 
 @pytest.fixture

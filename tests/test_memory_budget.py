@@ -12,14 +12,15 @@ import pytest
 
 from fastcert import memory
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, once_per_session
 
 pytestmark = pytest.mark.skipif(memory._libc() is None or not memory.reset_peak(),
                                 reason="needs glibc and /proc/self/clear_refs")
 
 # A dense 784-1024-1024-1024-10 MLP: CROWN's working set is ~B·(Σ neurons)·(max width) floats
 # (every intermediate bound backward from 1024 neurons through 1024-wide layers), ~30 MB per
-# example, ~4 GB for a test batch of 128 at once.
+# example, ~1.4 GB for a test batch of 48 at once.
+BATCH = 48
 EVAL = r"""
 import json, sys
 import torch
@@ -64,12 +65,19 @@ def _python(code: str, *args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_every_phase_stays_within_the_budget():
-    """A budget of 0.2 GiB above what the process holds (the interpreter, torch and
-    auto_LiRPA: ~0.5 GiB) for a batch whose CROWN would need ~4 GB at once: each phase's peak
-    is within the budget, CROWN's chunks use it (the largest power of two that fits), and the
-    allocator setting of training was released."""
-    got = _python(EVAL, "+0.2", "128", "ibp,crown")
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory):
+    """The evaluation (attack, IBP, CROWN) of 48 examples under a budget of 0.2 GiB above what
+    the process holds (the interpreter, torch and auto_LiRPA: ~0.5 GiB)."""
+    return once_per_session(tmp_path_factory, "memory_budget_tight",
+                            lambda _: _python(EVAL, "+0.2", str(BATCH), "ibp,crown"))
+
+
+def test_every_phase_stays_within_the_budget(tight):
+    """A budget of 0.2 GiB above what the process holds for a batch whose CROWN would need
+    ~1.4 GB at once: each phase's peak is within the budget, CROWN's chunks use it (the
+    largest power of two that fits), and the allocator setting of training was released."""
+    got = tight
     assert set(got["peak"]) == {"attack", "ibp", "crown"}, got
     assert not got["applied"]
     for phase, peak in got["peak"].items():
@@ -77,15 +85,15 @@ def test_every_phase_stays_within_the_budget():
     free = got["budget"] - got["resident"]["crown"]
     assert free < memory.CHUNK_BYTES, got                  # the budget binds, not the cap
     used = got["chunk"]["crown"] * got["per_example"]["crown"]
-    assert 1 < got["chunk"]["crown"] < 128 and free / 2 < used <= free, got
+    assert 1 < got["chunk"]["crown"] < BATCH and free / 2 < used <= free, got
 
 
 def test_a_large_budget_gives_a_chunk_no_more_than_a_cpu_needs():
     """With 100 GiB to spend, CROWN's chunks still hold at most CHUNK_BYTES (the old budget
-    alone ran all 128 examples at once: ~4 GB), and its peak is within 1.5x of that above
+    alone ran all 48 examples at once: ~1.4 GB), and its peak is within 1.5x of that above
     the process's resident memory."""
-    got = _python(EVAL, "100", "128", "crown")
-    assert 1 < got["chunk"]["crown"] < 128, got
+    got = _python(EVAL, "100", str(BATCH), "crown")
+    assert 1 < got["chunk"]["crown"] < BATCH, got
     assert got["chunk"]["crown"] * got["per_example"]["crown"] <= memory.CHUNK_BYTES, got
     assert got["peak"]["crown"] <= got["resident"]["crown"] + 1.5 * memory.CHUNK_BYTES, got
 
@@ -111,12 +119,12 @@ def test_each_chunk_raises_a_working_set_that_one_example_underestimated():
     assert budget.per_example["phase"] >= 3.5 * 8 * mib
 
 
-def test_the_peak_is_within_one_and_a_half_of_the_largest_chunk():
+def test_the_peak_is_within_one_and_a_half_of_the_largest_chunk(tight):
     """The whole evaluation's CROWN peak, against a process that runs CROWN on one chunk of
     the size the budget chose, at once (a budget it cannot reach): at most 1.5x."""
-    chunked = _python(EVAL, "+0.2", "128", "crown")
+    chunked = tight
     size = chunked["chunk"]["crown"]
-    assert 1 < size < 128, chunked
+    assert 1 < size < BATCH, chunked
     alone = _python(EVAL, "+0.5", str(size), "crown")
     assert alone["chunk"]["crown"] >= size, alone
     assert chunked["peak"]["crown"] <= 1.5 * alone["peak"]["crown"], (chunked, alone)

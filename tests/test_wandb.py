@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, once_per_session
 
 SCALAR_EPOCH_KEYS = ("loss", "loss/natural", "loss/robust", "kappa", "lambda", "reg/tightness",
                      "reg/relu", "train_clean_acc", "train_verified_acc", "eps", "lr",
@@ -95,17 +95,20 @@ def cli_run(tmp_path_factory):
     """``python -m fastcert.run`` with logger=wandb under an experiment preset, offline via
     ``WANDB_MODE`` (the config's default mode), then ``resume.checkpoint=last`` in the same run
     dir."""
-    root = tmp_path_factory.mktemp("wandb_cli")
-    run_dir = root / "run"
-    args = ["experiment=digits_ablation", *TINY, "logger=wandb", "logger.log_every=2",
-            "logger.tags=[smoke,ci]", "eval.verifiers=[ibp]", f"hydra.run.dir={run_dir}"]
-    env = wandb_env(root)
-    first = _cli(args, root, env)
-    assert first.returncode == 0, first.stderr[-3000:]
-    files_after_first = offline_runs(run_dir)
-    second = _cli(args + ["resume.checkpoint=last"], root, env)  # finished: evaluates only
-    assert second.returncode == 0, second.stderr[-3000:]
-    return run_dir, files_after_first
+    def make(root):
+        run_dir = root / "run"
+        args = ["experiment=digits_ablation", *TINY, "logger=wandb", "logger.log_every=2",
+                "logger.tags=[smoke,ci]", "eval.verifiers=[ibp]", f"hydra.run.dir={run_dir}"]
+        env = wandb_env(root)
+        first = _cli(args, root, env)
+        assert first.returncode == 0, first.stderr[-3000:]
+        files_after_first = offline_runs(run_dir)
+        second = _cli(args + ["resume.checkpoint=last"], root, env)  # finished: evaluates only
+        assert second.returncode == 0, second.stderr[-3000:]
+        return str(run_dir), [str(f) for f in files_after_first]
+
+    run_dir, files_after_first = once_per_session(tmp_path_factory, "wandb_cli", make)
+    return Path(run_dir), [Path(f) for f in files_after_first]
 
 
 def test_cli_run_logs_config_history_and_summary(cli_run):
