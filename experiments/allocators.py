@@ -6,7 +6,9 @@ Each allocator runs in its own fresh process (an allocator is chosen when a proc
 the processes interleaved over ``--rounds`` (the order reversed every other round), each timing
 ``--steps`` natural and bare-IBP steps of CNN-7 at CIFAR shapes with one torch thread:
 
-* ``glibc``: the C library's default (large freed blocks go back to the kernel every step);
+* ``glibc``: the C library's default (large freed blocks go back to the kernel every step;
+  allocator variables of the calling shell, e.g. ``LD_PRELOAD`` or ``GLIBC_TUNABLES``, are not
+  passed on to any of the processes);
 * ``mallopt``: :func:`fastcert.memory.keep_freed_memory`, fastcert's default on CPU;
 * ``jemalloc``: ``LD_PRELOAD`` of libjemalloc with ``MALLOC_CONF=dirty_decay_ms:-1,
   muzzy_decay_ms:-1`` (never return freed pages), where the library is installed.
@@ -85,8 +87,16 @@ def child(mode: str, steps: int, width: float, batch: int) -> dict:
     return out
 
 
+def _allocator_free_env() -> dict:
+    """This process's environment without allocator settings (``LD_PRELOAD``, jemalloc's
+    ``MALLOC_CONF``, glibc's ``GLIBC_TUNABLES`` and ``MALLOC_*_`` variables), so that
+    ``glibc`` is the C library's default whatever the shell had set."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("LD_PRELOAD", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
+
+
 def _spawn(mode: str, args) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1",
+    env = dict(_allocator_free_env(), OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     if mode == "jemalloc":
         env["LD_PRELOAD"] = next(p for p in JEMALLOC if os.path.exists(p))

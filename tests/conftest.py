@@ -120,12 +120,15 @@ def once_per_session(tmp_path_factory, name: str, make):
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent                  # shared by the workers of this session
+        name = f"{name}-{os.environ.get('PYTEST_XDIST_TESTRUNUID', '')}"
     value = base / f"{name}.json"
     with open(base / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not value.exists():
             folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=base))
-            value.write_text(json.dumps(make(folder)))
+            partial = base / f"{name}.json.part"
+            partial.write_text(json.dumps(make(folder)))
+            os.replace(partial, value)
         return json.loads(value.read_text())
 
 

@@ -135,7 +135,8 @@ def with_every_fix(tmp_path_factory) -> dict[str, str | None]:
     def make(_):
         proc = _run(set(), runner)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        return json.loads(proc.stdout.split("JSON")[-1])
+        (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("JSON")]
+        return json.loads(line[len("JSON"):])
 
     return once_per_session(tmp_path_factory, "compat_with_every_fix", make)
 
