@@ -45,7 +45,7 @@ docs: $(VENV)/.installed ## build the docs site into docs/_build/html; any warni
 	$(PY) -m sphinx -b html -W --keep-going -n -q docs docs/_build/html
 
 # The suite starts a few hundred Python processes (CLI runs, certify, ranks). Where the environment
-# sets PYTHONDONTWRITEBYTECODE (as this project's CI machines do), none of them caches its bytecode,
+# sets PYTHONDONTWRITEBYTECODE (as this project's development machines do), none caches its bytecode,
 # so each compiled fastcert's modules again: compile them once, first (measured: 7 % of the time of
 # tests/test_run.py on a fresh clone).
 bytecode: $(VENV)/.installed
